@@ -1,0 +1,47 @@
+"""Helpers shared by the command modules: loading config, opening the directory, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mailgate import config
+from mailgate.config import Config
+
+
+class CommandError(Exception):
+    """A one-line problem the user can fix; printed as `mailgate: <message>`."""
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else config.default_path()
+
+
+def load_config(args: argparse.Namespace, *, check_files: bool = False) -> Config:
+    """Administrative commands need not the certificate, so files are not checked by default."""
+    return config.load(config_path(args), check_files=check_files)
+
+
+def open_directory(cfg: Config) -> Any:
+    """The directory backend named by directory.url."""
+    from mailgate.directory.store import SqliteDirectory
+
+    return SqliteDirectory(cfg.directory.sqlite_path, default_domain=cfg.directory.default_domain,
+                           data_dir=cfg.base_dir)  # fmt: skip
+
+
+def read_password(args: argparse.Namespace) -> str:
+    """--password-stdin: one line; its line ending is not part of the password."""
+    line = sys.stdin.readline()
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CommandError("empty password on standard input")
+    return password
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")

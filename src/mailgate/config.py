@@ -1,0 +1,402 @@
+"""Configuration: TOML in, frozen dataclasses out.
+
+Owns: the schema of mailgate.toml (INTERFACE.md), its defaults, validation and path
+resolution. Every error names the key: ``limits.max_message_size: expected a positive integer``.
+Unknown keys are errors. Must not: import anything from mailgate but `errors`.
+Field names are spelled exactly like the TOML keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mailgate.errors import ConfigError
+
+DEFAULT_BLOCKED_EXTENSIONS = (
+    "exe", "com", "bat", "cmd", "scr", "pif", "vbs", "js", "jse", "wsf",
+    "hta", "msi", "lnk", "cpl", "jar",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """One listening address: host (without brackets) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    url: str = "sqlite:///state.db"
+    default_domain: str = "example.org"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The database file of a sqlite:/// URL (already resolved against the config folder)."""
+        return Path(self.url.removeprefix("sqlite:///"))
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path = Path("spool")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path = Path("tls/cert.pem")
+    key: Path = Path("tls/key.pem")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    listen: tuple[Listen, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SmarthostConfig:
+    listen: tuple[Listen, ...] = ()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    nameservers: tuple[tuple[str, int], ...] = ()
+    smtp_port: int = 25
+    relay: str = ""  # "HOST:PORT" or ""
+    max_connections: int = 50  # parallel outbound connections overall
+    max_per_destination: int = 10  # parallel connections to one destination
+    retry_schedule: tuple[int, ...] = (300, 900, 1800, 3600, 7200, 14400)  # seconds; last repeats
+    max_queue_lifetime: int = 5 * 86400  # seconds
+    delay_warning_after: int = 4 * 3600  # seconds; 0 disables
+    postmaster: str = ""  # double bounces go here; "" means postmaster@default_domain
+    hop_limit: int = 50
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+    @property
+    def relay_host_port(self) -> tuple[str, int] | None:
+        if not self.relay:
+            return None
+        host, _, port = self.relay.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ScannerConfig:
+    clamd: str = ""
+    blocked_extensions: tuple[str, ...] = DEFAULT_BLOCKED_EXTENSIONS
+    timeout: float = 30.0
+    max_stream_size: int = 26214400  # clamd StreamMaxLength (25 MiB by default)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_message_size: int = 52428800
+    max_recipients: int = 100  # per message (RFC 5321 §4.5.3.1.8 requires at least 100)
+    max_errors: int = 10  # protocol errors per session before 421
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes
+    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.6: 3 minutes between data blocks
+    max_connections: int = 10000
+    max_connections_per_ip: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path  # the configuration file itself
+    hostname: str = "localhost"
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    submission: ServiceConfig = field(default_factory=ServiceConfig)
+    submissions: ServiceConfig = field(default_factory=ServiceConfig)
+    smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    scanner: ScannerConfig = field(default_factory=ScannerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def default_path() -> Path:
+    """-c/--config, else $MAILGATE_CONFIG, else ./mailgate.toml (the CLI passes -c itself)."""
+    return Path(os.environ.get("MAILGATE_CONFIG") or "mailgate.toml")
+
+
+def load(path: Path, *, check_files: bool = True) -> Config:
+    """Read and validate the configuration at `path`; raise ConfigError naming the bad key."""
+    path = Path(path).absolute()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    cfg = _build(raw, path)
+    if check_files:
+        _check_files(cfg)
+    return cfg
+
+
+# --- building -----------------------------------------------------------------
+
+_SECTIONS = {
+    "directory": DirectoryConfig,
+    "spool": SpoolConfig,
+    "tls": TlsConfig,
+    "submission": ServiceConfig,
+    "submissions": ServiceConfig,
+    "smarthost": SmarthostConfig,
+    "delivery": DeliveryConfig,
+    "scanner": ScannerConfig,
+    "limits": LimitsConfig,
+}
+
+
+def _build(raw: dict[str, Any], path: Path) -> Config:
+    base = path.parent
+    top: dict[str, Any] = {"path": path}
+    for key, value in raw.items():
+        if key == "hostname":
+            top["hostname"] = _hostname(value, "hostname")
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table [{key}]")
+            top[key] = _section(key, _SECTIONS[key], value, base)
+        else:
+            raise ConfigError(f"{key}: unknown key")
+    return Config(**top)
+
+
+def _section(name: str, cls: type, raw: dict[str, Any], base: Path) -> Any:
+    known = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{full}: unknown key")
+        values[key] = _convert(full, value, base)
+    return cls(**values)
+
+
+def _convert(key: str, value: Any, base: Path) -> Any:  # noqa: C901 - one table of key kinds
+    kind = _KINDS[key.split(".", 1)[1]] if key.split(".", 1)[1] in _KINDS else _KINDS_FULL[key]
+    if kind == "path":
+        return _path(key, value, base)
+    if kind == "sqlite_url":
+        return _directory_url(key, value, base)
+    if kind == "domain":
+        return _hostname(value, key)
+    if kind == "listen":
+        return tuple(_listen(key, v) for v in _list(key, value))
+    if kind == "networks":
+        return tuple(_network(key, v) for v in _list(key, value))
+    if kind == "nameservers":
+        return tuple(_nameserver(key, v) for v in _list(key, value))
+    if kind == "port":
+        return _port(key, value)
+    if kind == "posint":
+        return _int(key, value, minimum=1)
+    if kind == "nonnegint":
+        return _int(key, value, minimum=0)
+    if kind == "seconds":
+        return _seconds(key, value)
+    if kind == "relay":
+        return _relay(key, value)
+    if kind == "clamd":
+        return _clamd(key, value, base)
+    if kind == "extensions":
+        return tuple(_extension(key, v) for v in _list(key, value))
+    if kind == "schedule":
+        items = tuple(_int(key, v, minimum=1) for v in _list(key, value))
+        if not items:
+            raise ConfigError(f"{key}: expected a non-empty list of seconds")
+        return items
+    if kind == "address_or_empty":
+        if not isinstance(value, str) or (value and "@" not in value):
+            raise ConfigError(f"{key}: expected an email address or an empty string")
+        return value
+    raise AssertionError(kind)  # pragma: no cover - table is complete
+
+
+# Keys whose kind does not depend on the section.
+_KINDS = {
+    "path": "path",
+    "cert": "path",
+    "key": "path",
+    "listen": "listen",
+    "networks": "networks",
+    "nameservers": "nameservers",
+    "smtp_port": "port",
+    "relay": "relay",
+    "clamd": "clamd",
+    "blocked_extensions": "extensions",
+    "default_domain": "domain",
+    "retry_schedule": "schedule",
+    "postmaster": "address_or_empty",
+    "max_message_size": "posint",
+    "max_recipients": "posint",
+    "max_errors": "posint",
+    "max_connections": "posint",
+    "max_connections_per_ip": "posint",
+    "max_per_destination": "posint",
+    "max_queue_lifetime": "posint",
+    "max_stream_size": "posint",
+    "hop_limit": "posint",
+    "delay_warning_after": "nonnegint",
+    "timeout": "seconds",
+    "connect_timeout": "seconds",
+    "command_timeout": "seconds",
+    "data_timeout": "seconds",
+}
+_KINDS_FULL = {"directory.url": "sqlite_url"}
+
+
+def _list(key: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list")
+    return value
+
+
+def _path(key: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a path")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _directory_url(key: str, value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value.startswith("sqlite:///"):
+        raise ConfigError(f"{key}: expected a URL of the form sqlite:///PATH")
+    rest = value.removeprefix("sqlite:///")
+    if not rest:
+        raise ConfigError(f"{key}: the sqlite URL names no file")
+    p = Path(rest)
+    return "sqlite:///" + str(p if p.is_absolute() else base / p)
+
+
+def _hostname(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a domain name")
+    labels = value.rstrip(".").split(".")
+    for label in labels:
+        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
+            raise ConfigError(f"{key}: {value!r} is not a valid domain name")
+        if not all(c.isalnum() or c == "-" for c in label) or not label.isascii():
+            raise ConfigError(f"{key}: {value!r} is not a valid domain name")
+    return value.rstrip(".").lower()
+
+
+def _port(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{key}: expected a port number 1-65535")
+    return value
+
+
+def _int(key: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum >= 1 else "a non-negative integer"
+        raise ConfigError(f"{key}: expected {what}")
+    return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key}: expected a positive number of seconds")
+    return float(value)
+
+
+def _split_host_port(key: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"{key}: bad IPv6 address in {value!r}")
+        host = host[1:-1]
+    return host, _port(key, int(port_text))
+
+
+def _listen(key: str, value: Any) -> Listen:
+    host, port = _split_host_port(key, value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    return Listen(host, port)
+
+
+def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a network like \"10.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not an IP network") from None
+
+
+def _nameserver(key: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"IP\" or \"IP:PORT\"")
+    try:
+        return str(ipaddress.ip_address(value)), 53
+    except ValueError:
+        pass
+    host, port = _split_host_port(key, value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def _relay(key: str, value: Any) -> str:
+    if value == "":
+        return ""
+    host, port = _split_host_port(key, value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _clamd(key: str, value: Any, base: Path) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"tcp:HOST:PORT\" or \"unix:/path\"")
+    if value.startswith("tcp:"):
+        host, port = _split_host_port(key, value.removeprefix("tcp:"))
+        return f"tcp:{host}:{port}"
+    if value.startswith("unix:") and len(value) > 5:
+        return "unix:" + str(_path(key, value.removeprefix("unix:"), base))
+    raise ConfigError(f"{key}: expected \"tcp:HOST:PORT\" or \"unix:/path\", got {value!r}")
+
+
+def _extension(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip(". ") or "/" in value:
+        raise ConfigError(f"{key}: {value!r} is not a file extension")
+    return value.strip(". ").lower()
+
+
+def _check_files(cfg: Config) -> None:
+    """Files that must exist for `serve` (certificate, key) are checked at load time."""
+    has_tls = bool(cfg.submission.listen or cfg.submissions.listen)
+    if has_tls:
+        for key, p in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
+            if not p.is_file():
+                raise ConfigError(f"{key}: file not found: {p}")
+    if not (cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen):
+        raise ConfigError("submission.listen: no listener configured in any service")

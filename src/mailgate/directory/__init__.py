@@ -1,0 +1,84 @@
+"""The directory: accounts, managed domains, granted addresses, DKIM key references.
+
+`Directory` is the interface; `directory.store.SqliteDirectory` implements it on SQLite, and a
+PostgreSQL backend can implement the same protocol later. Must not: know about SMTP.
+Addresses are compared case-insensitively in the domain and case-preservingly in the local part
+except that lookups lower-case both (what operators expect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    login: str
+    address: str  # primary address
+    enabled: bool = True
+    suspended: bool = False  # set by the compromised-account breaker; cleared by `user enable`
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    selector: str
+    algorithm: str  # "rsa-sha256" or "ed25519-sha256"
+    key_path: Path  # private key file, 0600
+    public_key_b64: str  # the p= value of the DNS record
+    active: bool = True  # signing with it; rotated-out keys stay published until removed
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    keys: tuple[DkimKey, ...] = ()
+    smarthost_networks: tuple[str, ...] = ()  # networks whose smart-host mail may be signed
+
+
+class Directory(Protocol):
+    # users ------------------------------------------------------------------
+    def add_user(self, login: str, address: str, password: str) -> User: ...
+    def set_password(self, login: str, password: str) -> None: ...
+    def set_enabled(self, login: str, enabled: bool) -> None: ...
+    def set_suspended(self, login: str, suspended: bool) -> None: ...
+    def remove_user(self, login: str) -> None: ...
+    def get_user(self, login: str) -> User | None: ...
+    def list_users(self) -> list[User]: ...
+
+    def verify_password(self, login: str, password: str) -> User | None:
+        """The user if the login exists, is enabled and not suspended, and the password matches.
+        Takes the same time whether or not the login exists (a dummy hash is verified)."""
+        ...
+
+    # domains and grants -----------------------------------------------------------
+    def add_domain(self, name: str) -> Domain: ...
+    def remove_domain(self, name: str) -> None: ...
+    def get_domain(self, name: str) -> Domain | None: ...
+    def list_domains(self) -> list[Domain]: ...
+    def add_dkim_key(self, domain: str, key: DkimKey) -> None: ...
+    def set_dkim_key_active(self, domain: str, selector: str, active: bool) -> None: ...
+    def remove_dkim_key(self, domain: str, selector: str) -> None: ...
+
+    def grant(self, address: str, login: str) -> None:
+        """Let `login` send as `address`; address may be "*@domain" (domain-wide)."""
+        ...
+
+    def revoke(self, address: str, login: str | None = None) -> None: ...
+    def list_grants(self, owner: str | None = None) -> list[tuple[str, str]]:
+        """(address, login) pairs, sorted."""
+        ...
+
+    # policy questions ---------------------------------------------------------
+    def is_managed(self, domain: str) -> bool:
+        """True for the default domain and every managed domain."""
+        ...
+
+    def may_send_as(self, login: str, address: str) -> bool:
+        """The user's primary address, an exact grant, or a domain-wide grant."""
+        ...
+
+    def generation(self) -> int:
+        """A number that changes whenever users or passwords change (for credential caches)."""
+        ...

@@ -1,0 +1,47 @@
+"""Exceptions that carry a meaning across stages.
+
+Owns: the exception types that policy, scanning, the spool and the directory raise.
+One boundary (receive/session.py via accept.py) translates them to replies. Must not:
+import anything else from mailgate but `replies`.
+"""
+
+from __future__ import annotations
+
+from mailgate.replies import Reply
+
+
+class MailgateError(Exception):
+    """Base of every mailgate error."""
+
+
+class Rejected(MailgateError):
+    """A decision to refuse, with the reply the client gets and a richer reason for the log."""
+
+    def __init__(self, reply: Reply, reason: str = "") -> None:
+        super().__init__(reason or reply.line())
+        self.reply = reply
+        self.reason = reason or reply.text
+
+
+class ScannerUnavailable(MailgateError):
+    """clamd could not be reached or did not answer in time: answer 451 4.7.1."""
+
+
+class SpoolError(MailgateError):
+    """The spool could not store or read an entry for a reason other than lack of space."""
+
+
+class SpoolFull(SpoolError):
+    """ENOSPC, EDQUOT or EFBIG while writing the spool: answer 452 4.3.1."""
+
+
+class ConfigError(MailgateError):
+    """The configuration is invalid; the message names the key: 'limits.max_message_size: ...'."""
+
+
+class DirectoryError(MailgateError):
+    """A directory operation failed (unknown login, duplicate, bad address). Message is one line."""
+
+
+class UsageError(MailgateError):
+    """Our own code called an API wrongly (a bug), e.g. the SMTP machine in the wrong state."""

@@ -1,0 +1,131 @@
+"""Every SMTP reply a client can rely on, defined once.
+
+Owns: the `Reply` value and the named replies of INTERFACE.md's table and of the protocol
+(RFC 5321 §4.2, enhanced status codes RFC 3463 / RFC 2034). Must not: import anything else
+from mailgate, or build reply text from exception messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply.
+
+    code:   the three-digit reply code (250, 451, 550 ...).
+    status: the RFC 3463 enhanced status code, always present ("5.7.1").
+    text:   one human-readable line, never internals.
+    """
+
+    code: int
+    status: str
+    text: str
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def line(self) -> str:
+        """The reply as one line without CRLF: '250 2.0.0 Ok'."""
+        return f"{self.code} {self.status} {self.text}"
+
+    def to_bytes(self) -> bytes:
+        return (self.line() + "\r\n").encode("utf-8", "replace")
+
+
+# --- success and flow --------------------------------------------------------
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+START_DATA = Reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
+BYE = Reply(221, "2.0.0", "Bye")
+RESET_OK = Reply(250, "2.0.0", "Ok")
+NOOP_OK = Reply(250, "2.0.0", "Ok")
+VRFY_DISABLED = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+# --- INTERFACE.md reply table -------------------------------------------------
+STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+BAD_CREDENTIALS = Reply(535, "5.7.8", "Authentication credentials invalid")
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed for this login")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+SCANNER_UNAVAILABLE = Reply(451, "4.7.1", "Content scanner unavailable, try again later")
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+
+# --- protocol errors (RFC 5321 §4.2.2, §4.5.3.1) -------------------------------
+SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognized")
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_ARGUMENTS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TOO_MANY_ERRORS = Reply(421, "4.5.0", "Too many errors, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+PIPELINED_STARTTLS = Reply(554, "5.5.1", "Commands pipelined after STARTTLS, closing connection")
+AUTH_NOT_SUPPORTED = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_ENCODING = Reply(501, "5.5.2", "Cannot decode AUTH parameter")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line too long")
+AUTH_NOT_OFFERED = Reply(503, "5.5.1", "AUTH not available on this service")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_TEMPORARILY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+TOO_MANY_AUTH_FAILURES = Reply(454, "4.7.0", "Too many authentication failures, try again later")
+SMUGGLING = Reply(554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)")
+TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message text line longer than 998 octets (RFC 5322 §2.1.1)")
+HTTP_REFUSED = Reply(554, "5.7.0", "This is an SMTP server, closing connection")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+UTF8_NOT_REQUESTED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+HOP_LIMIT_EXCEEDED = Reply(554, "5.4.6", "Too many Received headers, mail loop suspected")
+BAD_MIME = Reply(554, "5.6.0", "Message structure too deep or too broken to inspect")
+RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded, please try again later")
+ACCOUNT_SUSPENDED = Reply(535, "5.7.8", "Authentication credentials invalid")
+RELAY_TO_INTERNAL_DENIED = Reply(550, "5.7.1", "Relaying to internal networks denied")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+SERVICE_READY_TEMPLATE = "220 {hostname} ESMTP mailgate"
+
+
+def greeting(hostname: str) -> bytes:
+    """The 220 banner (RFC 5321 §4.3.1)."""
+    return f"220 {hostname} ESMTP mailgate\r\n".encode()
+
+
+def virus_found(name: str) -> Reply:
+    return Reply(554, "5.7.1", f"Message rejected: virus found ({_one_line(name)})")
+
+
+def blocked_file(filename: str) -> Reply:
+    return Reply(
+        554,
+        "5.7.1",
+        f"Message rejected: attachment {_one_line(filename)!r} is a blocked file type;"
+        " put it in a zip archive and send it again",
+    )
+
+
+def queued(qid: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+
+def rate_limited(sentence: str) -> Reply:
+    return Reply(450, "4.7.1", _one_line(sentence))
+
+
+def _one_line(text: str) -> str:
+    """Strip CR/LF and control characters so a reply can never be split."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:200]

@@ -1,0 +1,1 @@
+"""The durable spool: the hand-off point between receiving and delivery (see store.py)."""
