@@ -109,6 +109,63 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
 
 
+# The nine rate limits: {scope}_{metric}; scope service (one listener, all clients), login (one
+# AUTH identity, across services) or ip (one client network, see ipv4_prefix / ipv6_prefix).
+RATE_LIMIT_NAMES = tuple(
+    f"{scope}_{metric}"
+    for scope in ("service", "login", "ip")
+    for metric in ("messages_per_hour", "recipients_per_hour", "recipients_per_message")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRateLimits:
+    """[ratelimits.<service>]: overrides for one listener; None inherits the [ratelimits] value."""
+
+    service_messages_per_hour: int | None = None
+    service_recipients_per_hour: int | None = None
+    service_recipients_per_message: int | None = None
+    login_messages_per_hour: int | None = None
+    login_recipients_per_hour: int | None = None
+    login_recipients_per_message: int | None = None
+    ip_messages_per_hour: int | None = None
+    ip_recipients_per_hour: int | None = None
+    ip_recipients_per_message: int | None = None
+    shadow: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    """[ratelimits]: sending rate limits (0 = no limit), the account breaker, AUTH defence."""
+
+    service_messages_per_hour: int = 0
+    service_recipients_per_hour: int = 0
+    service_recipients_per_message: int = 0
+    login_messages_per_hour: int = 0
+    login_recipients_per_hour: int = 0
+    login_recipients_per_message: int = 0
+    ip_messages_per_hour: int = 0
+    ip_recipients_per_hour: int = 0
+    ip_recipients_per_message: int = 0
+    shadow: tuple[str, ...] = ()  # limit names that only log "would_limit"
+    exempt_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ipv4_prefix: int = 24  # an IPv4 client is counted as its /24
+    ipv6_prefix: int = 64  # an IPv6 client is counted as its /64
+    breaker_recipients_per_hour: int = 1000  # per login; 0 disables
+    breaker_messages_per_hour: int = 0  # per login; 0 disables
+    auth_window: float = 900.0  # seconds over which failed AUTH are counted
+    auth_delay_after: int = 3  # failures before answers are delayed
+    auth_base_delay: float = 1.0  # seconds; doubles with each further failure
+    auth_max_delay: float = 16.0  # seconds
+    auth_refuse_after: int = 10  # failures from one client before 454 4.7.0
+    auth_login_refuse_after: int = 10  # failures for one login before 454 4.7.0
+    auth_trust_period: float = 7 * 86400.0  # a client that logged in is exempt from login locks
+    snapshot_interval: float = 10.0  # seconds between <spool>/limits.json snapshots
+    submission: ServiceRateLimits = field(default_factory=ServiceRateLimits)
+    submissions: ServiceRateLimits = field(default_factory=ServiceRateLimits)
+    smarthost: ServiceRateLimits = field(default_factory=ServiceRateLimits)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the configuration file itself
@@ -122,6 +179,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -162,6 +220,7 @@ _SECTIONS = {
     "delivery": DeliveryConfig,
     "scanner": ScannerConfig,
     "limits": LimitsConfig,
+    "ratelimits": RateLimitsConfig,
 }
 
 
@@ -228,6 +287,14 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # noqa: C901 - one table
         if not isinstance(value, str) or (value and "@" not in value):
             raise ConfigError(f"{key}: expected an email address or an empty string")
         return value
+    if kind == "ratelimit_names":
+        return _ratelimit_names(key, value)
+    if kind == "prefix4":
+        return _prefix(key, value, 32)
+    if kind == "prefix6":
+        return _prefix(key, value, 128)
+    if kind == "ratelimit_service":
+        return _ratelimit_service(key, value)
     raise AssertionError(kind)  # pragma: no cover - table is complete
 
 
@@ -260,8 +327,29 @@ _KINDS = {
     "connect_timeout": "seconds",
     "command_timeout": "seconds",
     "data_timeout": "seconds",
+    # [ratelimits]
+    **{name: "nonnegint" for name in RATE_LIMIT_NAMES},
+    "shadow": "ratelimit_names",
+    "exempt_networks": "networks",
+    "ipv4_prefix": "prefix4",
+    "ipv6_prefix": "prefix6",
+    "breaker_recipients_per_hour": "nonnegint",
+    "breaker_messages_per_hour": "nonnegint",
+    "auth_window": "seconds",
+    "auth_delay_after": "posint",
+    "auth_base_delay": "seconds",
+    "auth_max_delay": "seconds",
+    "auth_refuse_after": "posint",
+    "auth_login_refuse_after": "posint",
+    "auth_trust_period": "seconds",
+    "snapshot_interval": "seconds",
 }
-_KINDS_FULL = {"directory.url": "sqlite_url"}
+_KINDS_FULL = {
+    "directory.url": "sqlite_url",
+    "ratelimits.submission": "ratelimit_service",
+    "ratelimits.submissions": "ratelimit_service",
+    "ratelimits.smarthost": "ratelimit_service",
+}
 
 
 def _list(key: str, value: Any) -> list[Any]:
@@ -389,6 +477,36 @@ def _extension(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip(". ") or "/" in value:
         raise ConfigError(f"{key}: {value!r} is not a file extension")
     return value.strip(". ").lower()
+
+
+def _ratelimit_names(key: str, value: Any) -> tuple[str, ...]:
+    names = tuple(_list(key, value))
+    for name in names:
+        if name not in RATE_LIMIT_NAMES:
+            raise ConfigError(f"{key}: {name!r} is not a rate limit name")
+    return names
+
+
+def _prefix(key: str, value: Any, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bits:
+        raise ConfigError(f"{key}: expected a prefix length 1-{bits}")
+    return value
+
+
+def _ratelimit_service(key: str, value: Any) -> ServiceRateLimits:
+    """[ratelimits.<service>]: the nine limits and `shadow`, each optional."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table [{key}]")
+    values: dict[str, Any] = {}
+    for name, item in value.items():
+        full = f"{key}.{name}"
+        if name in RATE_LIMIT_NAMES:
+            values[name] = _int(full, item, minimum=0)
+        elif name == "shadow":
+            values[name] = _ratelimit_names(full, item)
+        else:
+            raise ConfigError(f"{full}: unknown key")
+    return ServiceRateLimits(**values)
 
 
 def _check_files(cfg: Config) -> None:
