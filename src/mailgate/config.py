@@ -208,6 +208,19 @@ def load(path: Path, *, check_files: bool = True) -> Config:
     return cfg
 
 
+def parse(text: str, path: Path) -> Config:
+    """Validate configuration text as if it were the file `path` (which need not exist yet).
+
+    `mailgate init` uses it to refuse bad options before it writes anything.
+    """
+    path = Path(path).absolute()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return _build(raw, path)
+
+
 # --- building -----------------------------------------------------------------
 
 _SECTIONS = {
@@ -236,6 +249,10 @@ def _build(raw: dict[str, Any], path: Path) -> Config:
             top[key] = _section(key, _SECTIONS[key], value, base)
         else:
             raise ConfigError(f"{key}: unknown key")
+    # A section that is absent still has paths, and they are relative to the file too.
+    for name, cls in _SECTIONS.items():
+        if name not in top:
+            top[name] = _section(name, cls, {}, base)
     return Config(**top)
 
 
@@ -247,11 +264,21 @@ def _section(name: str, cls: type, raw: dict[str, Any], base: Path) -> Any:
         if key not in known:
             raise ConfigError(f"{full}: unknown key")
         values[key] = _convert(full, value, base)
+    # Defaults of path-like keys are relative to the configuration file, not to the cwd.
+    for f in fields(cls):
+        full = f"{name}.{f.name}"
+        if f.name not in values and _kind(full) in ("path", "sqlite_url"):
+            values[f.name] = _convert(full, str(f.default), base)
     return cls(**values)
 
 
-def _convert(key: str, value: Any, base: Path) -> Any:  # noqa: C901 - one table of key kinds
-    kind = _KINDS[key.split(".", 1)[1]] if key.split(".", 1)[1] in _KINDS else _KINDS_FULL[key]
+def _kind(key: str) -> str:
+    short = key.split(".", 1)[1]
+    return _KINDS[short] if short in _KINDS else _KINDS_FULL[key]
+
+
+def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
+    kind = _kind(key)
     if kind == "path":
         return _path(key, value, base)
     if kind == "sqlite_url":
@@ -408,10 +435,10 @@ def _seconds(key: str, value: Any) -> float:
 
 def _split_host_port(key: str, value: Any) -> tuple[str, int]:
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+        raise ConfigError(f'{key}: expected "HOST:PORT", got {value!r}')
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+        raise ConfigError(f'{key}: expected "HOST:PORT", got {value!r}')
     if host.startswith("["):
         if not host.endswith("]"):
             raise ConfigError(f"{key}: bad IPv6 address in {value!r}")
@@ -431,7 +458,7 @@ def _listen(key: str, value: Any) -> Listen:
 
 def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a network like \"10.0.0.0/8\"")
+        raise ConfigError(f'{key}: expected a network like "10.0.0.0/8"')
     try:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
@@ -440,7 +467,7 @@ def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
 
 def _nameserver(key: str, value: Any) -> tuple[str, int]:
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected \"IP\" or \"IP:PORT\"")
+        raise ConfigError(f'{key}: expected "IP" or "IP:PORT"')
     try:
         return str(ipaddress.ip_address(value)), 53
     except ValueError:
@@ -453,10 +480,19 @@ def _nameserver(key: str, value: Any) -> tuple[str, int]:
     return host, port
 
 
+def _host(key: str, host: str) -> str:
+    """An IP address or a domain name (relay, clamd): spaces or stray characters are errors."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return _hostname(host, key)
+
+
 def _relay(key: str, value: Any) -> str:
     if value == "":
         return ""
     host, port = _split_host_port(key, value)
+    host = _host(key, host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -464,13 +500,13 @@ def _clamd(key: str, value: Any, base: Path) -> str:
     if value == "":
         return ""
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected \"tcp:HOST:PORT\" or \"unix:/path\"")
+        raise ConfigError(f'{key}: expected "tcp:HOST:PORT" or "unix:/path"')
     if value.startswith("tcp:"):
         host, port = _split_host_port(key, value.removeprefix("tcp:"))
-        return f"tcp:{host}:{port}"
+        return f"tcp:{_host(key, host)}:{port}"
     if value.startswith("unix:") and len(value) > 5:
         return "unix:" + str(_path(key, value.removeprefix("unix:"), base))
-    raise ConfigError(f"{key}: expected \"tcp:HOST:PORT\" or \"unix:/path\", got {value!r}")
+    raise ConfigError(f'{key}: expected "tcp:HOST:PORT" or "unix:/path", got {value!r}')
 
 
 def _extension(key: str, value: Any) -> str:
