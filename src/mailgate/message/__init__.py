@@ -1,1 +1,1 @@
-"""message stage."""
+"""Message fix-ups: trace and identity headers (stamp.py) and DKIM signing (dkim.py)."""

@@ -1,1 +1,1 @@
-"""receive stage."""
+"""The receiving side: listeners, TLS, and the asyncio adapter around smtp.server."""

@@ -1,0 +1,166 @@
+"""After end-of-data: check, scan, stamp, sign, commit, and answer.
+
+Owns: the order of the acceptance steps and the one place where their exceptions become
+replies (STYLE.md §4): Rejected -> its reply; ScannerUnavailable -> 451 4.7.1; SpoolFull ->
+452 4.3.1; SpoolError and anything unexpected -> 451 4.3.0 with the details in the log only.
+Must not: talk SMTP or touch sockets; it returns a Reply and the session writes it.
+"The 250 is written only after commit() returns": commit fsyncs the message and its envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mailgate import replies
+from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
+from mailgate.message import stamp
+from mailgate.policy import Policy, Sender
+from mailgate.replies import Reply
+from mailgate.smtp.events import MailFrom, RcptTo
+from mailgate.spool.entry import Envelope, Recipient
+from mailgate.spool.store import Incoming
+
+log = logging.getLogger(__name__)
+
+
+class Committer(Protocol):
+    async def commit(self, incoming: Incoming, envelope: Envelope, prefix: bytes) -> Envelope: ...
+
+
+class ScannerLike(Protocol):
+    async def check(self, message: bytes, log_prefix: str = "") -> object: ...
+
+
+class SignerLike(Protocol):
+    def sign(self, message: bytes, domain: str) -> bytes: ...
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One MAIL ... DATA transaction as the session saw it."""
+
+    mail: MailFrom
+    mail_from: str  # after policy (may be the user's primary address)
+    rcpts: list[RcptTo] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    """What accept needs to know about the session (built by receive.session)."""
+
+    session_id: str
+    sender: Sender
+    trace: stamp.Trace
+    is_submission: bool  # RFC 6409 §8 fix-ups apply to authenticated submission only
+
+
+class Acceptor:
+    """Runs the acceptance steps; one per server, shared by every session."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        policy: Policy,
+        committer: Committer,
+        scanner: ScannerLike | None,
+        signer: SignerLike | None,
+        hop_limit: int,
+        on_committed: Callable[[Envelope], None] = lambda env: None,
+    ) -> None:
+        self._hostname = hostname
+        self._policy = policy
+        self._committer = committer
+        self._scanner = scanner
+        self._signer = signer
+        self._hop_limit = hop_limit
+        self._on_committed = on_committed
+
+    async def accept(self, facts: SessionFacts, txn: Transaction, incoming: Incoming) -> Reply:
+        """Accept the received message or refuse it; never raises."""
+        ctx = f"sid={facts.session_id} qid={incoming.qid}"
+        try:
+            envelope = await self._accept(facts, txn, incoming, ctx)
+        except Rejected as e:
+            incoming.abort()
+            log.info("%s rejected reply=%r reason=%r", ctx, e.reply.line(), e.reason)
+            return e.reply
+        except ScannerUnavailable as e:
+            incoming.abort()
+            log.warning("%s deferred scanner unavailable: %s", ctx, e)
+            return replies.SCANNER_UNAVAILABLE
+        except SpoolFull as e:
+            incoming.abort()
+            log.error("%s deferred spool full: %s", ctx, e)
+            return replies.SPOOL_FULL
+        except SpoolError as e:
+            incoming.abort()
+            log.error("%s deferred spool error: %s", ctx, e)
+            return replies.INTERNAL_ERROR
+        except Exception:
+            incoming.abort()
+            log.exception("%s deferred internal error", ctx)
+            return replies.INTERNAL_ERROR
+        log.info(
+            "%s accepted from=<%s> nrcpt=%d size=%d login=%s service=%s client=%s",
+            ctx, envelope.mail_from, len(envelope.recipients), envelope.size,
+            facts.sender.login or "-", facts.sender.service, facts.sender.client_ip,
+        )  # fmt: skip
+        self._on_committed(envelope)
+        return replies.queued(envelope.id)
+
+    async def _accept(
+        self, facts: SessionFacts, txn: Transaction, incoming: Incoming, ctx: str
+    ) -> Envelope:
+        message = incoming.getvalue()
+        summary = stamp.summarize(message)
+        if summary.received_count >= self._hop_limit:
+            raise Rejected(replies.HOP_LIMIT_EXCEEDED, f"{summary.received_count} Received fields")
+        decision = self._policy.check_from(facts.sender, summary.from_addresses)
+
+        verdict_header = b""
+        if self._scanner is not None:
+            verdict = await self._scanner.check(message, log_prefix=ctx)
+            verdict_header = stamp.scanned_by(str(getattr(verdict, "header", "mailgate")))
+
+        rcpts = [r.address for r in txn.rcpts]
+        prefix = stamp.received(facts.trace, hostname=self._hostname, qid=incoming.qid,
+                                recipients=rcpts) + verdict_header  # fmt: skip
+        if decision.sender_header is not None:
+            if summary.has_sender:
+                # One Sender: only (RFC 5322 §3.6): ours identifies the authenticated user.
+                _replace_head(incoming, message, lambda b: stamp.remove_fields(b, "sender"))
+                message = incoming.getvalue()
+            prefix += stamp.sender(decision.sender_header)
+        if facts.is_submission:
+            if not summary.has_message_id:
+                prefix += stamp.message_id(self._hostname, incoming.qid)
+            if not summary.has_date:
+                prefix += stamp.date()
+        if decision.sign_domain and self._signer is not None:
+            # Sign last: every other header change is already in `prefix`.
+            prefix = self._signer.sign(prefix + message, decision.sign_domain) + prefix
+
+        envelope = Envelope(
+            id=incoming.qid,
+            mail_from=txn.mail_from,
+            recipients=tuple(
+                Recipient(address=r.address, notify=r.notify, orcpt=r.orcpt) for r in txn.rcpts
+            ),
+            service=facts.sender.service,
+            login=facts.sender.login or "",
+            client=facts.sender.client_ip,
+            ret=txn.mail.ret,
+            envid=txn.mail.envid,
+            smtputf8=txn.mail.smtputf8,
+            body=txn.mail.body or "",
+        )
+        return await self._committer.commit(incoming, envelope, prefix)
+
+
+def _replace_head(incoming: Incoming, message: bytes, change: Callable[[bytes], bytes]) -> None:
+    head = stamp.header_block(message)
+    incoming.replace(change(head) + message[len(head) :])

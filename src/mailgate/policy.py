@@ -1,0 +1,145 @@
+"""Sender and relay policy: who may send as whom, and who may relay.
+
+Owns: the decisions of INTERFACE.md's sender policy (the seed: any address may be used, but the
+authenticated sender is always identified) and the smart host's relay rule. Must not: do I/O other
+than directory look-ups, or build reply text (it raises `Rejected` with a named reply).
+
+The rules, for an authenticated session:
+  - MAIL FROM:<>                      -> left alone (bounces, RFC 5321 §4.5.5)
+  - MAIL FROM an address it may use   -> unchanged
+  - MAIL FROM in a managed/default domain it may not use -> 553 5.7.1
+  - MAIL FROM a foreign address       -> the envelope sender becomes the primary address
+  - From: an address it may use       -> unchanged
+  - From: managed/default, not its own -> 553 5.7.1
+  - From: foreign                     -> add `Sender: <primary address>`
+The smart host has no logins: it relays for `smarthost.networks` only (550 5.7.1 at RCPT).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mailgate import replies
+from mailgate.directory import Directory, User
+from mailgate.errors import Rejected
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who is sending, as policy sees it."""
+
+    service: str  # "submission", "submissions", "smarthost"
+    client_ip: str
+    login: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FromDecision:
+    """The outcome of checking the From: header.
+
+    sender_header: the address for an added `Sender:` header, or None.
+    sign_domain:   the From: domain to DKIM-sign for, or None when signing is not permitted.
+    """
+
+    sender_header: str | None
+    sign_domain: str | None
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Policy:
+    """Policy decisions for one server; cheap and synchronous (directory look-ups only)."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        *,
+        smarthost_networks: Sequence[IPNetwork],
+        internal_networks: Sequence[IPNetwork] = (),
+    ) -> None:
+        self._directory = directory
+        self._networks = tuple(smarthost_networks)
+        self._internal = tuple(internal_networks)
+
+    # --- relay -------------------------------------------------------------------
+    def may_relay(self, client_ip: str) -> bool:
+        """The smart host relays for clients inside smarthost.networks only."""
+        return _in_networks(client_ip, self._networks)
+
+    def check_rcpt(self, sender: Sender, address: str) -> None:
+        """Raise Rejected(RELAY_DENIED) when an unauthenticated client outside the networks relays."""
+        if sender.login is None and not self.may_relay(sender.client_ip):
+            raise Rejected(
+                replies.RELAY_DENIED,
+                f"client {sender.client_ip} is not in smarthost.networks (rcpt {address})",
+            )
+
+    # --- envelope sender -------------------------------------------------------
+    def check_sender(self, sender: Sender, address: str) -> str:
+        """The envelope sender to use for MAIL FROM `address`; raise 553 5.7.1 when forbidden."""
+        if sender.login is None or address == "":
+            return address
+        user = self._user(sender.login)
+        if self._directory.may_send_as(user.login, address):
+            return address
+        if self._directory.is_managed(domain_of(address)):
+            raise Rejected(
+                replies.SENDER_NOT_ALLOWED,
+                f"login {user.login} may not use {address} (managed domain)",
+            )
+        # A foreign address: allowed, but bounces must reach the person who really sent it.
+        return user.address
+
+    # --- header sender ----------------------------------------------------------
+    def check_from(self, sender: Sender, from_addresses: Iterable[str]) -> FromDecision:
+        """Decide on the From: header's addresses (RFC 5322 §3.6.2)."""
+        addresses = [a for a in from_addresses if "@" in a]
+        if sender.login is None:
+            return FromDecision(None, self._smarthost_sign_domain(sender, addresses))
+        user = self._user(sender.login)
+        foreign = False
+        for address in addresses:
+            if self._directory.may_send_as(user.login, address):
+                continue
+            if self._directory.is_managed(domain_of(address)):
+                raise Rejected(
+                    replies.SENDER_NOT_ALLOWED,
+                    f"login {user.login} may not use From: {address} (managed domain)",
+                )
+            foreign = True
+        if foreign or not addresses:
+            return FromDecision(user.address, None)
+        # Sign for the first author's domain (RFC 6376 §3.5: d= should align with From:).
+        return FromDecision(None, domain_of(addresses[0]))
+
+    def _smarthost_sign_domain(self, sender: Sender, addresses: Sequence[str]) -> str | None:
+        """Smart-host mail is signed only when the From: domain lists the client's network."""
+        if len(addresses) != 1:
+            return None
+        domain = self._directory.get_domain(domain_of(addresses[0]))
+        if domain is None or not domain.smarthost_networks:
+            return None
+        nets = [ipaddress.ip_network(n, strict=False) for n in domain.smarthost_networks]
+        return domain.name if _in_networks(sender.client_ip, nets) else None
+
+    def _user(self, login: str) -> User:
+        user = self._directory.get_user(login)
+        if user is None:  # removed while the session was open
+            raise Rejected(replies.AUTH_REQUIRED, f"login {login} no longer exists")
+        return user
+
+
+def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)

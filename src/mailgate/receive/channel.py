@@ -1,0 +1,134 @@
+"""A byte channel between the event loop and one session coroutine.
+
+Owns: the asyncio Protocol of every accepted connection: buffering received bytes, flow
+control both ways, and the STARTTLS upgrade. Must not: interpret SMTP.
+
+Why not asyncio streams: `StreamWriter.start_tls()` keeps whatever plaintext the StreamReader had
+already buffered and hands it to the reader after the handshake, which is exactly the STARTTLS
+injection of CVE-2011-0411. Here the session sees every received byte, and `start_tls()` refuses
+to upgrade while any unread byte is buffered; `loop.start_tls()` pauses reading synchronously, so
+nothing can slip in between the check and the upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+_HIGH_WATER = 256 * 1024  # pause reading above this many unread bytes
+
+
+class PlaintextAfterStartTls(Exception):
+    """Bytes were buffered after STARTTLS: the upgrade is refused."""
+
+
+class Channel(asyncio.Protocol):
+    """One connection's transport wrapped for a single reading coroutine."""
+
+    def __init__(self, on_connect: Callable[[Channel], None]) -> None:
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._eof = False
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # --- protocol callbacks --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER and not self._reading_paused and self.transport:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # --- session side ------------------------------------------------------------
+    @property
+    def has_unread(self) -> bool:
+        return self._buffered > 0
+
+    async def read(self) -> bytes:
+        """Every byte received so far (b"" at end of stream)."""
+        while not self._chunks and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the peer has taken our output (a client that never reads stalls here)."""
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade to TLS as the server (RFC 3207); refuses if plaintext is still buffered."""
+        if self.has_unread:
+            raise PlaintextAfterStartTls
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if new is None:
+            raise ConnectionError("TLS upgrade failed")
+        self.transport = new
+
+    def extra(self, name: str) -> object:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

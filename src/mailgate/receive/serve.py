@@ -1,0 +1,101 @@
+"""Listeners: one asyncio server per configured address, each bound to a service profile.
+
+Owns: binding the sockets (SO_REUSEPORT, so several worker processes can share the ports),
+implicit TLS for `submissions`, connection limits overall and per client IP, and graceful stop.
+Must not: interpret SMTP or deliver mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import Counter
+
+from mailgate import replies
+from mailgate.config import Listen
+from mailgate.receive.channel import Channel
+from mailgate.receive.session import Services, Session
+from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
+
+log = logging.getLogger(__name__)
+
+
+class Listeners:
+    """All listening sockets of one process and the sessions they spawned."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self.per_ip: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        cfg = self.services.cfg
+        plan: list[tuple[Profile, tuple[Listen, ...]]] = [
+            (SUBMISSION, cfg.submission.listen),
+            (SUBMISSIONS, cfg.submissions.listen),
+            (SMARTHOST, cfg.smarthost.listen),
+        ]
+        for profile, addresses in plan:
+            for address in addresses:
+                self.servers.append(await self._listen(profile, address))
+                log.info("listening service=%s address=%s", profile.name, address)
+
+    async def _listen(self, profile: Profile, address: Listen) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = self.services.tls if profile.implicit_tls else None
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return await loop.create_server(
+            lambda: Channel(lambda ch: self._connected(ch, profile)),
+            sock=sock,
+            ssl=tls,
+            ssl_handshake_timeout=30.0 if tls else None,
+        )
+
+    def _connected(self, channel: Channel, profile: Profile) -> None:
+        limits = self.services.cfg.limits
+        peer = channel.extra("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        if len(self.sessions) >= limits.max_connections or (
+            self.per_ip[ip] >= limits.max_connections_per_ip
+        ):
+            log.warning("refused connection client=[%s] service=%s: too many connections",
+                        ip, profile.name)  # fmt: skip
+            channel.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
+            channel.close()
+            return
+        self.per_ip[ip] += 1
+        task = asyncio.get_running_loop().create_task(
+            Session(self.services, channel, profile).run()
+        )
+        self.sessions.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.sessions.discard(t)
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+        task.add_done_callback(done)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, let sessions finish for `grace` seconds, then cancel the rest."""
+        for server in self.servers:
+            server.close()
+        if self.sessions:
+            _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)

@@ -1,0 +1,340 @@
+"""One SMTP session: drives a ServerConnection over a Channel and asks the world for decisions.
+
+Owns: the asyncio side of a connection: timeouts, STARTTLS, AUTH verification, policy questions,
+streaming DATA into the spool, and handing the message to `accept`. Any exception while handling
+an event becomes 451 4.3.0 for this session only (STYLE.md §4), details in the log.
+Must not: parse SMTP (smtp.server does) or decide policy (policy.py does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mailgate import replies
+from mailgate.accept import Acceptor, SessionFacts, Transaction
+from mailgate.config import Config
+from mailgate.directory import Directory
+from mailgate.errors import Rejected, SpoolError, SpoolFull
+from mailgate.message import stamp
+from mailgate.policy import Policy, Sender
+from mailgate.receive.auth import Authenticator
+from mailgate.receive.channel import Channel, PlaintextAfterStartTls
+from mailgate.smtp.events import (
+    Auth,
+    Close,
+    DataStart,
+    Ehlo,
+    EndOfData,
+    Event,
+    MailFrom,
+    MessageChunk,
+    Profile,
+    Quit,
+    RcptTo,
+    Reset,
+    StartTls,
+)
+from mailgate.smtp.server import NEED_DATA, ServerConnection
+from mailgate.spool.store import Incoming, Store
+
+if TYPE_CHECKING:
+    from mailgate.limits import AuthGuard, Limits
+
+log = logging.getLogger(__name__)
+
+_TLS_HANDSHAKE_TIMEOUT = 30.0
+_AUTH_MIN_SECONDS = 0.0  # the guard's delays do the slowing; argon2 already costs tens of ms
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a session needs, built once by `cli serve`."""
+
+    cfg: Config
+    store: Store
+    policy: Policy
+    acceptor: Acceptor
+    directory: Directory
+    authenticator: Authenticator
+    tls: ssl.SSLContext | None
+    limits: Limits | None = None
+    auth_guard: AuthGuard | None = None
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+class Session:
+    def __init__(self, services: Services, channel: Channel, profile: Profile) -> None:
+        self.s = services
+        self.channel = channel
+        self.profile = profile
+        self.sid = new_session_id()
+        peer = channel.extra("peername")
+        sock = channel.extra("sockname")
+        self.client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        self.client_port = int(peer[1]) if isinstance(peer, tuple) else 0
+        self.local_port = int(sock[1]) if isinstance(sock, tuple) else 0
+        limits = services.cfg.limits
+        self.conn = ServerConnection(
+            profile,
+            services.cfg.hostname,
+            max_message_size=limits.max_message_size,
+            max_recipients=limits.max_recipients,
+            max_errors=limits.max_errors,
+        )
+        self.txn: Transaction | None = None
+        self.incoming: Incoming | None = None
+        self.write_error: Exception | None = None
+        self.extended = True
+        self.login: str | None = None
+        self.mechanism: str | None = None
+        self.in_data = False
+        self.closing = False
+
+    # --- main loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        log.info("sid=%s connect service=%s client=[%s]:%d port=%d",
+                 self.sid, self.profile.name, self.client_ip, self.client_port,
+                 self.local_port)  # fmt: skip
+        try:
+            self.conn.start()
+            await self._flush()
+            while not self.closing:
+                timeout = self._timeout()
+                try:
+                    data = await asyncio.wait_for(self.channel.read(), timeout)
+                except TimeoutError:
+                    log.info("sid=%s timeout after %.0fs", self.sid, timeout)
+                    self.channel.write(replies.TIMEOUT.to_bytes())
+                    break
+                self.conn.receive_data(data)
+                await self._process_events()
+                await self._flush()
+        except (ConnectionError, TimeoutError) as e:
+            log.info("sid=%s connection lost: %s", self.sid, e)
+        except Exception:
+            log.exception("sid=%s session failed", self.sid)
+            self.channel.write(replies.INTERNAL_ERROR.to_bytes())
+        finally:
+            self._drop_incoming()
+            self.channel.close()
+            log.info("sid=%s disconnect client=[%s]", self.sid, self.client_ip)
+
+    def _timeout(self) -> float:
+        limits = self.s.cfg.limits
+        return limits.data_timeout if self.in_data else limits.command_timeout
+
+    async def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.channel.write(data)
+            # A client that never reads our replies must not hold the session forever.
+            await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
+
+    async def _process_events(self) -> None:
+        while not self.closing:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            assert isinstance(event, Event)
+            try:
+                await self._handle(event)
+            except Rejected as e:
+                log.info("sid=%s refused %s reply=%r reason=%r",
+                         self.sid, type(event).__name__, e.reply.line(), e.reason)  # fmt: skip
+                self.conn.send(e.reply)
+            except Exception:
+                log.exception("sid=%s error handling %s", self.sid, type(event).__name__)
+                self._drop_incoming()
+                self.conn.send(replies.INTERNAL_ERROR)
+
+    # --- events ---------------------------------------------------------------------
+    async def _handle(self, event: Event) -> None:
+        match event:
+            case MessageChunk(data=data):
+                self._write_chunk(data)
+            case Ehlo(domain=domain, extended=extended):
+                self.extended = extended
+                self._drop_incoming()
+                log.info("sid=%s ehlo=%s", self.sid, _safe(domain))
+                self.conn.send(replies.OK)
+            case StartTls():
+                await self._start_tls()
+            case Auth():
+                await self._auth(event)
+            case MailFrom():
+                self.conn.send(self._mail(event))
+            case RcptTo():
+                self._rcpt(event)
+                self.conn.send(replies.RECIPIENT_OK)
+            case DataStart():
+                self._data_start()
+                self.conn.send(replies.START_DATA)
+            case EndOfData():
+                self.conn.send(await self._end_of_data(event))
+            case Reset():
+                self._drop_incoming()
+                self.txn = None
+            case Quit() | Close():
+                self.closing = True
+            case _:
+                raise AssertionError(f"unhandled event {event!r}")
+
+    async def _start_tls(self) -> None:
+        assert self.s.tls is not None, "STARTTLS offered without a TLS context"
+        await self._flush()  # the 220 goes out in plaintext
+        try:
+            await self.channel.start_tls(self.s.tls, _TLS_HANDSHAKE_TIMEOUT)
+        except PlaintextAfterStartTls:
+            log.warning("sid=%s plaintext pipelined after STARTTLS: closing", self.sid)
+            self.closing = True
+            return
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as e:
+            log.info("sid=%s tls handshake failed: %s", self.sid, e)
+            self.closing = True
+            return
+        self.conn.tls_started()
+        log.info("sid=%s starttls %s", self.sid, self._tls_description())
+
+    async def _auth(self, event: Auth) -> None:
+        guard = self.s.auth_guard
+        if guard is not None:
+            decision = guard.before_attempt(self.client_ip, event.login)
+            if decision.refuse:
+                log.warning("sid=%s auth refused (too many failures) client=[%s]",
+                            self.sid, self.client_ip)  # fmt: skip
+                self.conn.send(replies.TOO_MANY_AUTH_FAILURES)
+                self.closing = True
+                return
+            if decision.delay > 0:
+                await asyncio.sleep(decision.delay)
+        user = await self.s.authenticator.verify(event.login, event.password)
+        if user is None:
+            if guard is not None:
+                guard.record_failure(self.client_ip, event.login)
+            log.info("sid=%s auth failed mech=%s login=%s client=[%s]",
+                     self.sid, event.mechanism, _safe(event.login), self.client_ip)  # fmt: skip
+            self.conn.send(replies.BAD_CREDENTIALS)
+            return
+        if guard is not None:
+            guard.record_success(self.client_ip, event.login)
+        self.login = user.login
+        self.mechanism = event.mechanism
+        log.info("sid=%s auth ok mech=%s login=%s", self.sid, event.mechanism, user.login)
+        self.conn.send(replies.AUTH_SUCCEEDED)
+
+    def _sender(self) -> Sender:
+        return Sender(service=self.profile.name, client_ip=self.client_ip, login=self.login)
+
+    def _mail(self, event: MailFrom) -> replies.Reply:
+        mail_from = self.s.policy.check_sender(self._sender(), event.address)
+        if mail_from != event.address:
+            log.info("sid=%s envelope sender <%s> replaced by <%s>",
+                     self.sid, event.address, mail_from)  # fmt: skip
+        self.txn = Transaction(mail=event, mail_from=mail_from)
+        return replies.SENDER_OK
+
+    def _rcpt(self, event: RcptTo) -> None:
+        assert self.txn is not None
+        self.s.policy.check_rcpt(self._sender(), event.address)
+        if self.s.limits is not None:
+            self.s.limits.check_recipient(
+                service=self.profile.name, login=self.login, ip=self.client_ip,
+                rcpt_in_message=len(self.txn.rcpts) + 1,
+            )  # fmt: skip
+        self.txn.rcpts.append(event)
+
+    def _data_start(self) -> None:
+        assert self.txn is not None
+        if self.s.limits is not None:
+            self.s.limits.check_message(
+                service=self.profile.name, login=self.login, ip=self.client_ip,
+                nrcpt=len(self.txn.rcpts),
+            )  # fmt: skip
+        self.incoming = self.s.store.begin()
+        self.write_error = None
+        self.in_data = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        if self.incoming is None or self.write_error is not None:
+            return
+        try:
+            self.incoming.write(data)
+        except SpoolError as e:  # answered at end of data, after the client finished sending
+            self.write_error = e
+
+    async def _end_of_data(self, event: EndOfData) -> replies.Reply:
+        self.in_data = False
+        incoming, txn = self.incoming, self.txn
+        self.incoming, self.txn = None, None
+        assert incoming is not None and txn is not None
+        if event.too_big or event.bad_line or self.write_error is not None:
+            incoming.abort()
+            if event.too_big:
+                return replies.MESSAGE_TOO_BIG
+            if event.bad_line:
+                return replies.TEXT_LINE_TOO_LONG
+            log.error("sid=%s spool write failed: %s", self.sid, self.write_error)
+            return (replies.SPOOL_FULL if isinstance(self.write_error, SpoolFull)
+                    else replies.INTERNAL_ERROR)  # fmt: skip
+        reply = await self.s.acceptor.accept(self._facts(), txn, incoming)
+        if reply.is_positive and self.s.limits is not None:
+            trip = self.s.limits.record_message(
+                service=self.profile.name, login=self.login, ip=self.client_ip,
+                nrcpt=len(txn.rcpts),
+            )  # fmt: skip
+            if trip is not None and self.login is not None:
+                await self._trip_breaker(str(getattr(trip, "reason", "hard limit")))
+        return reply
+
+    async def _trip_breaker(self, reason: str) -> None:
+        from mailgate.limits.breaker import suspend_account
+
+        assert self.login is not None
+        await asyncio.to_thread(suspend_account, self.s.directory, self.s.store, self.login, reason)
+
+    def _facts(self) -> SessionFacts:
+        tls = self._tls_description()
+        trace = stamp.Trace(
+            client_helo=self.conn.ehlo_domain or "",
+            client_ip=self.client_ip,
+            client_name="",
+            service=self.profile.name,
+            port=self.local_port,
+            with_keyword=stamp.with_keyword(
+                extended=self.extended, tls=bool(tls), authenticated=self.login is not None
+            ),
+            tls=tls,
+            login=self.login,
+            mechanism=self.mechanism,
+        )
+        return SessionFacts(
+            session_id=self.sid,
+            sender=self._sender(),
+            trace=trace,
+            is_submission=self.login is not None,
+        )
+
+    def _tls_description(self) -> str:
+        obj = self.channel.extra("ssl_object")
+        if not isinstance(obj, ssl.SSLObject):
+            return ""
+        cipher = obj.cipher()
+        return f"{obj.version()}:{cipher[0] if cipher else '?'}"
+
+    def _drop_incoming(self) -> None:
+        if self.incoming is not None:
+            self.incoming.abort()
+            self.incoming = None
+        self.in_data = False
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isprintable() and c != " " else "?" for c in text)[:100]

@@ -1,0 +1,169 @@
+"""A real `mailgate serve` process for end-to-end tests.
+
+`Gateway` runs `mailgate init` in a folder, rewrites the configuration for free loopback ports
+(and whatever a test overrides), starts `mailgate serve` as a child process and waits for every
+listener's greeting with a bounded timeout. Stop it with `stop()` (SIGTERM) or `kill()` (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HOSTNAME = "mail.example.org"
+DEFAULT_DOMAIN = "example.org"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll `condition()` until it returns a truthy value or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def toml_dumps(data: dict[str, Any]) -> str:
+    """Enough TOML for mailgate.toml: top-level scalars, then one table per section."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(config: Path, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgate", "-c", str(config), *args],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mailgate {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+class Gateway:
+    def __init__(self, root: Path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.root = root
+        self.config = root / "mailgate.toml"
+        self.log_path = root / "mailgate.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "mailgate", "init", str(root), "--hostname", HOSTNAME,
+             "--default-domain", DEFAULT_DOMAIN],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.ports = {
+            "submission": free_port(),
+            "submissions": free_port(),
+            "smarthost": free_port(),
+        }
+        data = tomllib.loads(self.config.read_text())
+        for service, port in self.ports.items():
+            data.setdefault(service, {})["listen"] = [f"127.0.0.1:{port}"]
+        data["smarthost"]["networks"] = ["127.0.0.0/8"]
+        data.setdefault("delivery", {})["relay"] = ""
+        for section, values in (overrides or {}).items():
+            data.setdefault(section, {}).update(values)
+        self.settings = data
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.config.write_text(toml_dumps(self.settings))
+
+    @property
+    def spool(self) -> Path:
+        return self.root / str(self.settings.get("spool", {}).get("path", "spool"))
+
+    def cli(self, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return run_cli(self.config, *args, stdin=stdin, check=check)
+
+    def add_user(self, login: str, password: str, address: str | None = None) -> None:
+        extra = ["--address", address] if address else []
+        self.cli("user", "add", login, *extra, "--password-stdin", stdin=password + "\n")
+
+    def start(self, *extra: str) -> None:
+        env = dict(os.environ, MAILGATE_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailgate", "-c", str(self.config), "serve", *extra],
+            stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        log.close()
+        for port in self.ports.values():
+            wait_for(lambda p=port: self._greets(p), timeout=20, what=f"listener on {port}")
+
+    def _greets(self, port: int) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"mailgate serve exited: {self.log_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            return True
+        return False
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def queued(self) -> list[Path]:
+        return sorted((self.spool / "env").glob("*.json"))
+
+    def messages(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted((self.spool / "msg").glob("*"))]
+
+
+@contextlib.contextmanager
+def running(root: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Iterator[Gateway]:
+    gw = Gateway(root, overrides)
+    try:
+        yield gw
+    finally:
+        gw.stop()
