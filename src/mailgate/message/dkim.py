@@ -1,0 +1,231 @@
+"""DKIM signing of outgoing mail for managed domains.
+
+Owns: producing the DKIM-Signature header field(s) for a message and a domain (`Signer`), the
+choice of signed header fields, and the smart-host network test a policy asks before signing
+relayed mail (`may_sign_smarthost`).
+
+Must not: decide *whether* a message is signed (the policy does: From: in a managed domain that
+the sender may use), change the message (the caller prepends what `sign` returns, as the very
+last header change before the spool), read key files per message, or log key material.
+
+How: dkimpy (RFC 6376) parses the message, canonicalises (relaxed/relaxed, §3.4.2 and §3.4.4),
+selects and hashes the header fields and folds the header, exactly as its verifier does. The
+signature itself is made by `cryptography` (OpenSSL) with keys loaded once and kept in memory:
+RSA-SHA256 with blinding, and Ed25519-SHA256 (RFC 8463) without needing PyNaCl.
+
+Signed header fields (RFC 6376 §5.4, §5.4.1 and §8.15): the recommended set plus the MIME,
+Sender, Message-ID, Resent-* and List-* fields. Every name in `SIGNED_HEADERS` is listed in h=
+once more than it occurs ("over-signing"; a name that is absent is listed once), so a header
+field of one of these names added anywhere downstream breaks the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import dkim
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import CanonicalizationPolicy
+
+from mailgate.directory import Domain
+from mailgate.errors import MailgateError
+from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, load_private_key
+
+log = logging.getLogger(__name__)
+
+SIGNED_HEADERS: tuple[str, ...] = (
+    # RFC 6376 §5.4.1 recommended set
+    "from", "reply-to", "subject", "date", "to", "cc",
+    "resent-date", "resent-from", "resent-to", "resent-cc",
+    "in-reply-to", "references",
+    "list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post", "list-owner",
+    "list-archive",
+    # also: who sent it, its identity, how to read it, and RFC 8058 one-click unsubscribe
+    "sender", "message-id", "resent-sender", "resent-message-id",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "content-disposition", "list-unsubscribe-post",
+)  # fmt: skip
+
+CANONICALIZATION = b"relaxed/relaxed"
+
+
+class SigningError(MailgateError):
+    """A domain has an active key that cannot be used (file missing or unreadable).
+
+    Not a reason to send the message unsigned: the accept stage turns it into a temporary
+    failure (451 4.3.0) and the operator sees the key path in the log.
+    """
+
+
+class DomainLookup(Protocol):
+    """The part of `mailgate.directory.Directory` that signing needs."""
+
+    def get_domain(self, name: str) -> Domain | None: ...
+
+
+def signed_header_names(present: list[bytes]) -> list[bytes]:
+    """The h= list for a message whose header field names are `present` (top to bottom).
+
+    Present instances of `SIGNED_HEADERS` in message order, then each name of the set once
+    more: a verifier finds no field for that extra entry and hashes nothing, which is how
+    RFC 6376 §5.4.2 lets a signer forbid additions.
+    """
+    wanted = {n.encode("ascii") for n in SIGNED_HEADERS}
+    names = [n.lower() for n in present if n.lower() in wanted]
+    return names + [n.encode("ascii") for n in SIGNED_HEADERS]
+
+
+def may_sign_smarthost(domain: Domain, client_ip: str) -> bool:
+    """True when `client_ip` (a smart-host client) lies in one of the domain's networks.
+
+    A relayed message is signed only when the domain lists the client's network: a host on
+    the campus network is not thereby allowed to send as every managed domain.
+    """
+    try:
+        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for text in domain.smarthost_networks:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            log.warning("domain=%s ignoring bad smart-host network %r", domain.name, text)
+            continue
+        if network.version == address.version and address in network:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadedKey:
+    stamp: tuple[int, int, int]  # (st_ino, st_size, st_mtime_ns) of the file it was read from
+    private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """Sign the SHA-256 hash of the canonicalised header fields.
+
+        RSA: RSASSA-PKCS1-v1_5 over the hash (RFC 6376 §3.3.1, RFC 8017 §8.2); OpenSSL blinds
+        the private operation. Ed25519: RFC 8463 §3 signs the 32-octet hash itself (PureEdDSA).
+        """
+        if isinstance(self.private, rsa.RSAPrivateKey):
+            return self.private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        return self.private.sign(digest)
+
+
+class Signer:
+    """Signs messages with the active keys of a domain; safe to share between threads."""
+
+    def __init__(self, directory: DomainLookup) -> None:
+        self._directory = directory
+        self._keys: dict[Path, _LoadedKey] = {}
+        self._lock = threading.Lock()
+
+    def sign(self, message: bytes, domain: str) -> bytes:
+        """The DKIM-Signature field(s) to prepend (CRLF-terminated, folded), or b"".
+
+        `message` is the message exactly as it will be spooled, with CRLF line endings. With an
+        RSA and an Ed25519 key both active, the RSA signature comes first: a verifier that
+        knows only RSA and reads the topmost signature still finds one it understands.
+        """
+        record = self._directory.get_domain(domain.lower().rstrip("."))
+        if record is None:
+            return b""
+        active = [k for k in record.keys if k.active]
+        keys = sorted(active, key=lambda k: k.algorithm != ALGORITHM_RSA)  # stable: RSA first
+        if not keys:
+            return b""
+        # dkimpy parses the header and body exactly as its verifier will (RFC 5322 §2.2).
+        headers, body = dkim.rfc822_parse(message)
+        include = signed_header_names([name for name, _ in headers])
+        policy = CanonicalizationPolicy.from_c_value(CANONICALIZATION)
+        canonical_headers = policy.canonicalize_headers(headers)
+        # Both algorithms hash the body with SHA-256 and the same canonicalisation: once.
+        body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+        now = str(int(time.time())).encode("ascii")
+        d = record.name.encode("ascii")
+        fields: list[bytes] = []
+        for key in keys:
+            loaded = self._load(key.key_path, key.algorithm)
+            tags = [
+                (b"v", b"1"),
+                (b"a", key.algorithm.encode("ascii")),
+                (b"c", CANONICALIZATION),
+                (b"d", d),
+                (b"s", key.selector.encode("ascii")),
+                (b"t", now),
+                # Spaces around the colons give the folding a place to break: RFC 6376 §3.5
+                # allows FWS around a colon but not inside a header field name.
+                (b"h", b" : ".join(include)),
+                (b"bh", body_hash),
+                # A placeholder as long as a signature, so that the folding of the tags before
+                # it does not move when the real b= is filled in (dkimpy's own convention).
+                (b"b", b"0" * 60),
+            ]
+            fields.append(_signature_field(tags, include, canonical_headers, policy, loaded))
+        return b"".join(fields)
+
+    def _load(self, path: Path, algorithm: str) -> _LoadedKey:
+        """The key at `path`, read again only when the file changed (a rotation writes a new
+        file; an operator may replace one in place)."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise SigningError(f"{path}: DKIM key unavailable: {e.strerror}") from None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._keys.get(path)
+            if cached is not None and cached.stamp == stamp:
+                return cached
+        if st.st_mode & 0o077:
+            log.warning("dkim key %s is readable by group or others; it should be 0600", path)
+        try:
+            key = load_private_key(path)
+        except MailgateError as e:
+            raise SigningError(str(e)) from None
+        want = rsa.RSAPrivateKey if algorithm == ALGORITHM_RSA else ed25519.Ed25519PrivateKey
+        if algorithm not in (ALGORITHM_RSA, ALGORITHM_ED25519) or not isinstance(key, want):
+            raise SigningError(f"{path}: key type does not match algorithm {algorithm}")
+        loaded = _LoadedKey(stamp, key)
+        with self._lock:
+            self._keys[path] = loaded
+        log.info("dkim key loaded path=%s algorithm=%s", path, algorithm)
+        return loaded
+
+
+_NAME = b"DKIM-Signature"
+
+
+def _signature_field(
+    tags: list[tuple[bytes, bytes]],
+    include: list[bytes],
+    canonical_headers: list[tuple[bytes, bytes]],
+    policy: CanonicalizationPolicy,
+    key: _LoadedKey,
+) -> bytes:
+    """One folded, CRLF-terminated DKIM-Signature field (RFC 6376 §3.7).
+
+    The header hash covers the selected fields and then this field itself with an empty b=
+    and no trailing CRLF; dkimpy's helpers do that part exactly as its verifier does.
+    """
+    value = dkim.fold(b"; ".join(b"=".join(t) for t in tags), namelen=len(_NAME))
+    unsigned = (_NAME, b" " + dkim.RE_BTAG.sub(b"\\1", value))
+    hasher = hashlib.sha256()
+    dkim.hash_headers(hasher, policy, canonical_headers, include, unsigned, None)
+    signature = base64.b64encode(key.sign_digest(hasher.digest()))
+    tags = [*tags[:-1], (b"b", signature)]
+    value = dkim.fold(b"; ".join(b"=".join(t) for t in tags) + b"\r\n", namelen=len(_NAME))
+    return _NAME + b": " + bytes(value)
