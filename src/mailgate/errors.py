@@ -45,3 +45,13 @@ class DirectoryError(MailgateError):
 
 class UsageError(MailgateError):
     """Our own code called an API wrongly (a bug), e.g. the SMTP machine in the wrong state."""
+
+
+class ProtocolViolation(MailgateError):
+    """The peer broke the protocol (bad syntax, bad sequence, bare LF...): answer `reply`.
+
+    Raised by the sans-IO parsers in mailgate.smtp; never crosses the adapter boundary."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.line())
+        self.reply = reply

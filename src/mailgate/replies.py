@@ -97,6 +97,10 @@ RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded, please try agai
 ACCOUNT_SUSPENDED = Reply(535, "5.7.8", "Authentication credentials invalid")
 RELAY_TO_INTERNAL_DENIED = Reply(550, "5.7.1", "Relaying to internal networks denied")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+NUL_IN_DATA = Reply(554, "5.6.0", "NUL octet in message data, closing connection")
+HELP_INFO = Reply(
+    214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+)
 SERVICE_READY_TEMPLATE = "220 {hostname} ESMTP mailgate"
 
 
