@@ -1,0 +1,66 @@
+"""Imports point one way (docs/ARCHITECTURE.md). Fails when an arrow is reversed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "mailgate"
+
+# package -> mailgate packages/modules it must never import
+FORBIDDEN = {
+    "smtp": {"receive", "deliver", "accept", "policy", "directory", "spool", "scan", "message",
+             "cli", "config", "limits"},
+    "receive": {"deliver", "cli"},
+    "deliver": {"receive", "accept", "policy", "cli", "scan"},
+    "accept": {"receive", "deliver", "cli"},
+    "policy": {"receive", "deliver", "accept", "spool", "scan", "cli"},
+    "spool": {"receive", "deliver", "accept", "policy", "scan", "message", "directory", "cli"},
+    "scan": {"receive", "deliver", "accept", "policy", "spool", "directory", "cli"},
+    "directory": {"receive", "deliver", "accept", "policy", "spool", "scan", "smtp", "cli"},
+    "replies": {"*"},
+    "errors": {"*"},
+    "config": {"*"},
+}  # fmt: skip
+ALWAYS_ALLOWED = {"replies", "errors", "config"}
+
+
+def imported_mailgate_parts(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    parts: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            if name.startswith("mailgate."):
+                parts.add(name.split(".")[1])
+    return parts
+
+
+def owner(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0].removesuffix(".py")
+
+
+def test_imports_point_one_way() -> None:
+    problems = []
+    for path in SRC.rglob("*.py"):
+        me = owner(path)
+        forbidden = FORBIDDEN.get(me, set())
+        for part in imported_mailgate_parts(path) - {me}:
+            if part in ALWAYS_ALLOWED and me not in {"replies", "errors", "config"}:
+                continue
+            if "*" in forbidden and (me, part) not in {("errors", "replies"), ("config", "errors")}:
+                problems.append(f"{path.relative_to(SRC)} imports mailgate.{part}")
+            elif part in forbidden:
+                problems.append(f"{path.relative_to(SRC)} imports mailgate.{part}")
+    assert problems == []
+
+
+def test_the_checker_sees_a_reversed_arrow(tmp_path: Path) -> None:
+    bad = tmp_path / "x.py"
+    bad.write_text("from mailgate.receive.session import Session\nimport mailgate.deliver.engine\n")
+    assert imported_mailgate_parts(bad) == {"receive", "deliver"}

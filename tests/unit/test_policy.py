@@ -1,0 +1,83 @@
+"""The sender policy of INTERFACE.md, as plain function calls with an in-memory directory."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from mailgate import replies
+from mailgate.errors import Rejected
+from mailgate.policy import Policy, Sender
+from tests.support.memdir import MemoryDirectory
+
+
+@pytest.fixture
+def policy() -> Policy:
+    d = MemoryDirectory("example.org")
+    d.add_user("alice", "", "pw")
+    d.add_user("bob", "", "pw")
+    d.add_domain("college.example.org")
+    d.grant("bursar@college.example.org", "alice")
+    d.grant("*@lab.example.org", "bob")
+    d.add_domain("lab.example.org")
+    return Policy(d, smarthost_networks=[ipaddress.ip_network("10.0.0.0/8")])
+
+
+ALICE = Sender("submission", "192.0.2.1", "alice")
+
+
+def test_own_and_granted_addresses_are_kept(policy: Policy) -> None:
+    assert policy.check_sender(ALICE, "alice@example.org") == "alice@example.org"
+    assert policy.check_sender(ALICE, "Bursar@College.example.org") == "Bursar@College.example.org"
+
+
+def test_domain_wide_grant(policy: Policy) -> None:
+    bob = Sender("submission", "192.0.2.1", "bob")
+    assert policy.check_sender(bob, "anyone@lab.example.org") == "anyone@lab.example.org"
+
+
+def test_foreign_envelope_sender_becomes_primary(policy: Policy) -> None:
+    assert policy.check_sender(ALICE, "alice@gmail.test") == "alice@example.org"
+
+
+def test_null_sender_left_alone(policy: Policy) -> None:
+    assert policy.check_sender(ALICE, "") == ""
+
+
+@pytest.mark.parametrize("address", ["bob@example.org", "bursar@lab.example.org",
+                                     "dean@college.example.org"])  # fmt: skip
+def test_managed_address_not_granted_is_553(policy: Policy, address: str) -> None:
+    with pytest.raises(Rejected) as e:
+        policy.check_sender(ALICE, address)
+    assert e.value.reply == replies.SENDER_NOT_ALLOWED
+    assert (e.value.reply.code, e.value.reply.status) == (553, "5.7.1")
+
+
+def test_from_header_rules(policy: Policy) -> None:
+    own = policy.check_from(ALICE, ["alice@example.org"])
+    assert own.sender_header is None and own.sign_domain == "example.org"
+    granted = policy.check_from(ALICE, ["bursar@college.example.org"])
+    assert granted.sender_header is None and granted.sign_domain == "college.example.org"
+    foreign = policy.check_from(ALICE, ["alice@gmail.test"])
+    assert foreign.sender_header == "alice@example.org" and foreign.sign_domain is None
+    missing = policy.check_from(ALICE, [])
+    assert missing.sender_header == "alice@example.org"
+    with pytest.raises(Rejected) as e:
+        policy.check_from(ALICE, ["bob@example.org"])
+    assert e.value.reply == replies.SENDER_NOT_ALLOWED
+
+
+def test_smarthost_relay_rule(policy: Policy) -> None:
+    policy.check_rcpt(Sender("smarthost", "10.1.2.3"), "x@remote.test")
+    policy.check_rcpt(Sender("smarthost", "::ffff:10.1.2.3"), "x@remote.test")
+    with pytest.raises(Rejected) as e:
+        policy.check_rcpt(Sender("smarthost", "192.0.2.7"), "x@remote.test")
+    assert e.value.reply == replies.RELAY_DENIED
+
+
+def test_smarthost_sender_is_not_rewritten(policy: Policy) -> None:
+    lab = Sender("smarthost", "10.1.2.3")
+    assert policy.check_sender(lab, "bob@example.org") == "bob@example.org"
+    decision = policy.check_from(lab, ["bursar@college.example.org"])
+    assert decision.sign_domain is None  # the domain lists no smart-host network

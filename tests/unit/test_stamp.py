@@ -1,0 +1,74 @@
+"""Header reading and the headers mailgate adds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgate.message import stamp
+
+MSG = (
+    b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    b"From: Alice <alice@example.org>,\r\n bob@example.org\r\n"
+    b"Sender: someone@example.org\r\n"
+    b"Subject: hi\r\n\r\nFrom: not@header.test\r\n"
+)
+
+
+def test_summary_reads_the_header_block_only() -> None:
+    s = stamp.summarize(MSG)
+    assert s.from_addresses == ("alice@example.org", "bob@example.org")
+    assert s.received_count == 1 and s.has_sender
+    assert not s.has_message_id and not s.has_date
+
+
+def test_received_header_names_everything() -> None:
+    trace = stamp.Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
+                        "TLSv1.3:TLS_AES_256_GCM_SHA384", "alice", "PLAIN")  # fmt: skip
+    when = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    out = stamp.received(trace, hostname="mail.example.org", qid="0ABC", recipients=["x@y.test"],
+                         now=when)  # fmt: skip
+    assert out == (
+        b"Received: from client.test ([192.0.2.1])\r\n"
+        b"\tby mail.example.org (mailgate submission port 587)\r\n"
+        b"\twith ESMTPSA id 0ABC\r\n"
+        b"\t(TLSv1.3:TLS_AES_256_GCM_SHA384) (PLAIN:alice)\r\n"
+        b"\tfor <x@y.test>;\r\n"
+        b"\tSat, 28 Nov 2026 12:00:00 +0000\r\n"
+    )
+
+
+def test_received_hides_recipients_when_several_and_quotes_ipv6() -> None:
+    trace = stamp.Trace("h", "2001:db8::1", "", "smarthost", 25, "ESMTP", "", None, None)
+    out = stamp.received(trace, hostname="m", qid="Q", recipients=["a@x", "b@x"])
+    assert b"[IPv6:2001:db8::1]" in out and b" for " not in out
+
+
+def test_with_keywords_rfc3848() -> None:
+    assert stamp.with_keyword(extended=True, tls=True, authenticated=True) == "ESMTPSA"
+    assert stamp.with_keyword(extended=True, tls=True, authenticated=False) == "ESMTPS"
+    assert stamp.with_keyword(extended=True, tls=False, authenticated=True) == "ESMTPA"
+    assert stamp.with_keyword(extended=True, tls=False, authenticated=False) == "ESMTP"
+    assert stamp.with_keyword(extended=False, tls=False, authenticated=False) == "SMTP"
+
+
+def test_remove_fields_removes_folded_lines() -> None:
+    block = b"A: 1\r\nSender: x\r\n  continued\r\nB: 2\r\n"
+    assert stamp.remove_fields(block, "sender") == b"A: 1\r\nB: 2\r\n"
+
+
+@given(st.text(max_size=80))
+def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
+    trace = stamp.Trace(helo, "192.0.2.1", "", "smarthost", 25, "ESMTP", "", None, None)
+    out = stamp.received(trace, hostname="m", qid="Q", recipients=["a@x"])
+    lines = out.split(b"\r\n")
+    assert lines[0].startswith(b"Received: from ")
+    assert all(line.startswith(b"\t") for line in lines[1:-1])
+    assert lines[-1] == b""
+
+
+@given(st.binary(max_size=400))
+def test_summary_never_raises(data: bytes) -> None:
+    stamp.summarize(data)
