@@ -1,0 +1,121 @@
+"""`mailgate limits report [--json] [--top N]`: the top senders against each rate limit.
+
+Owns: reading <spool>/limits.json (written by `mailgate serve` every `ratelimits.
+snapshot_interval` seconds and at shutdown) and printing it. Must not: compute counters itself
+or talk to the running server; it works while the server is stopped (showing the last
+snapshot and its age). Keys and logins come from clients, so they are made printable before
+being shown as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from mailgate.cli.common import CommandError, load_config, print_json
+from mailgate.limits.keys import printable
+from mailgate.limits.snapshot import read_snapshot, snapshot_path
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("limits", help="sending rate limits")
+    actions = parser.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
+    report = actions.add_parser(
+        "report", help="top senders against each rate limit, refusals, breaker trips, AUTH"
+    )
+    report.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    report.add_argument(
+        "--top", type=_positive, default=10, help="keys shown per limit (default 10)"
+    )
+    report.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    path = snapshot_path(cfg.spool.path)
+    try:
+        data = read_snapshot(path)
+    except FileNotFoundError:
+        raise CommandError(
+            f"no rate-limit snapshot at {path} (mailgate serve writes one every "
+            f"{cfg.ratelimits.snapshot_interval:g} s)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CommandError(f"{path}: cannot read the snapshot: {e}") from None
+    if args.json:
+        print_json(data)
+        return 0
+    try:
+        text = format_report(data, top=args.top, now=datetime.now(UTC))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CommandError(f"{path}: malformed snapshot ({type(e).__name__}: {e})") from None
+    sys.stdout.write(text)
+    return 0
+
+
+def format_report(data: dict[str, Any], *, top: int, now: datetime) -> str:
+    """The snapshot as text, one block per limit:
+
+    login_recipients_per_hour  submission=500 submissions=500 smarthost=off  refused=3 ...
+         412  alice
+    """
+    written_at = datetime.fromisoformat(data["written_at"])
+    age = max(0, round((now - written_at).total_seconds()))
+    lines = [
+        f"Rate limits snapshot of {written_at.isoformat()} ({age} s ago); "
+        f"counts over the last {float(data['window_seconds']):g} s, "
+        "refusals since the server started.",
+        "",
+    ]
+    for name, entry in data["limits"].items():
+        services = entry["services"]
+        settings = " ".join(
+            f"{printable(svc)}={_limit_text(s['max'], s['shadow'])}" for svc, s in services.items()
+        )
+        refused = sum(int(s["refused"]) for s in services.values())
+        shadow = sum(int(s["would_refuse"]) for s in services.values())
+        lines.append(f"{name}  {settings}  refused={refused} would_refuse={shadow}")
+        lines.extend(
+            f"  {int(row['count']):>8}  {printable(row['key'])}"
+            for row in entry.get("top", [])[:top]
+        )
+    breaker = data.get("breaker")
+    if breaker is not None:
+        lines += [
+            "",
+            f"breaker  recipients_per_hour={_limit_text(breaker['recipients_per_hour'])} "
+            f"messages_per_hour={_limit_text(breaker['messages_per_hour'])} "
+            f"refused={int(breaker['refused'])}",
+        ]
+        for trip in breaker["tripped"]:
+            state = "active" if trip["active"] else "cleared"
+            lines.append(
+                f"  {trip['at']}  {printable(trip['login'])}  {printable(trip['reason'])}  {state}"
+            )
+    auth = data.get("auth")
+    if auth is not None:
+        lines += ["", f"failed AUTH over the last {float(auth['window_seconds']):g} s"]
+        for label in ("clients", "logins"):
+            lines.append(f" {label}:")
+            lines.extend(
+                f"  {int(row['failures']):>8}  {printable(row['key'])}  {row['state']}"
+                for row in auth[label][:top]
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _limit_text(value: int, shadow: bool = False) -> str:
+    text = str(int(value)) if value else "off"
+    return f"{text}(shadow)" if shadow and value else text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -1,0 +1,57 @@
+"""How clients and logins are named in counters: the network key and the login key.
+
+Owns: turning a client IP into the network it is counted as (an IPv4 /24 or an IPv6 /64 by
+default: one host rarely has one address, and IPv6 hands a whole /64 to a single site) and
+normalising a login. Must not: keep state or read the clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+# An attacker chooses the login string; a bounded length keeps counters' memory bounded.
+MAX_LOGIN_KEY = 256
+
+
+def network_key(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The network `ip` is counted as: '192.0.2.0/24', '2001:db8:1:2::/64' ('192.0.2.7' for /32).
+
+    An IPv4-mapped IPv6 address counts as the IPv4 address it carries (a dual-stack listener
+    reports IPv4 clients that way). Anything that is not an IP address (a Unix socket peer,
+    "") is its own key, so it is still counted, just not grouped.
+    """
+    text = ip.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return ip[:MAX_LOGIN_KEY]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix >= address.max_prefixlen:
+        return str(address)  # one host: '192.0.2.7' reads better than '192.0.2.7/32'
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def login_key(login: str) -> str:
+    """Logins compare case-insensitively, as the directory looks them up."""
+    return login.strip().lower()[:MAX_LOGIN_KEY]
+
+
+def is_in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """True when `ip` (possibly IPv4-mapped) lies in one of `networks`."""
+    if not networks:
+        return False
+    text = ip.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def printable(text: str) -> str:
+    """A value safe for one key=value log line or report cell: no spaces, no control characters."""
+    return "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in text)[:200]
