@@ -56,6 +56,13 @@ class GroupCommitter:
             self._worker = loop.create_task(self._run(), name="spool-group-commit")
         return await request.future
 
+    async def drain(self) -> None:
+        """Wait until every commit handed in so far is finished (e.g. before shutting down)."""
+        # The running worker also takes the commits that arrive while it writes, so waiting for
+        # it covers everything handed in before this call.
+        if self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
     async def _run(self) -> None:
         # Bounded: every pass removes at least one request, and requests only arrive from
         # sessions, each of which waits for its own result before committing again.

@@ -203,13 +203,14 @@ class Incoming:
             raise self._error
 
     def _spill(self) -> None:
-        assert self._buffer is not None
+        buffer = self._buffer
+        assert buffer is not None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(self.spill_path, flags, _FILE_MODE)
+        self._buffer = None  # from here on the file exists, and _release() must remove it
         if self._owner is not None:
             os.fchown(self._fd, *self._owner)
-        _write_all(self._fd, self._buffer)
-        self._buffer = None
+        _write_all(self._fd, buffer)
 
     def _fail(self, error: SpoolError) -> None:
         # Free the disk space now: a full disk is shared by every session.

@@ -1,0 +1,156 @@
+"""Group commit: concurrent asyncio sessions share batches; results stay per entry."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailgate.errors import SpoolFull
+from mailgate.spool.entry import Envelope, Recipient
+from mailgate.spool.group import GroupCommitter
+from mailgate.spool.store import MEMORY_LIMIT, Incoming, Store
+
+PREFIX = b"Received: by mail.example.ac.uk\r\n"
+
+
+def envelope(qid: str) -> Envelope:
+    return Envelope(
+        id=qid,
+        mail_from="alice@example.ac.uk",
+        recipients=(Recipient("bob@example.org"),),
+        received_at=datetime(2026, 3, 1, 12, 0, tzinfo=UTC),
+    )
+
+
+def body(n: int) -> bytes:
+    return f"Subject: message {n}\r\n\r\n".encode() + b"x" * 10240 + b"\r\n"
+
+
+class GatedStore(Store):
+    """A real Store whose first batch waits for the test, to control what arrives meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batch_sizes: list[int] = []
+        self.in_first_batch = threading.Event()
+        self.open_gate = threading.Event()
+
+    def commit_batch(
+        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
+    ) -> list[Envelope | Exception]:
+        self.batch_sizes.append(len(items))
+        if len(self.batch_sizes) == 1:
+            self.in_first_batch.set()
+            assert self.open_gate.wait(5)
+        return super().commit_batch(items)
+
+
+def disk_full(fd: int, data: bytes) -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+async def in_thread(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 5)
+
+
+def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path) -> None:
+    store = Store(tmp_path / "spool")
+    committer = GroupCommitter(store)
+
+    async def session(n: int) -> Envelope:
+        incoming = store.begin()
+        incoming.write(body(n))
+        return await committer.commit(incoming, envelope(incoming.qid), PREFIX)
+
+    async def main() -> list[Envelope]:
+        return await asyncio.gather(*(session(n) for n in range(50)))
+
+    stored = asyncio.run(main())
+    assert len({e.id for e in stored}) == 50
+    assert store.ids() == sorted(e.id for e in stored)
+    for n, e in enumerate(stored):
+        assert store.read_message(e.id) == PREFIX + body(n)
+        assert store.load(e.id) == e
+        assert e.size == len(PREFIX) + len(body(n))
+    assert committer.batches <= 2  # grouped, not one fsync round per message
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "spool")
+    committer = GroupCommitter(store)
+
+    async def commit(n: int) -> Envelope:
+        incoming = store.begin()
+        incoming.write(body(n))
+        return await committer.commit(incoming, envelope(incoming.qid))
+
+    async def main() -> list[Envelope]:
+        first = asyncio.create_task(commit(0))
+        await in_thread(store.in_first_batch)  # the event loop is free while batch 1 is written
+        later = [asyncio.create_task(commit(n)) for n in (1, 2, 3)]
+        await asyncio.sleep(0)  # let them queue (a scheduling step, not a timed wait)
+        store.open_gate.set()
+        return [await first] + [await t for t in later]
+
+    stored = asyncio.run(main())
+    assert store.batch_sizes == [1, 3]
+    assert store.ids() == sorted(e.id for e in stored)
+
+
+def test_one_full_entry_does_not_fail_the_rest_of_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "spool")
+    committer = GroupCommitter(store)
+    real_write = os.write
+
+    async def main() -> list[Envelope | BaseException]:
+        good = [store.begin() for _ in range(3)]
+        for n, incoming in enumerate(good):
+            incoming.write(body(n))
+        full = store.begin()
+        full.write(b"a" * MEMORY_LIMIT)
+        monkeypatch.setattr(os, "write", disk_full)
+        with pytest.raises(SpoolFull):
+            full.write(b"b")  # spills: the disk is full for this one
+        monkeypatch.setattr(os, "write", real_write)
+        order = [good[0], full, good[1], good[2]]
+        return await asyncio.gather(
+            *(committer.commit(i, envelope(i.qid)) for i in order), return_exceptions=True
+        )
+
+    results = asyncio.run(main())
+    assert [type(r) for r in results] == [Envelope, SpoolFull, Envelope, Envelope]
+    assert store.ids() == sorted(r.id for r in results if isinstance(r, Envelope))
+    assert committer.batches == 1
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_a_cancelled_commit_is_removed_again(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "spool")
+    committer = GroupCommitter(store)
+
+    async def main() -> tuple[bool, str]:
+        incoming = store.begin()
+        incoming.write(body(0))
+        task = asyncio.create_task(committer.commit(incoming, envelope(incoming.qid)))
+        await in_thread(store.in_first_batch)
+        task.cancel()
+        store.open_gate.set()
+        await committer.drain()
+        return task.cancelled(), incoming.qid
+
+    cancelled, qid = asyncio.run(main())
+    assert cancelled
+    # No 250 was sent, so the sender still owns the message: nothing may stay in the spool.
+    assert store.ids() == []
+    assert os.listdir(store.msg_dir) == []
+    assert qid not in os.listdir(store.env_dir)
