@@ -96,6 +96,7 @@ class ScannerConfig:
     blocked_extensions: tuple[str, ...] = DEFAULT_BLOCKED_EXTENSIONS
     timeout: float = 30.0
     max_stream_size: int = 26214400  # clamd StreamMaxLength (25 MiB by default)
+    connect_timeout: float = 5.0  # seconds to reach clamd; `timeout` bounds the scan after that
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,14 @@ def blocked_file(filename: str) -> Reply:
     )
 
 
+def too_big_to_scan(limit: int) -> Reply:
+    """A message longer than clamd accepts as one stream (scanner.max_stream_size).
+
+    Permanent: retrying cannot help, and the message is never accepted unscanned.
+    """
+    return Reply(552, "5.3.4", f"Message too big to scan for viruses (limit {limit} bytes)")
+
+
 def queued(qid: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
