@@ -1,1 +1,155 @@
-"""scan stage."""
+"""The scan stage: blocked file types, then clamd, for every message before its 250.
+
+Owns: the order of the content checks, the `X-Scanned-By:` value of an accepted message, the
+size rule for clamd, and the one log line per verdict:
+
+    scan verdict=clean|virus|blocked|badmime|toobig|unavailable name=... ms=...
+
+Must not: write the reply (accept.py translates the exceptions), touch the spool, or accept a
+message unscanned: every failure to get a verdict from clamd is ``ScannerUnavailable``
+(451 4.7.1), never "clean".
+
+Order: the file-type check (`attachments`, pure, CPU only) runs first because it is cheap and
+refuses without a network round trip; then clamd INSTREAM (`clamd`), skipped only when
+``scanner.clamd`` is empty. Archives pass the file-type check and are unpacked by clamd.
+
+Size: clamd refuses a stream longer than its StreamMaxLength ("INSTREAM size limit exceeded").
+Scanning only the first bytes would let anything past them through, and a 451 would make the
+client retry a message that can never pass, so a message longer than
+``scanner.max_stream_size`` is refused permanently with ``replies.too_big_to_scan`` (552 5.3.4),
+before connecting. Keep max_stream_size equal to clamd's StreamMaxLength (both 25 MiB by
+default), and raise both to ``limits.max_message_size`` to scan everything that is received.
+If clamd's limit is the lower one, its refusal is an operator error: 451 and a log line saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from mailgate import replies
+from mailgate.config import ScannerConfig
+from mailgate.errors import Rejected, ScannerUnavailable
+from mailgate.scan.attachments import find_blocked
+from mailgate.scan.clamd import ClamdAddress, ClamdClient
+
+__all__ = ["Scanner", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+# Messages above this size are parsed in a worker thread so that a 50 MB parse does not stall
+# every other session on the event loop; below it, the thread hop costs more than the parse.
+_THREAD_PARSE_SIZE = 256 * 1024
+
+# clamd's VERSION names its signature database, which changes on reload; asking once a minute
+# keeps the header honest without a second connection per message.
+_VERSION_MAX_AGE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An accepted message's scan result.
+
+    header: the value of the `X-Scanned-By:` field, e.g.
+            "mailgate (clamd ClamAV 1.4.6/27500/Sat Nov 28 08:14:02 2026) ; clean".
+    """
+
+    header: str
+
+
+class Scanner:
+    """Checks one message at a time; one instance per server, shared by every session."""
+
+    def __init__(self, cfg: ScannerConfig) -> None:
+        self._cfg = cfg
+        self._blocked = frozenset(cfg.blocked_extensions)
+        self._client = (
+            ClamdClient(
+                ClamdAddress.parse(cfg.clamd),
+                timeout=cfg.timeout,
+                connect_timeout=cfg.connect_timeout,
+            )
+            if cfg.clamd
+            else None
+        )
+        self._version = ""
+        self._version_at = float("-inf")
+
+    async def check(self, message: bytes, log_prefix: str = "") -> Verdict:
+        """Return the verdict of an acceptable message, or raise.
+
+        Raises ``Rejected`` (blocked_file 554 5.7.1, virus_found 554 5.7.1, BAD_MIME 554 5.6.0,
+        too_big_to_scan 552 5.3.4) and ``ScannerUnavailable``; nothing else.
+        """
+        started = time.perf_counter()
+        prefix = f"{log_prefix} " if log_prefix and not log_prefix.endswith(" ") else log_prefix
+
+        def record(verdict: str, name: str = "-", detail: str = "") -> None:
+            ms = (time.perf_counter() - started) * 1000
+            extra = f" detail={detail!r}" if detail else ""
+            log.info("%sscan verdict=%s name=%s ms=%.1f%s", prefix, verdict, name, ms, extra)
+
+        try:
+            if len(message) > _THREAD_PARSE_SIZE:
+                found = await asyncio.to_thread(find_blocked, message, self._blocked)
+            else:
+                found = find_blocked(message, self._blocked)
+        except Rejected as e:  # BAD_MIME is the only refusal find_blocked raises
+            record("badmime", detail=e.reason)
+            if e.__cause__ is not None:  # the email package raised: keep the traceback
+                log.warning("%sscan MIME walk error", prefix, exc_info=e.__cause__)
+            raise
+        if found is not None:
+            record("blocked", _token(found.name), found.reason)
+            raise Rejected(
+                replies.blocked_file(found.name),
+                reason=f"blocked file type name={found.name!r}: {found.reason}",
+            )
+
+        if self._client is None:
+            record("clean", detail="file types only; clamd not configured")
+            return Verdict(header="mailgate (file types only) ; clean")
+
+        if len(message) > self._cfg.max_stream_size:
+            record(
+                "toobig", detail=f"size={len(message)} max_stream_size={self._cfg.max_stream_size}"
+            )
+            raise Rejected(
+                replies.too_big_to_scan(self._cfg.max_stream_size),
+                reason=f"{len(message)} bytes exceed scanner.max_stream_size",
+            )
+
+        try:
+            result = await self._client.instream(message)
+            version = await self._clamd_version()
+        except ScannerUnavailable as e:
+            record("unavailable", detail=str(e))
+            raise
+        if result.virus is not None:
+            record("virus", _token(result.virus))
+            raise Rejected(replies.virus_found(result.virus), reason=f"clamd: {result.virus}")
+        record("clean")
+        return Verdict(header=f"mailgate (clamd {version}) ; clean")
+
+    async def _clamd_version(self) -> str:
+        assert self._client is not None
+        now = time.monotonic()
+        if now - self._version_at > _VERSION_MAX_AGE:
+            self._version = _header_safe(await self._client.version())
+            self._version_at = now
+        return self._version
+
+
+def _header_safe(text: str) -> str:
+    """Printable ASCII without parentheses, short: it goes inside a header comment."""
+    kept = "".join(ch if " " <= ch <= "~" and ch not in "()\\" else "?" for ch in text)
+    return kept[:100]
+
+
+def _token(text: str) -> str:
+    """One log token: no spaces, no quotes, no control characters."""
+    return (
+        "".join(ch if ch.isprintable() and ch not in " '\"=" else "_" for ch in text)[:200] or "-"
+    )

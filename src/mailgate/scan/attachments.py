@@ -1,0 +1,374 @@
+"""Blocked file types: one bounded walk of a message's MIME tree, no I/O.
+
+Owns: deciding whether a message carries a part that may run as code on the recipient's
+machine -- by the name a mail client would save it under (``scanner.blocked_extensions``) or
+by its decoded content (PE/MZ, ELF, Mach-O magic) -- and refusing a structure that is too
+deep, too large or too ambiguous to inspect. Archives (zip, 7z, rar ...) pass here on purpose:
+the seed promises that zipping a file avoids the file-type restriction; their contents still
+go to clamd, which unpacks archives itself.
+
+Must not: do I/O, log, or know about clamd. It parses the message exactly once, with the
+stdlib ``email`` package (``policy.default``), and reads each part's payload at most once.
+
+RFCs: 2045 §6 (Content-Transfer-Encoding), 2046 §5.1 (multipart), §5.2.1 (message/rfc822 is
+7bit/8bit/binary only), 2183 (Content-Disposition filename), 2231 (parameter continuations and
+charsets), 2047 §5 (encoded words; forbidden in quoted parameters, but produced by common
+clients and decoded by the rest, so we decode them too).
+
+Bounds: the parser builds message objects through our own factory (a public parameter of
+``BytesFeedParser``), which counts every part and its depth as the parser attaches it, and stops the
+parse at the first part past a bound. A MIME bomb of thousands of nested or sibling parts is
+therefore refused after at most ``max_parts`` objects, whatever its length.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import unicodedata
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.feedparser import BytesFeedParser
+from email.header import decode_header, make_header
+from email.message import EmailMessage, Message
+from typing import Any
+
+from mailgate import replies
+from mailgate.errors import Rejected
+
+MAX_DEPTH = 20  # nesting levels below the top-level message; real mail rarely exceeds 5
+MAX_PARTS = 500  # message objects in the whole tree, the top-level message included
+
+_BASE64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
+_FEED_CHUNK = 64 * 1024  # bytes handed to the parser at a time
+
+# Bytes of a decoded part looked at for executable magic: the PE header offset may point
+# anywhere, but a real PE header is within the first few KiB.
+_PE_HEADER_SEARCH = 64 * 1024
+
+# "begin 644 name" lines of inline uuencode (and its base64 variant) in text bodies: many
+# clients still render them as attachments, with the name given there.
+_UUENCODE_BEGIN = re.compile(rb"^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+?)[ \t]*\r?$", re.MULTILINE)
+
+# A lenient look at raw parameter values, next to the strict parse: if a malformed header
+# makes the stdlib parser drop a name that a lenient client would still honour, we see it here.
+_RAW_NAME_PARAM = re.compile(r"""(?i)(?:^|;)\s*(?:file)?name\s*=\s*"?([^";]*)""")
+
+_MACHO_MAGICS = (
+    b"\xfe\xed\xfa\xce",  # 32-bit, big-endian
+    b"\xfe\xed\xfa\xcf",  # 64-bit, big-endian
+    b"\xce\xfa\xed\xfe",  # 32-bit, little-endian
+    b"\xcf\xfa\xed\xfe",  # 64-bit, little-endian
+    b"\xca\xfe\xba\xbe",  # universal ("fat") binary; also a Java class file: both run code
+    b"\xca\xfe\xba\xbf",  # universal binary with 64-bit offsets
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """A part refused by the file-type check.
+
+    name:   what the recipient would see: the file name, or "part 1.2 (type)" when unnamed.
+    reason: why, for the log: "extension .exe" or "content is a PE executable".
+    """
+
+    name: str
+    reason: str
+
+
+def check_file_types(
+    message: bytes,
+    blocked_extensions: Collection[str],
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_parts: int = MAX_PARTS,
+) -> None:
+    """Refuse a message that carries a blocked file type or cannot be inspected.
+
+    Raises ``Rejected(replies.blocked_file(name))`` for a blocked part and
+    ``Rejected(replies.BAD_MIME)`` for a structure past the bounds or too broken to inspect.
+    Returns None when every part passes.
+    """
+    found = find_blocked(message, blocked_extensions, max_depth=max_depth, max_parts=max_parts)
+    if found is not None:
+        raise Rejected(
+            replies.blocked_file(found.name),
+            reason=f"blocked file type name={found.name!r} {found.reason}",
+        )
+
+
+def find_blocked(
+    message: bytes,
+    blocked_extensions: Collection[str],
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_parts: int = MAX_PARTS,
+) -> Blocked | None:
+    """The first blocked part in document order, or None.
+
+    Raises ``Rejected(replies.BAD_MIME)`` (and nothing else) when the structure cannot be
+    inspected: past ``max_depth`` or ``max_parts``, ambiguous, or making the parser fail.
+    """
+    blocked = frozenset(ext.strip(". ").casefold() for ext in blocked_extensions)
+    root = _parse_bounded(message, max_depth=max_depth, max_parts=max_parts)
+    try:
+        for path, part in _walk(root):
+            found = _check_part(path, part, blocked)
+            if found is not None:
+                return found
+    except Rejected:
+        raise
+    except Exception as e:
+        # The stdlib email package raises on some hostile inputs (bad uuencode, odd
+        # RFC 2231 charsets); what it cannot decode we cannot inspect, so we refuse. The
+        # cause stays chained so that the caller can log the traceback (a bug of ours would
+        # show up there, not hide behind the 554).
+        raise Rejected(replies.BAD_MIME, reason=f"MIME walk failed: {_where(e)}") from e
+    return None
+
+
+def extension_of(filename: str) -> str:
+    """The extension a desktop would use to pick a program for `filename`, lower-cased.
+
+    Windows ignores trailing dots and spaces (``evil.exe. `` opens as ``evil.exe``), and only
+    the last extension counts (``invoice.pdf.exe`` is an ``exe``). Directory parts (``/`` and
+    ``\\``) are dropped, as clients save under the base name. Unicode is NFKC-normalised and
+    format characters (zero-width, bidi overrides) are removed, so neither full-width letters
+    nor a right-to-left override can disguise the extension.
+    """
+    base = re.split(r"[\\/]", filename)[-1]
+    base = unicodedata.normalize("NFKC", base)
+    base = "".join(ch for ch in base if unicodedata.category(ch) != "Cf")
+    base = base.rstrip(". \t\r\n\x00\x0b\x0c")
+    _, dot, ext = base.rpartition(".")
+    return ext.strip().casefold() if dot else ""
+
+
+def is_blocked_name(filename: str, blocked_extensions: Collection[str]) -> bool:
+    """True when `filename` ends in one of `blocked_extensions` (given without dots)."""
+    ext = extension_of(filename)
+    return bool(ext) and ext in {e.strip(". ").casefold() for e in blocked_extensions}
+
+
+def executable_kind(data: bytes, *, is_text: bool = False) -> str | None:
+    """The kind of executable whose magic `data` starts with, or None.
+
+    PE is recognised by ``MZ`` plus the ``PE\\0\\0`` signature at the offset stored at 0x3C.
+    A bare ``MZ`` (a DOS program or a damaged PE) counts too, except in a text part, where
+    prose can start with "MZ" and Windows would open the file as text anyway.
+    """
+    if data.startswith(b"\x7fELF"):
+        return "an ELF executable"
+    if data[:4] in _MACHO_MAGICS:
+        return "a Mach-O executable"
+    if data.startswith((b"MZ", b"ZM")):
+        if len(data) >= 0x40:
+            pe_offset = int.from_bytes(data[0x3C:0x40], "little")
+            if pe_offset < _PE_HEADER_SEARCH and data[pe_offset : pe_offset + 4] == b"PE\0\0":
+                return "a PE executable"
+        if not is_text:
+            return "an MZ executable"
+    return None
+
+
+# --- parsing under bounds ---------------------------------------------------------
+
+
+class _TooComplex(Exception):
+    """Raised from inside the parser when the tree grows past a bound."""
+
+
+class _Budget:
+    """Parts left to create and the deepest nesting allowed, shared by one parse."""
+
+    __slots__ = ("max_depth", "parts_left")
+
+    def __init__(self, max_depth: int, max_parts: int) -> None:
+        self.max_depth = max_depth
+        self.parts_left = max_parts
+
+
+class _BoundedMessage(EmailMessage):
+    """An EmailMessage that knows its depth and charges the budget for every child.
+
+    The feed parser attaches every new part to its parent (multipart children and the body
+    of message/rfc822 alike) the moment it creates it, before reading the part's content, so
+    a bound is enforced as soon as it is crossed.
+    """
+
+    def __init__(self, budget: _Budget, policy: Any) -> None:
+        super().__init__(policy=policy)
+        self._mailgate_budget = budget
+        self._mailgate_depth = 0
+
+    def attach(self, payload: Any) -> None:  # typeshed disagrees with itself here
+        if isinstance(payload, _BoundedMessage):
+            payload._mailgate_depth = self._mailgate_depth + 1
+            if payload._mailgate_depth > self._mailgate_budget.max_depth:
+                raise _TooComplex(f"nesting deeper than {self._mailgate_budget.max_depth}")
+        self._mailgate_budget.parts_left -= 1
+        if self._mailgate_budget.parts_left < 0:
+            raise _TooComplex("too many MIME parts")
+        super().attach(payload)
+
+
+def _parse_bounded(message: bytes, *, max_depth: int, max_parts: int) -> _BoundedMessage:
+    budget = _Budget(max_depth, max_parts - 1)  # the top-level message is a part too
+
+    def factory(policy: Any = email_policy.default) -> _BoundedMessage:
+        return _BoundedMessage(budget, policy)
+
+    try:
+        parser = BytesFeedParser(factory, policy=email_policy.default)
+        # Fed in slices rather than parsebytes(): no second full-size copy of the message
+        # as one str, and a bomb is refused at the first slice that crosses a bound.
+        view = memoryview(message)
+        for start in range(0, len(view), _FEED_CHUNK):
+            parser.feed(bytes(view[start : start + _FEED_CHUNK]))
+        root = parser.close()
+    except _TooComplex as e:
+        raise Rejected(replies.BAD_MIME, reason=f"MIME structure refused: {e}") from None
+    except Exception as e:  # see find_blocked: hostile input can make the stdlib raise
+        raise Rejected(replies.BAD_MIME, reason=f"MIME parse failed: {_where(e)}") from e
+    if not isinstance(root, _BoundedMessage):  # pragma: no cover - the factory made it
+        raise Rejected(replies.BAD_MIME, reason="MIME parse returned an unexpected object")
+    return root
+
+
+# --- the walk ---------------------------------------------------------------------
+
+
+def _walk(root: Message) -> Iterator[tuple[str, Message]]:
+    """Every part in document order, with its IMAP-style path ("", "1", "1.2" ...).
+
+    Iterative, and bounded because the parse already bounded the tree's size and depth.
+    """
+    stack: list[tuple[str, Message]] = [("", root)]
+    while stack:
+        path, part = stack.pop()
+        _refuse_ambiguous(path, part)
+        yield path, part
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            children = [
+                (f"{path}.{i}" if path else str(i), child)
+                for i, child in enumerate(payload, start=1)
+                if isinstance(child, Message)
+            ]
+            stack.extend(reversed(children))
+
+
+def _refuse_ambiguous(path: str, part: Message) -> None:
+    """Refuse structures that another MIME parser could read differently from ours.
+
+    A client that finds parts we did not see would show attachments we never checked.
+    """
+    where = f"part {path or 'top'}"
+    maintype = part.get_content_maintype()
+    declared = [str(v).casefold() for v in part.get_all("content-type", [])]
+    if len({v.split(";", 1)[0].strip() for v in declared}) > 1:
+        raise Rejected(replies.BAD_MIME, reason=f"{where}: conflicting Content-Type headers")
+    if maintype not in ("multipart", "message") and any(
+        "multipart/" in v or "message/" in v for v in declared
+    ):
+        # e.g. "Content-Type: (comment) multipart/mixed": the parser saw text, a client may not.
+        raise Rejected(replies.BAD_MIME, reason=f"{where}: unparseable container Content-Type")
+    if maintype == "multipart" and not part.is_multipart():
+        # RFC 2046 §5.1.1: no boundary parameter, or the boundary never appears.
+        raise Rejected(replies.BAD_MIME, reason=f"{where}: multipart without usable boundary")
+    if maintype == "message" and part.is_multipart():
+        cte = str(part.get("content-transfer-encoding", "7bit")).strip().casefold()
+        if cte not in ("7bit", "8bit", "binary"):
+            # RFC 2046 §5.2.1: an encoded message/rfc822 body is not allowed; the parser
+            # would read the base64 text as the inner message and miss what it carries.
+            raise Rejected(replies.BAD_MIME, reason=f"{where}: encoded {part.get_content_type()}")
+
+
+def _check_part(path: str, part: Message, blocked: frozenset[str]) -> Blocked | None:
+    if part.get_content_maintype() == "multipart":
+        return None  # a container's name is never saved by a client; its children are checked
+    for name in _names(part):
+        ext = extension_of(name)
+        if ext and ext in blocked:
+            return Blocked(name=_printable(name), reason=f"extension .{ext}")
+    if part.is_multipart():
+        return None  # message/rfc822: its inner parts are walked next
+    is_text = part.get_content_maintype() == "text"
+    payload = _decoded(part, whole=is_text)
+    kind = executable_kind(payload, is_text=is_text)
+    if kind is not None:
+        label = next(iter(_names(part)), "") or f"part {path or '1'} ({part.get_content_type()})"
+        return Blocked(name=_printable(label), reason=f"content is {kind}")
+    if is_text:
+        for match in _UUENCODE_BEGIN.finditer(payload):
+            name = match.group(1).decode("utf-8", "replace")
+            ext = extension_of(name)
+            if ext and ext in blocked:
+                return Blocked(name=_printable(name), reason=f"uuencoded, extension .{ext}")
+    return None
+
+
+def _decoded(part: Message, *, whole: bool) -> bytes:
+    """The part's content with its transfer encoding undone (RFC 2045 §6).
+
+    Unless `whole` is asked for, only a prefix long enough for `executable_kind` is decoded:
+    a 30 MB base64 attachment then costs a 64 KiB decode instead of two full-size copies.
+    """
+    raw = part.get_payload()
+    if not isinstance(raw, str):
+        return b""
+    cte = str(part.get("content-transfer-encoding", "")).strip().casefold()
+    if not whole and cte == "base64" and len(raw) > _PE_HEADER_SEARCH * 2:
+        # 4 characters carry 3 bytes; line breaks and junk are dropped before the cut so
+        # that the prefix ends on a whole quantum (RFC 2045 §6.8).
+        alphabet = _BASE64_JUNK.sub("", raw[: _PE_HEADER_SEARCH * 2])
+        alphabet = alphabet[: len(alphabet) - len(alphabet) % 4]
+        try:
+            return binascii.a2b_base64(alphabet)
+        except binascii.Error:
+            pass  # let the stdlib's more forgiving decoder below try
+    elif not whole and cte in ("", "7bit", "8bit", "binary"):
+        # The feed parser keeps undecoded bytes as surrogate escapes, one char per byte.
+        return raw[:_PE_HEADER_SEARCH].encode("ascii", "surrogateescape")
+    decoded = part.get_payload(decode=True)
+    return decoded if isinstance(decoded, bytes) else b""
+
+
+def _names(part: Message) -> list[str]:
+    """Every name a client might save this part under, from every header that can carry one."""
+    names: list[str] = []
+    for header in ("content-disposition", "content-type"):
+        param = "filename" if header == "content-disposition" else "name"
+        for value in part.get_all(header, []):
+            params = getattr(value, "params", None)
+            if params is not None and params.get(param):
+                names.append(str(params[param]))
+            # The lenient reading of the same header (see _RAW_NAME_PARAM).
+            names.extend(m.group(1) for m in _RAW_NAME_PARAM.finditer(str(value)))
+    decoded = [_decode_words(n) for n in names if "=?" in n]
+    return [n for n in dict.fromkeys(names + decoded) if n.strip()]
+
+
+def _decode_words(text: str) -> str:
+    """RFC 2047 encoded words left in a parameter value, decoded; the text itself on failure."""
+    try:
+        return str(make_header(decode_header(text)))
+    except (LookupError, UnicodeError, ValueError):
+        return text
+
+
+def _printable(name: str) -> str:
+    """The name as one printable line, for the reply and the log."""
+    return "".join(ch if ch.isprintable() else "?" for ch in name)[:200]
+
+
+def _where(e: BaseException) -> str:
+    """ "ValueError at base64mime.py:123": the exception type and its innermost frame."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(e).__name__
+    filename = tb.tb_frame.f_code.co_filename.rsplit("/", 1)[-1]
+    return f"{type(e).__name__} at {filename}:{tb.tb_lineno}"
