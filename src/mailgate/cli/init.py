@@ -1,15 +1,302 @@
-"""mailgate init (placeholder until implemented)."""
+"""`mailgate init [DIR]`: a new installation in DIR (INTERFACE.md "Command line").
+
+Owns: the annotated mailgate.toml template (every INTERFACE.md key with a comment; the other
+settings commented out with their defaults), and creating what it names: a self-signed TLS
+certificate and key (tlscert.py), the SQLite directory and the spool folder. Must not: destroy
+anything. Running init again keeps every file that exists (and says so) and creates only what
+is missing, at the paths the existing mailgate.toml names.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
 from typing import Any
+
+from mailgate import config, tlscert
+from mailgate.cli.common import CommandError
+from mailgate.config import Config
+from mailgate.directory.store import SqliteDirectory
+from mailgate.errors import ConfigError
+
+DEFAULT_DOMAIN = "example.org"
+DEFAULT_NETWORKS = ("127.0.0.0/8", "::1/128")
+SERVICE_PORTS = (("submission", 587), ("submissions", 465), ("smarthost", 25))
+WILDCARD_HOSTS = ("0.0.0.0", "[::]")
+CLAMD_SOCKETS = (Path("/run/clamav/clamd.ctl"), Path("/var/run/clamav/clamd.ctl"))
+
+# Keys that the template writes out with a comment; every other setting of a section is
+# appended commented out, with its default, so the file shows all there is.
+_EXPLAINED = {
+    "directory": ("url", "default_domain"),
+    "spool": ("path",),
+    "tls": ("cert", "key"),
+    "submission": ("listen",),
+    "submissions": ("listen",),
+    "smarthost": ("listen", "networks"),
+    "delivery": ("nameservers", "smtp_port", "relay"),
+    "scanner": ("clamd", "blocked_extensions"),
+    "limits": ("max_message_size",),
+}
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("init", help="not yet implemented")
+    p = sub.add_parser(
+        "init", help="create mailgate.toml, a self-signed TLS certificate, database and spool"
+    )
+    p.add_argument("dir", nargs="?", metavar="DIR",
+                   help="folder to set up (default: the folder of -c, else .)")  # fmt: skip
+    p.add_argument("--hostname", help="this gateway's name (default: the host's FQDN)")
+    p.add_argument("--default-domain", metavar="DOMAIN",
+                   help=f"domain of primary addresses (default: {DEFAULT_DOMAIN})")  # fmt: skip
+    p.add_argument("--listen-host", metavar="HOST",
+                   help="listen on this address only (default: 0.0.0.0 and [::])")  # fmt: skip
+    p.add_argument("--port-base", metavar="N", type=int,
+                   help="add N to the ports 25, 587, 465 (e.g. 10000 for tests)")  # fmt: skip
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    if args.dir is not None:
+        path = Path(args.dir) / "mailgate.toml"
+    elif args.config:
+        path = Path(args.config)
+    else:
+        path = Path("mailgate.toml")
+    path = path.absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(f"cannot create {path.parent}: {e.strerror}") from None
+
+    cfg = _config(path, args)
+    _spool(cfg)
+    _directory(cfg)
+    _tls(cfg)
+    _next_steps(cfg, explicit=args.dir is not None or bool(args.config))
+    return 0
+
+
+def _config(path: Path, args: argparse.Namespace) -> Config:
+    if path.exists():
+        given = [f"--{k.replace('_', '-')}" for k in
+                 ("hostname", "default_domain", "listen_host", "port_base")
+                 if getattr(args, k) is not None]  # fmt: skip
+        ignored = f"; ignored {', '.join(given)}" if given else ""
+        print(f"kept {path} (already exists{ignored})")
+        # Carry on with the paths it names: an operator may have moved the spool or the key.
+        return config.load(path, check_files=False)
+    text = render(
+        hostname=args.hostname if args.hostname is not None else default_hostname(),
+        default_domain=args.default_domain or DEFAULT_DOMAIN,
+        listen=listeners(args.listen_host, args.port_base),
+    )
+    cfg = config.parse(text, path)  # a bad --hostname fails here, before anything is written
+    _write_new(path, text.encode("utf-8"), 0o644)
+    print(f"created {path}")
+    return cfg
+
+
+def _spool(cfg: Config) -> None:
+    spool = cfg.spool.path
+    if spool.exists():
+        print(f"kept {spool}/ (already exists)")
+        return
+    spool.mkdir(mode=0o700, parents=True)
+    spool.chmod(0o700)  # mkdir's mode is masked by the umask
+    print(f"created {spool}/")
+
+
+def _directory(cfg: Config) -> None:
+    db_path = cfg.directory.sqlite_path
+    existed = db_path.exists()
+    db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Opening it creates the schema if missing, and checks the version of an existing one.
+    SqliteDirectory(
+        db_path, default_domain=cfg.directory.default_domain, data_dir=cfg.base_dir
+    ).close()
+    print(f"{'kept' if existed else 'created'} {db_path}{' (already exists)' if existed else ''}")
+
+
+def _tls(cfg: Config) -> None:
+    cert, key = cfg.tls.cert, cfg.tls.key
+    if cert.exists() and key.exists():
+        print(f"kept {cert} and {key} (already exist)")
+        return
+    if cert.exists() or key.exists():
+        present, missing = (cert, key) if cert.exists() else (key, cert)
+        # A new pair would replace the file that is there: leave that to the operator.
+        raise CommandError(
+            f"{missing} is missing but {present} exists; supply the missing file, or remove "
+            f"{present} and run init again"
+        )
+    tlscert.write_self_signed(cert, key, cfg.hostname)
+    years = tlscert.VALIDITY.days // 365
+    print(f"created {cert} and {key} (self-signed for {cfg.hostname}, valid {years} years)")
+
+
+def _next_steps(cfg: Config, *, explicit: bool) -> None:
+    c = f"mailgate -c {cfg.path}" if explicit else "mailgate"
+    clamd = next((p for p in CLAMD_SOCKETS if p.exists()), None)
+    scanner = (
+        f'set scanner.clamd = "unix:{clamd}" to scan for viruses'
+        if clamd
+        else 'set scanner.clamd ("tcp:HOST:PORT" or "unix:/path") to scan for viruses'
+    )
+    print(
+        f"""
+next steps:
+  1. review {cfg.path}: hostname, default_domain, smarthost.networks;
+     {scanner}
+  2. replace the self-signed certificate {cfg.tls.cert} with one from a CA
+  3. add an account:   echo 'PASSWORD' | {c} user add alice --password-stdin
+  4. add a domain:     {c} domain add {cfg.directory.default_domain}   (prints its DKIM record)
+  5. check and start:  {c} check-config && {c} serve"""
+    )
+
+
+# --- the template ------------------------------------------------------------------
+
+
+def default_hostname() -> str:
+    """The host's FQDN, or "localhost" if it has none (no dot) or it is not a valid name."""
+    name = socket.getfqdn().lower()
+    if "." not in name:
+        return "localhost"
+    try:
+        config.parse(f"hostname = {json.dumps(name)}", Path("mailgate.toml"))
+    except ConfigError:
+        return "localhost"
+    return name
+
+
+def listeners(host: str | None, port_base: int | None) -> dict[str, list[str]]:
+    """Listen addresses per service: INTERFACE.md's defaults, or HOST:N+port for each service."""
+    base = 0 if port_base is None else port_base
+    top = base + max(port for _, port in SERVICE_PORTS)
+    if base < 0 or top > 65535:
+        raise CommandError(f"--port-base: {base} puts a port outside 1-65535")
+    if host is None:
+        hosts: tuple[str, ...] = WILDCARD_HOSTS
+    else:
+        bare = host.removeprefix("[").removesuffix("]")
+        try:
+            ip = ipaddress.ip_address(bare)
+        except ValueError:
+            if bare != "localhost":
+                raise CommandError(f"--listen-host: {host!r} is not an IP address") from None
+            hosts = (bare,)
+        else:
+            hosts = (f"[{ip}]" if ip.version == 6 else str(ip),)
+    return {service: [f"{h}:{base + port}" for h in hosts] for service, port in SERVICE_PORTS}
+
+
+def render(*, hostname: str, default_domain: str, listen: dict[str, list[str]]) -> str:
+    """The text of a new mailgate.toml."""
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    defaults = Config(path=Path("mailgate.toml"))
+    q = json.dumps  # a JSON string or list of strings is also a TOML one
+    explained = {
+        "directory": f"""\
+# Accounts, managed domains and granted addresses (SQLite).
+url = "sqlite:///state.db"
+# A user's primary address is LOGIN@default_domain unless `user add --address` gives one.
+default_domain = {q(default_domain)}
+""",
+        "spool": """\
+# Accepted messages wait here until delivered. Keep it on a local disk, mode 0700.
+path = "spool"
+""",
+        "tls": """\
+# Certificate (PEM, the chain after it) and unencrypted key for ports 587 and 465.
+# init made a self-signed pair; replace it with one from a CA, keeping the key 0600.
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+""",
+        "submission": f"""\
+# Submission with STARTTLS, then AUTH (RFC 6409, RFC 3207, RFC 4954). Standard port 587.
+listen = {q(listen["submission"])}
+""",
+        "submissions": f"""\
+# Submission over implicit TLS, then AUTH (RFC 8314). Standard port 465.
+listen = {q(listen["submissions"])}
+""",
+        "smarthost": f"""\
+# Relay without AUTH for the hosts on `networks` only; everybody else is refused. Port 25.
+listen = {q(listen["smarthost"])}
+# Client networks allowed to relay, e.g. ["10.0.0.0/8", "2001:db8::/32"].
+networks = {q(list(DEFAULT_NETWORKS))}
+""",
+        "delivery": f"""\
+# DNS servers for MX lookups: [] is the system resolver; entries "IP" or "IP:PORT".
+nameservers = []
+# The port of the recipients' MX hosts.
+smtp_port = {defaults.delivery.smtp_port}
+# "HOST:PORT" sends all mail through this next hop instead of to MX hosts; "" delivers directly.
+relay = ""
+""",
+        "scanner": f"""\
+# clamd for virus scanning: "tcp:HOST:PORT" or "unix:/path"; "" scans no viruses.
+# When set, mail is refused with 451 4.7.1 whenever clamd cannot be reached.
+clamd = ""
+# Attachments with these extensions are refused (a zip of them is accepted and scanned).
+blocked_extensions = {q(list(defaults.scanner.blocked_extensions))}
+""",
+        "limits": f"""\
+# The largest message accepted, in bytes (RFC 1870 SIZE).
+max_message_size = {defaults.limits.max_message_size}
+""",
+    }
+    out = [
+        f"# mailgate configuration, written by `mailgate init` on {today}.",
+        "# Relative paths are relative to the folder of this file.",
+        "# After a change, `mailgate check-config` names any bad key.",
+        "# Settings shown commented out have the value shown by default.",
+        "",
+        "# The name of this gateway: greeting, Received: and Message-ID headers, TLS certificate.",
+        "# Give it A/AAAA records and a matching PTR, and use it in the domains' SPF records.",
+        f"hostname = {q(hostname)}",
+    ]
+    for f in dataclasses.fields(defaults):
+        section = getattr(defaults, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        others = [
+            f"# {g.name} = {value}"
+            for g in dataclasses.fields(section)
+            if g.name not in _EXPLAINED.get(f.name, ())
+            and (value := _toml_value(getattr(section, g.name))) is not None
+        ]
+        if f.name in explained:
+            out += ["", f"[{f.name}]", explained[f.name].rstrip("\n"), *others]
+        elif others:
+            # A section without anything to explain: uncommenting its lines enables it.
+            out += ["", f"# [{f.name}]", *others]
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: object) -> str | None:
+    """`value` as TOML, or None for what has no TOML form here (nested tables, None)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, tuple | list):
+        items = [_toml_value(v if isinstance(v, int | float | str) else str(v)) for v in value]
+        return "[" + ", ".join(i for i in items if i is not None) + "]"
+    return None
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `data`; never replace a file (O_EXCL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
