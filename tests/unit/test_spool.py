@@ -156,6 +156,23 @@ def test_commit_refuses_a_foreign_id_and_a_second_commit(store: Store) -> None:
         incoming.write(b"more")
 
 
+def test_abort_after_handing_over_to_a_commit_is_a_no_op(store: Store) -> None:
+    incoming = store.begin()
+    incoming.write(b"q" * (MEMORY_LIMIT + 1))
+    store.prepare_commit(incoming, envelope(incoming.qid))
+    assert not incoming.is_open
+    incoming.abort()
+    with pytest.raises(UsageError):
+        incoming.write(b"more")
+    with pytest.raises(UsageError):
+        store.prepare_commit(incoming, envelope(incoming.qid))
+    [stored] = store.commit_batch([(incoming, envelope(incoming.qid), b"")])
+    assert isinstance(stored, Envelope)
+    assert store.read_message(stored.id) == b"q" * (MEMORY_LIMIT + 1)
+    with pytest.raises(UsageError):
+        store.commit(incoming, envelope(incoming.qid))
+
+
 def test_ids_are_oldest_first_and_ignore_strangers(store: Store) -> None:
     made = [commit(store).id for _ in range(5)]
     (store.env_dir / "README.txt").write_text("not an entry")

@@ -49,6 +49,9 @@ class GroupCommitter:
 
     async def commit(self, incoming: Incoming, envelope: Envelope, prefix: bytes = b"") -> Envelope:
         """Like `Store.commit()`, but batched with concurrent callers and off the event loop."""
+        # Claim it here, in the event loop: a session that is cancelled meanwhile and aborts
+        # its incoming message must not touch the files the worker thread is writing.
+        self.store.prepare_commit(incoming, envelope)
         loop = asyncio.get_running_loop()
         request = _Request(incoming, envelope, prefix, loop.create_future())
         self._queue.append(request)

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from mailgate.errors import SpoolError, SpoolFull, UsageError
 from mailgate.spool.entry import Envelope, utcnow
@@ -112,6 +112,10 @@ class Incoming:
     Made by `Store.begin()`; consumed by `Store.commit()` or discarded by `abort()`. After a
     write error the object is failed: later writes and commit() raise the same error again, so
     a session may keep reading DATA to its end and answer once.
+
+    States: open (write, read, abort) -> claimed (handed to a commit, possibly in another
+    thread: abort() is now a no-op, so a session's cleanup cannot pull files from under it)
+    -> done (committed or aborted).
     """
 
     def __init__(self, qid: str, tmp_dir: Path, owner: tuple[int, int] | None) -> None:
@@ -122,7 +126,7 @@ class Incoming:
         self._buffer: bytearray | None = bytearray()
         self._fd: int | None = None
         self._error: SpoolError | None = None
-        self._finished = False
+        self._state: Literal["open", "claimed", "done"] = "open"
 
     @property
     def spill_path(self) -> Path:
@@ -133,9 +137,9 @@ class Incoming:
         return self._buffer is None
 
     @property
-    def is_finished(self) -> bool:
-        """Committed or aborted: the object may no longer be used."""
-        return self._finished
+    def is_open(self) -> bool:
+        """Neither handed to a commit nor aborted: it may be written and read."""
+        return self._state == "open"
 
     def write(self, data: bytes) -> None:
         """Append message bytes; may raise SpoolFull or SpoolError."""
@@ -178,9 +182,10 @@ class Incoming:
             raise _spool_error(e, f"qid={self.qid} reading message") from None
 
     def abort(self) -> None:
-        """Discard the message (idempotent)."""
-        self._release()
-        self._finished = True
+        """Discard the message. Idempotent, and a no-op once handed to a commit."""
+        if self._state == "open":
+            self._release()
+            self._state = "done"
 
     def __enter__(self) -> Incoming:
         return self
@@ -191,13 +196,12 @@ class Incoming:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._finished:
-            self.abort()
+        self.abort()
 
     # -- used by Store ---------------------------------------------------------
 
     def _check_usable(self) -> None:
-        if self._finished:
+        if self._state != "open":
             raise UsageError(f"qid={self.qid}: incoming message already committed or aborted")
         if self._error is not None:
             raise self._error
@@ -228,9 +232,11 @@ class Incoming:
             _unlink_quietly(self.spill_path)
         self._buffer = bytearray()
 
-    def _take(self) -> None:
-        """Mark as consumed by a commit (whatever its outcome); the store owns the files now."""
-        self._finished = True
+    def _claim(self) -> None:
+        """Hand over to a commit; from here on only the store touches the files."""
+        if self._state != "open":
+            raise UsageError(f"qid={self.qid}: incoming message already committed or aborted")
+        self._state = "claimed"
 
 
 # --- the store ---------------------------------------------------------------------
@@ -428,13 +434,15 @@ class Store:
 
     def _stage(self, incoming: Incoming, envelope: Envelope, prefix: bytes) -> Envelope:
         """Write, fsync and rename the msg and env files of one entry (no directory fsync)."""
-        self._check_commit(incoming, envelope)
+        if incoming._state == "open":
+            self.prepare_commit(incoming, envelope)
+        elif incoming._state != "claimed":
+            raise UsageError(f"qid={incoming.qid}: incoming message already committed or aborted")
+        incoming._state = "done"  # whatever happens next, it cannot be committed twice
         qid = incoming.qid
         if incoming._error is not None:
-            error = incoming._error
-            incoming.abort()
-            raise error
-        incoming._take()
+            incoming._release()
+            raise incoming._error
         spill = incoming.spill_path
         msg_tmp = self.tmp_dir / f"{qid}.msg"
         env_tmp = self.tmp_dir / f"{qid}.env"
@@ -474,11 +482,13 @@ class Store:
         return stored
 
     @staticmethod
-    def _check_commit(incoming: Incoming, envelope: Envelope) -> None:
-        if incoming.is_finished:
-            raise UsageError(f"qid={incoming.qid}: incoming message already committed or aborted")
+    def prepare_commit(incoming: Incoming, envelope: Envelope) -> None:
+        """Check a commit's arguments and claim the incoming message for it, in the caller's
+        thread (spool/group.py does this before handing the batch to a worker thread).
+        Raises UsageError for a foreign envelope id or an incoming already committed/aborted."""
         if envelope.id not in ("", incoming.qid):
             raise UsageError(f"envelope id {envelope.id!r} is not the queue id {incoming.qid!r}")
+        incoming._claim()
 
     def _unstage(self, qid: str) -> None:
         _unlink_quietly(self.env_dir / f"{qid}.json")
