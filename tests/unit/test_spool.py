@@ -212,6 +212,22 @@ def test_spilled_message_without_prefix_is_renamed_into_place(store: Store) -> N
     assert listing(store.tmp_dir) == []
 
 
+@pytest.mark.parametrize("first", [1000, MEMORY_LIMIT + 1])
+@pytest.mark.parametrize("second", [500, MEMORY_LIMIT + 2])
+def test_replace_discards_what_was_written(store: Store, first: int, second: int) -> None:
+    incoming = store.begin()
+    incoming.write(b"1" * first)
+    incoming.replace(b"2" * second)
+    assert incoming.size == second
+    assert incoming.is_spilled == (second > MEMORY_LIMIT)
+    assert listing(store.tmp_dir) == ([f"{incoming.qid}.data"] if second > MEMORY_LIMIT else [])
+    incoming.write(b"3")
+    stored = store.commit(incoming, envelope(incoming.qid), PREFIX)
+    assert store.read_message(stored.id) == PREFIX + b"2" * second + b"3"
+    assert stored.size == len(PREFIX) + second + 1
+    assert listing(store.tmp_dir) == []
+
+
 def test_open_reader_streams_a_message_held_in_memory(store: Store) -> None:
     incoming = store.begin()
     incoming.write(BODY)

@@ -160,6 +160,14 @@ class Incoming:
             raise error from None
         self.size += len(data)
 
+    def replace(self, data: bytes) -> None:
+        """Replace the whole message so far (accept.py drops a header the client sent);
+        may raise SpoolFull or SpoolError."""
+        self._check_usable()
+        self._release()
+        self.size = 0
+        self.write(data)
+
     def getvalue(self) -> bytes:
         """The whole message so far (reads back a spilled file)."""
         self._check_usable()
