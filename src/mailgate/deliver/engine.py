@@ -1,0 +1,751 @@
+"""The delivery engine: takes committed spool entries to the recipients' servers.
+
+Owns: the in-memory schedule (a heap of entries by next attempt), grouping pending recipients
+by destination, the connection pools (a global and a per-destination limit; connections are
+reused for further messages to the same destination), recording every try per recipient in
+the spool, retries, expiry, delay warnings, bounces and success notices, and the one-line
+delivery log. Must not: parse SMTP itself (attempt.py), resolve names (route.py), build DSN
+text (bounce.py), do retry maths (schedule.py), or touch spool files except through `Store`.
+
+Durability (STYLE.md §5): the spool is the truth. Every try's outcome is written with
+`Store.update` before the next message is sent on that connection, so after a crash (kill -9
+at any moment) the engine picks everything up again from the spool, and a recipient whose
+server accepted the message and whose outcome was recorded is never sent it again. An entry
+whose recipients are all final is finished (bounce queued first, then removed), also when the
+crash happened between the two. The only duplicate an MTA cannot rule out is a reply lost
+after the final dot (RFC 1047).
+
+RFCs: 5321 §4.5.4 (retries), §4.5.5 and §6.1 (DSNs from the null sender, never a bounce for
+a bounce), 3461 (NOTIFY SUCCESS/FAILURE/DELAY/NEVER), 3464 (the DSN format, bounce.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import ssl
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailgate import replies
+from mailgate.config import Config
+from mailgate.deliver import bounce, schedule
+from mailgate.deliver.attempt import (
+    ConnectFailure,
+    Connection,
+    RecipientResult,
+    Status,
+    Transfer,
+    status_of_reply,
+)
+from mailgate.deliver.route import Route, RouteError, Router
+from mailgate.errors import SpoolError
+from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
+from mailgate.spool.ids import new_queue_id
+from mailgate.spool.store import NotFound, Store
+
+log = logging.getLogger("mailgate.deliver")
+
+POLL_INTERVAL = 1.0  # seconds between two looks at spool/wakeup (a cheap stat)
+IDLE_KEEP = 2.0  # seconds an idle connection waits for another message (Postfix: 2 s)
+MAX_TRANSACTIONS_PER_CONNECTION = 1000  # then QUIT and reconnect, bounding one session
+MAX_HISTORY = 100  # attempts kept per recipient for `queue show`
+STOP_GRACE = 10.0  # seconds stop() lets transactions in flight finish
+LARGE_MESSAGE = 256 * 1024  # read in a worker thread above this size
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+
+
+@dataclass(slots=True)
+class _Job:
+    """Some pending recipients of one entry, for one destination."""
+
+    qid: str
+    destination: str
+    recipients: tuple[Recipient, ...]
+
+
+@dataclass(slots=True)
+class _Destination:
+    """The jobs waiting for one destination and the workers (connections) serving it."""
+
+    key: str
+    jobs: deque[_Job] = field(default_factory=deque)
+    workers: int = 0
+    idle: int = 0
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Engine:
+    """Delivers everything in the spool; `run()` until `stop()`.
+
+    `now` and `rng` are injectable so that tests drive time and jitter instead of waiting.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        now: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dcfg = cfg.delivery
+        self.store = store
+        self.now = now
+        self.rng = rng or random.Random()
+        self.router = Router(self.dcfg, rng=self.rng)
+        self.postmaster = self.dcfg.postmaster or f"postmaster@{cfg.directory.default_domain}"
+        self._tls = _client_tls_context()
+        self._slots = asyncio.Semaphore(self.dcfg.max_connections)
+        self._envelopes: dict[str, Envelope] = {}
+        self._messages: dict[str, bytes] = {}
+        self._active: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._due: dict[str, datetime] = {}
+        self._seq = itertools.count()
+        self._destinations: dict[str, _Destination] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._event = asyncio.Event()
+        self._new_qids: set[str] = set()
+        self._rescan_new = False
+        self._rescan_all = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    # --- public API ---------------------------------------------------------------------
+
+    def wake(self, qid: str | None = None) -> None:
+        """A new entry was committed: deliver it now. With its qid the engine loads just that
+        entry; without, it looks for new entries in the spool (coalesced: one directory
+        listing for a burst of wakes)."""
+        if qid is not None:
+            self._new_qids.add(qid)
+        else:
+            self._rescan_new = True
+        self._event.set()
+
+    async def run(self) -> None:
+        """Pick up everything in the spool, then deliver until `stop()`."""
+        last_poke = await asyncio.to_thread(self.store.wakeup_mtime)
+        await self._load(await asyncio.to_thread(self.store.ids), reload=True)
+        try:
+            while not self._stopping:
+                await self._dispatch_due()
+                await self._wait()
+                if self._stopping:
+                    break
+                poke = await asyncio.to_thread(self.store.wakeup_mtime)
+                if poke != last_poke:
+                    # queue flush/hold/release/delete: their changes are on disk.
+                    last_poke = poke
+                    self._rescan_all = True
+                await self._rescan()
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop taking work; let transactions in flight finish (bounded), then cancel."""
+        self._stopping = True
+        self._event.set()
+        for dest in self._destinations.values():
+            dest.wakeup.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=STOP_GRACE)
+
+    # --- the schedule --------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        timeout = POLL_INTERVAL
+        if self._heap:
+            until = (self._heap[0][0] - self.now()).total_seconds()
+            timeout = max(0.0, min(timeout, until))
+        if timeout > 0 and not self._event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    def _schedule(self, qid: str) -> None:
+        """Put an idle entry on the heap at its earliest pending recipient's time."""
+        env = self._envelopes.get(qid)
+        if env is None or env.held or self._active.get(qid) or not env.pending:
+            self._due.pop(qid, None)
+            return
+        due = min((r.next_attempt_at or EPOCH) for r in env.pending)
+        self._due[qid] = due
+        heapq.heappush(self._heap, (due, next(self._seq), qid))
+
+    async def _dispatch_due(self) -> None:
+        now = self.now()
+        started = 0
+        while self._heap and self._heap[0][0] <= now and not self._stopping:
+            due, _, qid = heapq.heappop(self._heap)
+            if self._due.get(qid) != due:
+                continue  # superseded by a later _schedule()
+            del self._due[qid]
+            self._start(qid, now)
+            started += 1
+            if started % 500 == 0:
+                await asyncio.sleep(0)  # a big backlog must not starve the connections
+
+    async def _rescan(self) -> None:
+        if self._rescan_all:
+            self._rescan_all = self._rescan_new = False
+            self._new_qids.clear()
+            ids = await asyncio.to_thread(self.store.ids)
+            await self._load(ids, reload=True)
+            return
+        if self._rescan_new:
+            self._rescan_new = False
+            ids = await asyncio.to_thread(self.store.ids)
+            self._new_qids.update(q for q in ids if q not in self._envelopes)
+        if self._new_qids:
+            new = [q for q in self._new_qids if q not in self._envelopes]
+            self._new_qids.clear()
+            await self._load(new, reload=False)
+
+    async def _load(self, ids: Sequence[str], *, reload: bool) -> None:
+        """Read envelopes from the spool. With `reload`, `ids` is the whole spool: entries no
+        longer in it are forgotten and the others re-read (an operator changed them)."""
+        if reload:
+            present = set(ids)
+            for qid in list(self._envelopes):
+                if qid not in present and not self._active.get(qid):
+                    self._forget(qid)
+        todo = [q for q in ids if not self._active.get(q)]
+        loaded = await asyncio.to_thread(self._read_envelopes, todo)
+        for env in loaded:
+            self._envelopes[env.id] = env
+            if env.is_done:
+                self._spawn(self._finish_entry(env.id))
+            else:
+                self._schedule(env.id)
+
+    def _read_envelopes(self, ids: Iterable[str]) -> list[Envelope]:
+        out: list[Envelope] = []
+        for qid in ids:
+            try:
+                out.append(self.store.load(qid))
+            except NotFound:
+                continue  # removed meanwhile
+            except SpoolError as e:
+                log.error("qid=%s cannot load envelope: %s", qid, e)
+        return out
+
+    def _forget(self, qid: str) -> None:
+        self._envelopes.pop(qid, None)
+        self._messages.pop(qid, None)
+        self._due.pop(qid, None)
+        self._locks.pop(qid, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+
+    # --- one entry -----------------------------------------------------------------------
+
+    def _start(self, qid: str, now: datetime) -> None:
+        env = self._envelopes.get(qid)
+        if env is None or env.held:
+            return
+        due = tuple(r for r in env.pending if (r.next_attempt_at or EPOCH) <= now)
+        if not due:
+            self._schedule(qid)
+            return
+        self._active[qid] = 1  # the preparation itself; released in _prepare
+        self._spawn(self._prepare(qid, env, due))
+
+    async def _prepare(self, qid: str, env: Envelope, due: tuple[Recipient, ...]) -> None:
+        try:
+            message = self._messages.get(qid)
+            if message is None:
+                if env.size > LARGE_MESSAGE:
+                    message = await asyncio.to_thread(self.store.read_message, qid)
+                else:
+                    message = self.store.read_message(qid)
+                self._messages[qid] = message
+        except NotFound:
+            self._active.pop(qid, None)
+            self._forget(qid)
+            return
+        except SpoolError as e:
+            log.error("qid=%s cannot read message: %s", qid, e)
+            self._active.pop(qid, None)
+            self._schedule_retry_later(qid)
+            return
+
+        hops = _received_count(message)
+        if hops > self.dcfg.hop_limit:
+            reply = replies.HOP_LIMIT_EXCEEDED
+            detail = f"{hops} Received headers, more than the hop limit {self.dcfg.hop_limit}"
+            results = [RecipientResult(r.address, "failed", reply, detail) for r in due]
+            self._active[qid] = 1
+            await self._record(_Job(qid, "", due), results)
+            return
+
+        groups: dict[str, list[Recipient]] = {}
+        for rcpt in due:
+            groups.setdefault(self.router.destination(rcpt.address), []).append(rcpt)
+        self._active[qid] = len(groups)
+        for key, rcpts in groups.items():
+            self._submit(_Job(qid, key, tuple(rcpts)))
+
+    def _schedule_retry_later(self, qid: str) -> None:
+        env = self._envelopes.get(qid)
+        if env is None:
+            return
+        later = self.now() + timedelta(seconds=self.dcfg.retry_schedule[0])
+        self._due[qid] = later
+        heapq.heappush(self._heap, (later, next(self._seq), qid))
+
+    # --- destinations and connections ----------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        dest = self._destinations.get(job.destination)
+        if dest is None:
+            dest = self._destinations[job.destination] = _Destination(job.destination)
+        dest.jobs.append(job)
+        if dest.idle:
+            dest.wakeup.set()
+        # One more connection when nobody is idle and the backlog exceeds what the open
+        # connections will soon take, up to the per-destination limit.
+        if (
+            dest.idle == 0
+            and dest.workers < self.dcfg.max_per_destination
+            and (dest.workers == 0 or len(dest.jobs) > dest.workers)
+        ):
+            dest.workers += 1
+            self._spawn(self._worker(dest))
+
+    async def _next_job(self, dest: _Destination) -> _Job | None:
+        """The next job for this destination, waiting up to IDLE_KEEP for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + IDLE_KEEP
+        while not dest.jobs and not self._stopping:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            dest.idle += 1
+            dest.wakeup.clear()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(dest.wakeup.wait(), remaining)
+            finally:
+                dest.idle -= 1
+        if self._stopping or not dest.jobs:
+            return None
+        return dest.jobs.popleft()
+
+    async def _worker(self, dest: _Destination) -> None:
+        """One connection's life: take jobs for its destination until idle or limit."""
+        conn: Connection | None = None
+        try:
+            async with self._slots:
+                for _ in range(MAX_TRANSACTIONS_PER_CONNECTION):
+                    job = await self._next_job(dest)
+                    if job is None:
+                        break
+                    if conn is None or not conn.is_usable:
+                        conn = await self._connect(dest, job)
+                        if conn is None:
+                            continue  # the job (and the backlog) got their results
+                    transfer = self._transfer(job)
+                    if transfer is None:
+                        self._job_vanished(job)
+                        continue
+                    results = await conn.deliver(transfer)
+                    await self._record(job, results)
+        finally:
+            dest.workers -= 1
+            if conn is not None:
+                await conn.close()
+            if dest.jobs and dest.workers == 0 and not self._stopping:
+                dest.workers += 1
+                self._spawn(self._worker(dest))
+            elif not dest.jobs and dest.workers == 0:
+                self._destinations.pop(dest.key, None)
+
+    def _transfer(self, job: _Job) -> Transfer | None:
+        env = self._envelopes.get(job.qid)
+        message = self._messages.get(job.qid)
+        if env is None or message is None:
+            return None
+        return Transfer(job.qid, env, job.recipients, message)
+
+    def _job_vanished(self, job: _Job) -> None:
+        self._release(job.qid)
+
+    async def _connect(self, dest: _Destination, job: _Job) -> Connection | None:
+        """A connection to the first host of the route that works. When the destination has
+        no route or no host answers, this job and every job queued behind it get the same
+        outcome (the destination is down: no point in trying it once per message)."""
+        try:
+            route: Route = await self.router.resolve(dest.key)
+        except RouteError as e:
+            await self._fail_backlog(dest, job, e.reply, e.detail, None)
+            return None
+        failure: ConnectFailure | None = None
+        for host in route.hosts:
+            try:
+                conn = await Connection.open(
+                    host,
+                    helo=self.cfg.hostname,
+                    tls_context=self._tls,
+                    connect_timeout=self.dcfg.connect_timeout,
+                    command_timeout=self.dcfg.command_timeout,
+                )
+            except ConnectFailure as e:
+                log.info("connect to %s failed: %s", host, e.detail)
+                failure = e
+                continue
+            if conn.tls_failure:
+                log.info("%s; delivering without TLS", conn.tls_failure)
+            return conn
+        assert failure is not None  # a Route always has at least one host
+        await self._fail_backlog(dest, job, failure.reply, failure.detail, failure)
+        return None
+
+    async def _fail_backlog(
+        self,
+        dest: _Destination,
+        job: _Job,
+        reply: replies.Reply | None,
+        detail: str,
+        failure: ConnectFailure | None,
+    ) -> None:
+        # A 5xx greeting from the last host is a refusal to take mail: permanent. Everything
+        # else here (refused, timeout, TLS, DNS SERVFAIL) is temporary, unless the route
+        # itself is permanently impossible (NXDOMAIN, null MX).
+        status: Status = "deferred"
+        if reply is not None and status_of_reply(reply) == "failed":
+            status = "failed"
+        host = failure.host if failure is not None else None
+        jobs = [job, *dest.jobs]
+        dest.jobs.clear()
+        for each in jobs:
+            results = [
+                RecipientResult(r.address, status, reply, detail, host) for r in each.recipients
+            ]
+            await self._record(each, results)
+
+    # --- recording outcomes ----------------------------------------------------------------
+
+    def _release(self, qid: str) -> None:
+        """One job of the entry is over; an idle entry goes back on the schedule."""
+        left = self._active.get(qid, 0) - 1
+        if left > 0:
+            self._active[qid] = left
+            return
+        self._active.pop(qid, None)
+        self._messages.pop(qid, None)
+        env = self._envelopes.get(qid)
+        if env is None:
+            self._forget(qid)
+        elif env.is_done:
+            self._spawn(self._finish_entry(qid))
+        else:
+            self._schedule(qid)
+
+    async def _record(self, job: _Job, results: Sequence[RecipientResult]) -> None:
+        """Write the outcome of one try to the spool, log it, send notices that are due."""
+        qid = job.qid
+        now = self.now()
+        lock = self._locks.setdefault(qid, asyncio.Lock())
+        warn: list[Envelope] = []
+        try:
+            async with lock:
+                env = self._envelopes.get(qid)
+                if env is None:
+                    return
+                # Fast path: the last open job of an entry delivered everything and nobody
+                # asked for a success notice. Removing the entry is the record (one fsync).
+                merged = self._merge(env, results, now, warn=[])
+                if (
+                    self._active.get(qid) == 1
+                    and all(r.state == "delivered" for r in merged.recipients)
+                    and not self._success_notices(merged, results)
+                ):
+                    with contextlib.suppress(NotFound):
+                        await asyncio.to_thread(self.store.remove, qid)
+                    self._log(merged, results, now)
+                    self._forget(qid)
+                    return
+                try:
+                    new = await asyncio.to_thread(
+                        self.store.update, qid, lambda e: self._merge(e, results, now, warn=warn)
+                    )
+                except NotFound:
+                    log.info("qid=%s deleted during delivery", qid)
+                    self._forget(qid)
+                    return
+                except SpoolError as e:
+                    log.error("qid=%s cannot record delivery results: %s", qid, e)
+                    return
+                self._envelopes[qid] = new
+                self._log(new, results, now)
+                notices = self._success_notices(new, results)
+                if notices:
+                    await self._send_notice(new, notices, now)
+                if warn:
+                    await self._send_delay_warning(new, now)
+        finally:
+            self._release(qid)
+
+    def _merge(
+        self,
+        env: Envelope,
+        results: Sequence[RecipientResult],
+        now: datetime,
+        *,
+        warn: list[Envelope],
+    ) -> Envelope:
+        """`env` (as stored now) with the results of one try applied; pure but for `warn`,
+        which receives the envelope when this change is the one that sends the delay warning
+        (decided under the spool lock, so it is sent at most once)."""
+        by_address = {r.address: r for r in results}
+        lifetime = timedelta(seconds=self.dcfg.max_queue_lifetime)
+        recipients: list[Recipient] = []
+        for rcpt in env.recipients:
+            res = by_address.get(rcpt.address)
+            if res is None or rcpt.state != "pending":
+                recipients.append(rcpt)
+                continue
+            attempts = rcpt.attempts + 1
+            line = res.reply_line
+            attempt = Attempt(now, res.status, str(res.host) if res.host else "", line, res.tls)
+            history = (*rcpt.history, attempt)[-MAX_HISTORY:]
+            if res.status == "deferred":
+                when = schedule.next_attempt_at(
+                    env.received_at,
+                    attempts,
+                    self.rng,
+                    now=now,
+                    schedule=self.dcfg.retry_schedule,
+                    max_lifetime=lifetime,
+                )
+                if when is None:
+                    rcpt = replace(rcpt, state="failed", next_attempt_at=None)
+                else:
+                    rcpt = replace(rcpt, next_attempt_at=when)
+            else:
+                rcpt = replace(rcpt, state=res.status, next_attempt_at=None)
+            recipients.append(replace(rcpt, attempts=attempts, last_reply=line, history=history))
+        new = replace(env, recipients=tuple(recipients))
+        if (
+            new.mail_from
+            and not new.is_bounce
+            and any(_wants(r, "DELAY") for r in new.pending)
+            and schedule.is_delay_warning_due(
+                new.received_at,
+                new.warned_at,
+                now=now,
+                delay_warning_after=timedelta(seconds=self.dcfg.delay_warning_after),
+            )
+        ):
+            new = replace(new, warned_at=now)
+            warn.append(new)
+        return new
+
+    def _log(self, env: Envelope, results: Sequence[RecipientResult], now: datetime) -> None:
+        states = {r.address: r.state for r in env.recipients}
+        delay = (now - env.received_at).total_seconds()
+        for res in results:
+            state = states.get(res.address, "pending")
+            status = {"delivered": "sent", "failed": "bounced"}.get(state, "deferred")
+            reply = res.reply_line
+            if state == "failed" and res.status == "deferred":
+                reply += " (delivery time expired)"
+            log.info(
+                'qid=%s to=<%s> relay=%s tls=%s verified=no delay=%.1f status=%s reply="%s"',
+                env.id,
+                res.address,
+                res.host if res.host is not None else "none",
+                "yes" if res.tls else "no",
+                delay,
+                status,
+                reply.replace('"', "'"),
+            )
+
+    # --- notices ---------------------------------------------------------------------------
+
+    def _success_notices(
+        self, env: Envelope, results: Sequence[RecipientResult]
+    ) -> list[bounce.Notice]:
+        """RFC 3461 §6.2 NOTIFY=SUCCESS: answered here ("relayed") unless the next hop offered
+        DSN and took the request over."""
+        if not env.mail_from or env.is_bounce:
+            return []
+        by_address = {r.address: r for r in env.recipients}
+        notices: list[bounce.Notice] = []
+        for res in results:
+            rcpt = by_address.get(res.address)
+            if (
+                rcpt is not None
+                and res.status == "delivered"
+                and rcpt.notify is not None
+                and "SUCCESS" in rcpt.notify
+                and not res.dsn_passed
+            ):
+                notices.append(_notice(rcpt, "relayed", res.reply_line, res))
+        return notices
+
+    async def _send_notice(
+        self, env: Envelope, notices: list[bounce.Notice], now: datetime
+    ) -> None:
+        message = self._messages.get(env.id)
+        if message is None:
+            message = await asyncio.to_thread(self.store.read_message, env.id)
+        await self._queue_dsn(env, message, notices, now, to=env.mail_from)
+
+    async def _send_delay_warning(self, env: Envelope, now: datetime) -> None:
+        until = schedule.expires_at(
+            env.received_at, timedelta(seconds=self.dcfg.max_queue_lifetime)
+        )
+        notices = [
+            replace(_notice(r, "delayed", r.last_reply, None), will_retry_until=until)
+            for r in env.pending
+            if _wants(r, "DELAY")
+        ]
+        if notices:
+            await self._send_notice(env, notices, now)
+
+    async def _finish_entry(self, qid: str) -> None:
+        """Every recipient is final: report failures, then remove the entry."""
+        if self._active.get(qid):
+            return
+        self._active[qid] = 1
+        try:
+            env = self._envelopes.get(qid)
+            if env is None:
+                return
+            failed = [r for r in env.recipients if r.state == "failed" and _wants(r, "FAILURE")]
+            if failed:
+                notices = [_notice(r, "failed", r.last_reply, None) for r in failed]
+                try:
+                    message = await asyncio.to_thread(self.store.read_message, qid)
+                except NotFound:
+                    message = b""
+                now = self.now()
+                if env.mail_from and not env.is_bounce:
+                    await self._queue_dsn(env, message, notices, now, to=env.mail_from)
+                elif not env.is_double_bounce:
+                    # RFC 5321 §4.5.5 / §6.1: never bounce a null-sender message to its
+                    # sender; the postmaster hears about it once ("double bounce").
+                    await self._queue_dsn(env, message, notices, now, to=self.postmaster,
+                                          double=True)  # fmt: skip
+                else:
+                    log.warning("qid=%s double bounce undeliverable, discarded", qid)
+            with contextlib.suppress(NotFound):
+                await asyncio.to_thread(self.store.remove, qid)
+            log.info("qid=%s removed", qid)
+        except SpoolError as e:
+            log.error("qid=%s cannot finish entry: %s", qid, e)
+        finally:
+            self._active.pop(qid, None)
+            self._forget(qid)
+
+    async def _queue_dsn(
+        self,
+        original: Envelope,
+        message: bytes,
+        notices: list[bounce.Notice],
+        now: datetime,
+        *,
+        to: str,
+        double: bool = False,
+    ) -> None:
+        dsn = bounce.build(
+            original=original,
+            message=message,
+            notices=notices,
+            reporting_mta=self.cfg.hostname,
+            now=now,
+            recipient=to,
+        )
+        envelope = Envelope(
+            id=new_queue_id(),
+            mail_from="",  # RFC 5321 §4.5.5: DSNs are sent with the null reverse path
+            recipients=(Recipient(to),),
+            received_at=now,
+            service="bounce",
+            smtputf8=original.smtputf8,
+            body="" if dsn.isascii() else "8BITMIME",
+            is_bounce=True,
+            is_double_bounce=double,
+            size=len(dsn),
+        )
+        stored = await asyncio.to_thread(self.store.enqueue, envelope, dsn)
+        kinds = ",".join(sorted({n.action for n in notices}))
+        log.info("qid=%s dsn=%s sent as qid=%s to=<%s>", original.id, kinds, stored.id, to)
+        self._envelopes[stored.id] = stored
+        self._schedule(stored.id)
+        self._event.set()
+
+
+def _wants(rcpt: Recipient, kind: str) -> bool:
+    """RFC 3461 §4.1: without NOTIFY, FAILURE and DELAY are reported (SUCCESS is not)."""
+    if rcpt.notify is None:
+        return kind in ("FAILURE", "DELAY")
+    return kind in rcpt.notify
+
+
+def _notice(
+    rcpt: Recipient, action: bounce.Action, line: str, res: RecipientResult | None
+) -> bounce.Notice:
+    last = rcpt.history[-1] if rcpt.history else None
+    host = res.host.name if res is not None and res.host is not None else ""
+    if not host and last is not None and last.host:
+        host = last.host.split("[", 1)[0]
+    is_remote = bool(host) and line[:3].isdigit()
+    if action == "failed" and line[:1] == "4":
+        status = bounce.status_of(line, permanent=False)
+        if status == "4.0.0":
+            status = EXPIRED_STATUS
+    elif action in ("failed", "delayed") and not line[:3].isdigit():
+        status = EXPIRED_STATUS if action == "failed" else "4.4.1"
+    else:
+        status = bounce.status_of(line, permanent=action == "failed")
+    return bounce.Notice(
+        address=rcpt.address,
+        action=action,
+        status=status,
+        diagnostic=line,
+        remote_mta=host if is_remote else "",
+        orcpt=rcpt.orcpt,
+        last_attempt_at=last.at if last is not None else None,
+    )
+
+
+def _received_count(message: bytes) -> int:
+    """The number of Received: header fields (RFC 5321 §6.3 loop detection)."""
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[: end + 2]
+    count = 1 if head[:9].lower() == b"received:" else 0
+    return count + head.lower().count(b"\nreceived:")
+
+
+def _client_tls_context() -> ssl.SSLContext:
+    """Opportunistic STARTTLS (RFC 3207, RFC 7435): encrypt, do not authenticate."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
