@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailgate.cli.common import CommandError, load_config, print_json
+from mailgate.config import RATE_LIMIT_NAMES
 from mailgate.limits.keys import printable
+from mailgate.limits.rate import SERVICES
 from mailgate.limits.snapshot import read_snapshot, snapshot_path
 
 
@@ -69,8 +71,8 @@ def format_report(data: dict[str, Any], *, top: int, now: datetime) -> str:
         "refusals since the server started.",
         "",
     ]
-    for name, entry in data["limits"].items():
-        services = entry["services"]
+    for name, entry in _ordered(data["limits"], RATE_LIMIT_NAMES):
+        services = dict(_ordered(entry["services"], SERVICES))
         settings = " ".join(
             f"{printable(svc)}={_limit_text(s['max'], s['shadow'])}" for svc, s in services.items()
         )
@@ -104,6 +106,12 @@ def format_report(data: dict[str, Any], *, top: int, now: datetime) -> str:
                 for row in auth[label][:top]
             )
     return "\n".join(lines) + "\n"
+
+
+def _ordered(table: dict[str, Any], order: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Known names in their configuration order, then any others (a newer server) by name."""
+    rank = {name: n for n, name in enumerate(order)}
+    return sorted(table.items(), key=lambda item: (rank.get(item[0], len(order)), item[0]))
 
 
 def _limit_text(value: int, shadow: bool = False) -> str:

@@ -65,6 +65,11 @@ class AuthDecision:
     def is_refused(self) -> bool:
         return self.action == "refuse"
 
+    @property
+    def refuse(self) -> bool:
+        """The same as is_refused (receive/session.py reads this name)."""
+        return self.action == "refuse"
+
 
 ALLOW = AuthDecision("allow")
 

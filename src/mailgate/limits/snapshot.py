@@ -26,7 +26,8 @@ def snapshot_path(spool_path: Path) -> Path:
 def write_snapshot(path: Path, data: dict[str, Any]) -> None:
     """Replace `path` atomically with `data` as JSON. Raises OSError."""
     path = Path(path)
-    encoded = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+    # Key order is kept: limits and services are listed in their configuration order.
+    encoded = (json.dumps(data, indent=1) + "\n").encode()
     # mkstemp creates the file 0600 in the target folder, so the rename cannot cross devices.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
