@@ -318,6 +318,10 @@ def test_recover_each_interrupted_commit_step(store: Store) -> None:
         orphans_removed=("0000000000CCCC",),
         moved_to_corrupt=("0000000000EEEE", "0000000000FFFF", "0000000000GGGG", "0000000000HHHH"),
     )
+    assert str(report) == (
+        "entries=1 tmp_removed=4 orphans_removed=1"
+        " moved_to_corrupt=0000000000EEEE,0000000000FFFF,0000000000GGGG,0000000000HHHH"
+    )
     assert listing(store.tmp_dir) == []
     assert store.ids() == [kept.id]
     assert listing(store.msg_dir) == [f"{kept.id}.eml"]

@@ -265,6 +265,14 @@ class RecoveryReport:
     orphans_removed: tuple[str, ...] = ()
     moved_to_corrupt: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        """key=value, for the startup log line."""
+        corrupt = ",".join(self.moved_to_corrupt) or "-"
+        return (
+            f"entries={self.entries} tmp_removed={self.tmp_removed}"
+            f" orphans_removed={len(self.orphans_removed)} moved_to_corrupt={corrupt}"
+        )
+
 
 class Store:
     """The spool directory. Safe to use from several threads and several processes."""
@@ -355,13 +363,7 @@ class Store:
         except OSError as e:
             raise _spool_error(e, f"spool recovery in {self.path}") from None
         report = RecoveryReport(entries, tmp_removed, tuple(orphans), tuple(corrupt))
-        log.info(
-            "spool recovered entries=%d tmp_removed=%d orphans_removed=%d moved_to_corrupt=%d",
-            report.entries,
-            report.tmp_removed,
-            len(report.orphans_removed),
-            len(report.moved_to_corrupt),
-        )
+        log.debug("spool recovery %s", report)
         return report
 
     def _move_to_corrupt(self, path: Path) -> None:
