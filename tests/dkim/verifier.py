@@ -93,21 +93,22 @@ def dnsfunc_for(server: DnsServer) -> Callable[..., bytes | None]:
     return get_txt
 
 
-def serve_zone(server: DnsServer, origin: str, zone_text: str) -> int:
-    """Publish every record of `zone_text` (relative to `origin`) on `server`; return how many.
+def serve_zone(server: DnsServer, origin: str, zone_text: str) -> set[str]:
+    """Publish every record of `zone_text` (relative to `origin`) on `server`; return the
+    owner names published.
 
     dnspython's zone parser reads the text exactly as a name server would, so this also checks
     that the printed records are valid zone-file syntax.
     """
     zone = dns.zone.from_text(zone_text, origin=origin, relativize=False, check_origin=False)
-    count = 0
+    names: set[str] = set()
     for name, node in zone.nodes.items():
         for rdataset in node.rdatasets:
             values = [rdata.to_text() for rdata in rdataset]
             # DnsServer's public helpers quote one TXT string each; a DKIM key needs several.
             server._set(name.to_text(), dns.rdatatype.to_text(rdataset.rdtype), values)
-            count += len(values)
-    return count
+            names.add(name.to_text())
+    return names
 
 
 def verify_all(message: bytes, dnsfunc: Callable[..., bytes | None]) -> list[bool]:

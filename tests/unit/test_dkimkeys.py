@@ -108,7 +108,7 @@ def test_set_aside_moves_keys_and_never_deletes(tmp_path: Path) -> None:
     content = b.key_path.read_bytes()
     one = dkimkeys.set_aside(tmp_path, "example.org", "mg1")
     assert one is not None and not a.key_path.exists() and one.suffix == ".key"
-    assert one.parent == tmp_path / "dkim" / ".removed"
+    assert one.parent == tmp_path / "dkim" / "removed"
     folder = dkimkeys.set_aside(tmp_path, "example.org")
     assert folder is not None and (folder / "mg2.key").read_bytes() == content
     assert not (tmp_path / "dkim" / "example.org").exists()

@@ -2,7 +2,7 @@
 
 Owns: the `domain` command's arguments and output, and wiring key files (message.dkimkeys) to
 the directory. Must not: print private key material, or delete a key file (a removed domain's
-keys, and a removed selector's key, are moved to ``<data>/dkim/.removed/``).
+keys, and a removed selector's key, are moved to ``<data>/dkim/removed/``).
 
     mailgate domain add DOMAIN [--ed25519] [--allow-network NET ...]
     mailgate domain dns DOMAIN [--json]            # zone-file text, ready to paste
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,35 +51,35 @@ def register(sub: Any) -> None:
     add.add_argument("--allow-network", metavar="NET", action="append", default=[],
                      help="smart-host clients in NET may send signed mail from this domain "
                      "(repeatable)")  # fmt: skip
-    add.set_defaults(func=_add)
+    add.set_defaults(func=_wired(_add))
 
     dns_ = dsub.add_parser("dns", help="print the DNS records to publish")
     dns_.add_argument("domain", metavar="DOMAIN")
     dns_.add_argument("--json", action="store_true", help="print JSON")
-    dns_.set_defaults(func=_dns)
+    dns_.set_defaults(func=_wired(_dns))
 
     check = dsub.add_parser("check", help="look the records up in DNS and compare")
     check.add_argument("domain", metavar="DOMAIN")
     check.add_argument("--json", action="store_true", help="print JSON")
-    check.set_defaults(func=_check)
+    check.set_defaults(func=_wired(_check))
 
     ls = dsub.add_parser("list", help="list managed domains")
     ls.add_argument("--json", action="store_true", help="print JSON")
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=_wired(_list))
 
     rm = dsub.add_parser("remove", help="remove a domain and its grants; keys are set aside")
     rm.add_argument("domain", metavar="DOMAIN")
-    rm.set_defaults(func=_remove)
+    rm.set_defaults(func=_wired(_remove))
 
     rot = dsub.add_parser("rotate-key", help="sign with new key(s); old ones stay published")
     rot.add_argument("domain", metavar="DOMAIN")
     rot.add_argument("--ed25519", action="store_true", help="also add an Ed25519 key")
-    rot.set_defaults(func=_rotate)
+    rot.set_defaults(func=_wired(_rotate))
 
     rmk = dsub.add_parser("remove-key", help="remove a retired selector (set its key aside)")
     rmk.add_argument("domain", metavar="DOMAIN")
     rmk.add_argument("selector", metavar="SELECTOR")
-    rmk.set_defaults(func=_remove_key)
+    rmk.set_defaults(func=_wired(_remove_key))
 
     for name, func, text in (
         ("allow-network", _allow_network, "sign smart-host mail from clients in NET"),
@@ -87,16 +88,31 @@ def register(sub: Any) -> None:
         q = dsub.add_parser(name, help=text)
         q.add_argument("domain", metavar="DOMAIN")
         q.add_argument("network", metavar="NET")
-        q.set_defaults(func=func)
+        q.set_defaults(func=_wired(func))
 
 
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _open(args: argparse.Namespace) -> tuple[Config, Directory, str]:
-    cfg = load_config(args)
-    directory: Directory = open_directory(cfg)
-    return cfg, directory, dkimkeys.check_domain_name(args.domain)
+Handler = Callable[[argparse.Namespace, Config, Directory], int]
+
+
+def _wired(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """Load the configuration, open the directory for the handler, and close it after."""
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = load_config(args)
+        directory = open_directory(cfg)
+        try:
+            return handler(args, cfg, directory)
+        finally:
+            directory.close()
+
+    return run
+
+
+def _name(args: argparse.Namespace) -> str:
+    return dkimkeys.check_domain_name(args.domain)
 
 
 def _get(directory: Directory, name: str) -> Domain:
@@ -157,8 +173,8 @@ def _describe(keys: list[DkimKey]) -> str:
 # --- commands ------------------------------------------------------------------------------
 
 
-def _add(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _add(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     networks = tuple(_network(n) for n in args.allow_network)
     if directory.get_domain(name) is not None:
         raise CommandError(f"domain {name} already exists (see `mailgate domain dns {name}`)")
@@ -178,8 +194,8 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dns(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _dns(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     if not args.json:
         print(_zone_text(cfg, domain), end="")
@@ -198,9 +214,7 @@ def _dns(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    directory: Directory = open_directory(cfg)
+def _list(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
     domains = sorted(directory.list_domains(), key=lambda d: d.name)
     if args.json:
         print_json([_domain_json(d) for d in domains])
@@ -239,24 +253,22 @@ def _domain_json(domain: Domain) -> dict[str, object]:
     }
 
 
-def _remove(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _remove(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     _get(directory, name)
-    # The issue asks that grants go with the domain; revoking them here does not depend on
-    # the directory backend doing it, and revoking twice is harmless.
     grants = [a for a, _ in directory.list_grants() if a.rpartition("@")[2].lower() == name]
-    for address in sorted(set(grants)):
-        directory.revoke(address)
+    # The directory removes the domain's grants and key rows, and moves its key folder to
+    # dkim/removed/; should a backend leave the folder, it is set aside here all the same.
     directory.remove_domain(name)
-    moved = dkimkeys.set_aside(cfg.base_dir, name)
-    where = f"; its keys were moved to {moved}" if moved else ""
-    print(f"removed domain {name} and {len(grants)} grant(s){where}")
+    dkimkeys.set_aside(cfg.base_dir, name)
+    print(f"removed domain {name} and {len(grants)} grant(s); its DKIM keys are kept in "
+          f"{cfg.base_dir / 'dkim' / 'removed'}")  # fmt: skip
     print(f"remove its DNS records (_domainkey, SPF, _dmarc, SRV) from the {name} zone")
     return 0
 
 
-def _rotate(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _rotate(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     old = [k for k in domain.keys if k.active]
     algorithms = sorted({k.algorithm for k in old} | {ALGORITHM_RSA}, key=dkimkeys.ALGORITHMS.index)
@@ -275,8 +287,8 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remove_key(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _remove_key(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     selector = dkimkeys.check_selector(args.selector.lower())
     key = next((k for k in domain.keys if k.selector.lower() == selector), None)
@@ -293,8 +305,8 @@ def _remove_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allow_network(args: argparse.Namespace) -> int:
-    _cfg, directory, name = _open(args)
+def _allow_network(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     network = _network(args.network)
     if network not in domain.smarthost_networks:
@@ -303,8 +315,8 @@ def _allow_network(args: argparse.Namespace) -> int:
     return 0
 
 
-def _disallow_network(args: argparse.Namespace) -> int:
-    _cfg, directory, name = _open(args)
+def _disallow_network(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     network = _network(args.network)
     if network not in domain.smarthost_networks:
@@ -350,8 +362,8 @@ def dns_lookup(cfg: Config) -> dkimkeys.Lookup:
     return lookup
 
 
-def _check(args: argparse.Namespace) -> int:
-    cfg, directory, name = _open(args)
+def _check(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
+    name = _name(args)
     domain = _get(directory, name)
     results = dkimkeys.check_records(domain, hostname=cfg.hostname, lookup=dns_lookup(cfg))
     problems = [r for r in results if r.required and r.status != "ok"]

@@ -2,7 +2,7 @@
 
 Owns: key generation (RSA-2048 by default, Ed25519 on request), the key files under
 ``<data>/dkim/<domain>/<selector>.key`` (0600, folders 0700), moving a removed domain's keys
-aside (never deleting them), selector naming, the text of the DNS records an operator pastes
+aside to ``dkim/removed/`` (never deleting them), selector naming, the text of the DNS records an operator pastes
 into a zone file (DKIM, SPF and DMARC suggestions, submission SRV records, MTA-STS hints), and
 comparing what DNS publishes with what we expect (``check_records``, fed by a lookup callable
 so that it needs no network).
@@ -46,7 +46,9 @@ PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_REMOVED = ".removed"  # starts with a dot, so it can never be a domain's folder
+# Shared with directory.store.remove_domain, which moves a removed domain's folder here. A
+# single label, so never a managed domain's folder (check_domain_name wants two or more).
+_REMOVED = "removed"
 
 
 class DkimError(MailgateError):
@@ -191,7 +193,7 @@ def public_key_b64(private: PrivateKey) -> str:
 
 
 def set_aside(base_dir: Path, domain: str, selector: str | None = None) -> Path | None:
-    """Move a domain's key folder (or one key file) to ``dkim/.removed/``; never delete keys.
+    """Move a domain's key folder (or one key file) to ``dkim/removed/``; never delete keys.
 
     An operator who removed a domain by mistake can move the folder back. Returns the new
     location, or None when there was nothing to move.
