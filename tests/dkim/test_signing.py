@@ -75,7 +75,8 @@ def test_rotation_keeps_old_signatures_valid_until_the_old_key_is_removed(site: 
     after = signed(site)
     new = selectors(after)
     assert set(new).isdisjoint(old) and len(new) == 2
-    assert f"; retired (keep published until `mailgate domain remove-key {DOMAIN} SELECTOR`):" in rotated.out  # fmt: skip
+    hint = f"; retired (keep published until `mailgate domain remove-key {DOMAIN} SELECTOR`):"
+    assert hint in rotated.out
     # Both generations are published: mail in transit verifies, new mail too.
     assert verify_all(before, site.dnsfunc()) == [True, True]
     assert verify_all(after, site.dnsfunc()) == [True, True]

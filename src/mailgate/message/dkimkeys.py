@@ -1,11 +1,11 @@
 """DKIM keys of managed domains: making them, storing them, and the DNS records to publish.
 
 Owns: key generation (RSA-2048 by default, Ed25519 on request), the key files under
-``<data>/dkim/<domain>/<selector>.key`` (0600, folders 0700), moving a removed domain's keys
-aside to ``dkim/removed/`` (never deleting them), selector naming, the text of the DNS records an operator pastes
-into a zone file (DKIM, SPF and DMARC suggestions, submission SRV records, MTA-STS hints), and
-comparing what DNS publishes with what we expect (``check_records``, fed by a lookup callable
-so that it needs no network).
+``<data>/dkim/<domain>/<selector>.key`` (0600, folders 0700), moving keys aside to
+``dkim/removed/`` (never deleting them), selector naming, the text of the DNS records an
+operator pastes into a zone file (DKIM, SPF and DMARC suggestions, submission SRV records,
+MTA-STS hints), and comparing what DNS publishes with what we expect (``check_records``, fed
+by a lookup callable so that it needs no network).
 
 Must not: sign messages (that is ``message.dkim``), touch the directory (the CLI wires that),
 log or print private key material, or perform DNS queries itself.
