@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
 async def serve(cfg: Config, *, deliver: bool = True) -> None:
     from mailgate.accept import Acceptor
     from mailgate.deliver.engine import Engine
+    from mailgate.limits import AuthGuard, Limits
     from mailgate.message.dkim import Signer
     from mailgate.policy import Policy
     from mailgate.receive.auth import Authenticator
@@ -70,9 +71,12 @@ async def serve(cfg: Config, *, deliver: bool = True) -> None:
         hop_limit=cfg.delivery.hop_limit,
         on_committed=(lambda env: engine.wake()) if engine else (lambda env: None),
     )
+    limits = Limits(cfg.ratelimits)
+    auth_guard = AuthGuard(cfg.ratelimits)
     services = Services(
         cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
         authenticator=Authenticator(directory), tls=tls.context if tls else None,
+        limits=limits, auth_guard=auth_guard,
     )  # fmt: skip
     listeners = Listeners(services)
     await listeners.start()
@@ -83,15 +87,31 @@ async def serve(cfg: Config, *, deliver: bool = True) -> None:
         loop.add_signal_handler(sig, stop.set)
     engine_task = loop.create_task(engine.run()) if engine else None
     log.info("mailgate started hostname=%s", cfg.hostname)
+    next_snapshot = loop.time() + cfg.ratelimits.snapshot_interval
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 5.0)
         except TimeoutError:
             if tls is not None:
                 tls.maybe_reload()
+            if loop.time() >= next_snapshot:
+                next_snapshot = loop.time() + cfg.ratelimits.snapshot_interval
+                await _write_limits_snapshot(cfg, limits, auth_guard)
     log.info("mailgate stopping")
     await listeners.stop()
+    await _write_limits_snapshot(cfg, limits, auth_guard)
     if engine is not None and engine_task is not None:
         await engine.stop()
         await asyncio.wait({engine_task}, timeout=10.0)
     log.info("mailgate stopped")
+
+
+async def _write_limits_snapshot(cfg: Config, limits: Any, guard: Any) -> None:
+    """For `mailgate limits report`; a full disk must not stop the server."""
+    from mailgate.limits import snapshot_path
+
+    try:
+        await asyncio.to_thread(limits.write_snapshot, snapshot_path(cfg.spool.path),
+                                extra={"auth": guard.snapshot()})  # fmt: skip
+    except OSError as e:
+        log.warning("limits snapshot not written: %s", e)
