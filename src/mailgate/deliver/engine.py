@@ -187,6 +187,8 @@ class Engine:
         due = min((r.next_attempt_at or EPOCH) for r in env.pending)
         self._due[qid] = due
         heapq.heappush(self._heap, (due, next(self._seq), qid))
+        if self._heap[0][2] == qid:
+            self._event.set()  # earlier than what the dispatcher is waiting for
 
     async def _dispatch_due(self) -> None:
         now = self.now()
