@@ -1,0 +1,217 @@
+"""`mailgate user ...` and `mailgate address ...` through cli.main, on a real SQLite file."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailgate import cli
+from mailgate.directory import User
+from mailgate.directory.store import SqliteDirectory
+
+CONFIG = """\
+hostname = "mail.example.org"
+[directory]
+default_domain = "example.org"
+"""
+
+
+@dataclass
+class Result:
+    status: int
+    out: str
+    err: str
+
+
+class Mailgate:
+    """Runs `mailgate -c <tmp>/mailgate.toml ...` in-process with the given standard input."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+        self.root = root
+        self.config = root / "mailgate.toml"
+        self.config.write_text(CONFIG)
+        self._monkeypatch = monkeypatch
+        self._capsys = capsys
+
+    def __call__(self, *args: str, stdin: str = "") -> Result:
+        self._monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        status = cli.main(["-c", str(self.config), *args])
+        out, err = self._capsys.readouterr()
+        return Result(status, out, err)
+
+    def directory(self) -> SqliteDirectory:
+        return SqliteDirectory(self.root / "state.db", default_domain="example.org",
+                               data_dir=self.root)  # fmt: skip
+
+
+@pytest.fixture
+def mg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+       capsys: pytest.CaptureFixture[str]) -> Iterator[Mailgate]:  # fmt: skip
+    yield Mailgate(tmp_path, monkeypatch, capsys)
+
+
+def ok(r: Result, out: str) -> None:
+    assert (r.status, r.out, r.err) == (0, out, "")
+
+
+def fails(r: Result, err: str) -> None:
+    assert (r.status, r.out, r.err) == (1, "", err)
+
+
+# --- user ------------------------------------------------------------------------
+
+
+def test_user_add_reads_one_line_without_its_line_ending(mg: Mailgate) -> None:
+    ok(mg("user", "add", "alice", "--password-stdin", stdin="correct horse\r\nignored\n"),
+       "added user alice <alice@example.org>\n")  # fmt: skip
+    ok(mg("user", "add", "bob", "--password-stdin", stdin="no newline at all"),
+       "added user bob <bob@example.org>\n")  # fmt: skip
+    with mg.directory() as d:
+        assert d.verify_password("alice", "correct horse") == User("alice", "alice@example.org")
+        assert d.verify_password("alice", "correct horse\r") is None
+        assert d.verify_password("bob", "no newline at all") is not None
+
+
+def test_user_add_with_an_address(mg: Mailgate) -> None:
+    ok(mg("user", "add", "asmith", "--address", "Alice.Smith@Example.org", "--password-stdin",
+          stdin="pw\n"), "added user asmith <Alice.Smith@example.org>\n")  # fmt: skip
+    # A login that is an address is its own primary address.
+    ok(mg("user", "add", "carol@college.example.org", "--password-stdin", stdin="pw\n"),
+       "added user carol@college.example.org <carol@college.example.org>\n")  # fmt: skip
+
+
+def test_user_add_errors(mg: Mailgate) -> None:
+    fails(mg("user", "add", "alice", "--password-stdin", stdin=""),
+          "mailgate: empty password on standard input\n")  # fmt: skip
+    fails(mg("user", "add", "alice", "--password-stdin", stdin="\n"),
+          "mailgate: empty password on standard input\n")  # fmt: skip
+    fails(mg("user", "add", "alice", "--address", "alice", "--password-stdin", stdin="pw\n"),
+          "mailgate: invalid address 'alice': expected local@domain\n")  # fmt: skip
+    fails(mg("user", "add", "al ice", "--password-stdin", stdin="pw\n"),
+          "mailgate: invalid login 'al ice': expected 1-255 printable characters, "
+          "no spaces\n")  # fmt: skip
+    ok(mg("user", "add", "alice", "--password-stdin", stdin="pw\n"),
+       "added user alice <alice@example.org>\n")  # fmt: skip
+    fails(mg("user", "add", "ALICE", "--password-stdin", stdin="pw\n"),
+          "mailgate: login 'ALICE' already exists\n")  # fmt: skip
+
+
+def test_password_only_from_stdin(mg: Mailgate) -> None:
+    with pytest.raises(SystemExit) as e:  # argparse: the option is required
+        mg("user", "add", "alice")
+    assert e.value.code == 2
+
+
+def test_user_passwd(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="old\n")
+    ok(mg("user", "passwd", "alice", "--password-stdin", stdin="new\n"),
+       "password changed for alice\n")  # fmt: skip
+    with mg.directory() as d:
+        assert d.verify_password("alice", "old") is None
+        assert d.verify_password("alice", "new") is not None
+    fails(mg("user", "passwd", "bob", "--password-stdin", stdin="new\n"),
+          "mailgate: unknown login 'bob'\n")  # fmt: skip
+
+
+def test_disable_enable_and_suspension(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="pw\n")
+    ok(mg("user", "disable", "alice"), "disabled alice\n")
+    with mg.directory() as d:
+        assert d.verify_password("alice", "pw") is None
+        d.set_suspended("alice", True)  # as the breaker would
+    ok(mg("user", "enable", "alice"), "enabled alice\n")
+    with mg.directory() as d:
+        assert d.get_user("alice") == User("alice", "alice@example.org", True, False)
+        assert d.verify_password("alice", "pw") is not None
+    fails(mg("user", "disable", "bob"), "mailgate: unknown login 'bob'\n")
+    fails(mg("user", "enable", "bob"), "mailgate: unknown login 'bob'\n")
+
+
+def test_user_remove(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="pw\n")
+    ok(mg("user", "remove", "alice"), "removed alice\n")
+    fails(mg("user", "remove", "alice"), "mailgate: unknown login 'alice'\n")
+
+
+def test_user_list(mg: Mailgate) -> None:
+    ok(mg("user", "list"), "no users\n")
+    ok(mg("user", "list", "--json"), "[]\n")
+    mg("user", "add", "bob", "--password-stdin", stdin="pw\n")
+    mg("user", "add", "alice", "--address", "a@example.org", "--password-stdin", stdin="pw\n")
+    mg("user", "disable", "bob")
+    with mg.directory() as d:
+        d.set_suspended("bob", True)
+    ok(mg("user", "list"),
+       "LOGIN  STATE               ADDRESS\n"
+       "alice  enabled             a@example.org\n"
+       "bob    disabled+suspended  bob@example.org\n")  # fmt: skip
+    r = mg("user", "list", "--json")
+    assert (r.status, r.err) == (0, "")
+    assert json.loads(r.out) == [
+        {"login": "alice", "address": "a@example.org", "enabled": True, "suspended": False},
+        {"login": "bob", "address": "bob@example.org", "enabled": False, "suspended": True},
+    ]
+
+
+def test_a_missing_configuration(mg: Mailgate) -> None:
+    mg.config.unlink()
+    fails(mg("user", "list"), f"mailgate: {mg.config}: configuration file not found\n")
+
+
+# --- address -----------------------------------------------------------------------
+
+
+def test_address_add_list_remove(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="pw\n")
+    mg("user", "add", "bob", "--password-stdin", stdin="pw\n")
+    with mg.directory() as d:
+        d.add_domain("dept.example.org")
+    ok(mg("address", "list"), "no granted addresses\n")
+    ok(mg("address", "add", "info@example.org", "--owner", "alice"),
+       "granted info@example.org to alice\n")  # fmt: skip
+    ok(mg("address", "add", "info@example.org", "--owner", "bob"),
+       "granted info@example.org to bob\n")  # fmt: skip
+    ok(mg("address", "add", "*@Dept.Example.org", "--owner", "bob"),
+       "granted *@Dept.Example.org to bob\n")  # fmt: skip
+    ok(mg("address", "list"),
+       "ADDRESS             OWNER\n"
+       "*@dept.example.org  bob\n"
+       "info@example.org    alice\n"
+       "info@example.org    bob\n")  # fmt: skip
+    r = mg("address", "list", "--owner", "bob", "--json")
+    assert (r.status, r.err) == (0, "")
+    assert json.loads(r.out) == [
+        {"address": "*@dept.example.org", "owner": "bob"},
+        {"address": "info@example.org", "owner": "bob"},
+    ]
+    with mg.directory() as d:
+        assert d.may_send_as("bob", "head@dept.example.org")
+        assert d.may_send_as("alice", "info@example.org")
+    ok(mg("address", "remove", "info@example.org", "--owner", "alice"),
+       "removed info@example.org from alice\n")  # fmt: skip
+    ok(mg("address", "remove", "*@dept.example.org"), "removed *@dept.example.org\n")
+    ok(mg("address", "list", "--json"), '[\n  {\n    "address": "info@example.org",\n'
+                                        '    "owner": "bob"\n  }\n]\n')  # fmt: skip
+
+
+def test_address_errors(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="pw\n")
+    fails(mg("address", "add", "someone@gmail.com", "--owner", "alice"),
+          "mailgate: gmail.com is not a managed domain (add it with: mailgate domain add "
+          "gmail.com)\n")  # fmt: skip
+    fails(mg("address", "add", "info@example.org", "--owner", "bob"),
+          "mailgate: unknown login 'bob'\n")  # fmt: skip
+    fails(mg("address", "add", "not-an-address", "--owner", "alice"),
+          "mailgate: invalid address 'not-an-address': expected local@domain\n")  # fmt: skip
+    fails(mg("address", "remove", "info@example.org"),
+          "mailgate: info@example.org is not granted to anyone\n")  # fmt: skip
+    fails(mg("address", "list", "--owner", "bob"), "mailgate: unknown login 'bob'\n")
+    with pytest.raises(SystemExit) as e:  # --owner is required to add
+        mg("address", "add", "info@example.org")
+    assert e.value.code == 2
