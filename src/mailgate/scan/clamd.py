@@ -101,48 +101,72 @@ class ClamdClient:
             raise ScannerUnavailable(f"clamd at {self.address}: unexpected VERSION {reply!r}")
         return reply
 
-    async def instream(self, data: bytes | memoryview) -> ScanResult:
+    async def instream(self, data: bytes | bytearray | memoryview) -> ScanResult:
         """Scan `data` as one stream. Its size must not exceed clamd's StreamMaxLength."""
         reply = await self._command(b"zINSTREAM\0", data)
         return _parse_instream_reply(reply, self.address)
 
-    async def _command(self, command: bytes, stream: bytes | memoryview) -> str:
-        """Send one command (and, for INSTREAM, the stream); return the reply without NUL."""
+    async def _command(self, command: bytes, stream: bytes | bytearray | memoryview) -> str:
+        """Send one command (and, for INSTREAM, the stream); return the reply without NUL.
+
+        The reply is awaited while the stream is still being sent: clamd answers early and
+        closes when it refuses a stream (size limit exceeded), and that answer is a better
+        diagnostic than the EPIPE of the next write.
+        """
         reader, writer = await self._connect()
+        reply = asyncio.create_task(_read_reply(reader, self.address))
+        view = memoryview(stream).cast("B") if stream else memoryview(b"")
+        sent = 0
         try:
             async with asyncio.timeout(self.timeout):
                 try:
                     writer.write(command)
                     if command == b"zINSTREAM\0":
-                        await self._send_stream(writer, memoryview(stream))
+                        sent = await self._send_stream(writer, view, reply)
                     await writer.drain()
                 except OSError as e:
-                    # clamd closes early when it refuses the stream (size limit, no thread);
-                    # what it said before closing is a better diagnostic than EPIPE.
-                    said = await _read_reply_if_any(reader)
+                    early = await _early_reply(reply)
+                    if early:
+                        return early
                     raise ScannerUnavailable(
-                        f"clamd at {self.address}: connection lost while sending: {e}"
-                        + (f" (clamd said {said!r})" if said else "")
+                        f"clamd at {self.address}: connection lost after {sent} of {len(view)}"
+                        f" stream bytes: {e} (does clamd's StreamMaxLength equal"
+                        " scanner.max_stream_size?)"
                     ) from None
-                return await _read_reply(reader, self.address)
+                return await reply
         except TimeoutError:
             raise ScannerUnavailable(
                 f"clamd at {self.address}: no reply within {self.timeout:g} s"
             ) from None
         finally:
+            if reply.done():
+                if not reply.cancelled():
+                    reply.exception()  # retrieved: the outcome was already handled above
+            else:
+                reply.cancel()
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
 
-    async def _send_stream(self, writer: asyncio.StreamWriter, view: memoryview) -> None:
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    async def _send_stream(
+        self, writer: asyncio.StreamWriter, view: memoryview, reply: asyncio.Task[str]
+    ) -> int:
+        """Send `view` as INSTREAM chunks; stop early if clamd has already answered.
+
+        Returns the number of stream bytes sent.
+        """
+        sent = 0
         for start in range(0, len(view), self.chunk_size):
+            if reply.done():
+                return sent
             piece = view[start : start + self.chunk_size]
             writer.write(struct.pack("!I", len(piece)))
             writer.write(piece)
             await writer.drain()
+            sent += len(piece)
         writer.write(b"\0\0\0\0")  # the zero-length chunk ends the stream
+        return sent
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -175,13 +199,13 @@ async def _read_reply(reader: asyncio.StreamReader, address: ClamdAddress) -> st
     return raw[:-1].decode("utf-8", "replace").strip()
 
 
-async def _read_reply_if_any(reader: asyncio.StreamReader) -> str:
-    """Whatever clamd managed to say before it closed, bounded in size and time."""
-    with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
+async def _early_reply(reply: asyncio.Task[str]) -> str:
+    """What clamd said before the connection broke, if it said anything (waits at most 1 s)."""
+    try:
         async with asyncio.timeout(1.0):
-            raw = await reader.read(_MAX_REPLY)
-            return raw.rstrip(b"\0").decode("utf-8", "replace").strip()
-    return ""
+            return await asyncio.shield(reply)
+    except (ScannerUnavailable, TimeoutError):
+        return ""
 
 
 def _parse_instream_reply(reply: str, address: ClamdAddress) -> ScanResult:
