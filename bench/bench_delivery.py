@@ -1,0 +1,153 @@
+"""Delivery throughput: N spooled messages to a loopback sink through `delivery.relay`.
+
+Enqueues N messages (10 KiB by default) into a fresh spool, starts a recording SMTP sink in a
+separate process (tests/support/smtpsink.py, --count-only) on 127.0.0.1, runs the delivery
+Engine against it until the spool is empty (bounded by --max-seconds), and prints one JSON
+object: {"messages", "size", "seconds", "delivered_per_s", "sink_accepted", "uvloop", ...}.
+
+    python bench/bench_delivery.py --messages 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from mailgate.config import Config, DeliveryConfig, SpoolConfig  # noqa: E402
+from mailgate.deliver.engine import Engine  # noqa: E402
+from mailgate.spool.entry import Envelope, Recipient  # noqa: E402
+from mailgate.spool.ids import new_queue_id  # noqa: E402
+from mailgate.spool.store import Store  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def message(size: int, n: int) -> bytes:
+    head = (
+        f"From: Bench <bench@example.org>\r\nTo: <sink@example.net>\r\n"
+        f"Subject: bench {n}\r\nMessage-ID: <bench-{n}@example.org>\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+def fill(store: Store, count: int, size: int) -> None:
+    for n in range(count):
+        data = message(size, n)
+        env = Envelope(
+            id=new_queue_id(),
+            mail_from="bench@example.org",
+            recipients=(Recipient(f"rcpt{n % 10}@example.net"),),
+            size=len(data),
+        )
+        store.enqueue(env, data)
+
+
+async def deliver(cfg: Config, store: Store, count: int, max_seconds: float) -> float:
+    engine = Engine(cfg, store)
+    started = time.perf_counter()
+    task = asyncio.get_running_loop().create_task(engine.run())
+    env_dir = cfg.spool.path / "env"
+    deadline = started + max_seconds
+    while time.perf_counter() < deadline:  # bounded by --max-seconds
+        if not any(n.endswith(".json") for n in os.listdir(env_dir)):
+            break
+        await asyncio.sleep(0.02)
+    seconds = time.perf_counter() - started
+    await engine.stop()
+    await asyncio.wait_for(task, 30)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=10240)
+    parser.add_argument("--max-connections", type=int, default=50)
+    parser.add_argument("--max-per-destination", type=int, default=10)
+    parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args()
+
+    use_uvloop = False
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+            use_uvloop = True
+        except ImportError:
+            pass
+
+    port = free_port()
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.smtpsink", "--host", "127.0.0.1",
+         "--port", str(port), "--count-only"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sink.stdout is not None
+        ready = sink.stdout.readline()
+        if not ready.startswith("listening"):
+            raise SystemExit(f"sink did not start: {ready!r}")
+        with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
+            cfg = Config(
+                path=Path(tmp) / "mailgate.toml",
+                hostname="bench.example.org",
+                spool=SpoolConfig(Path(tmp) / "spool"),
+                delivery=DeliveryConfig(
+                    relay=f"127.0.0.1:{port}",
+                    max_connections=args.max_connections,
+                    max_per_destination=args.max_per_destination,
+                ),
+            )
+            store = Store(cfg.spool.path)
+            t0 = time.perf_counter()
+            fill(store, args.messages, args.size)
+            fill_seconds = time.perf_counter() - t0
+            cpu0 = time.process_time()
+            seconds = asyncio.run(deliver(cfg, store, args.messages, args.max_seconds))
+            cpu = time.process_time() - cpu0
+            left = len(store.ids())
+    finally:
+        sink.terminate()
+        out, _ = sink.communicate(timeout=30)
+    accepted = int(out.split("accepted")[-1].strip() or 0) if "accepted" in out else -1
+    delivered = args.messages - left
+    print(
+        json.dumps(
+            {
+                "messages": args.messages,
+                "size": args.size,
+                "delivered": delivered,
+                "sink_accepted": accepted,
+                "seconds": round(seconds, 3),
+                "delivered_per_s": round(delivered / seconds, 1),
+                "engine_cpu_s": round(cpu, 3),
+                "fill_seconds": round(fill_seconds, 3),
+                "max_per_destination": args.max_per_destination,
+                "uvloop": use_uvloop,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
