@@ -64,6 +64,9 @@ class MemoryDirectory:
     def list_domains(self) -> list[Domain]:
         return list(self.domains.values())
 
+    def set_smarthost_networks(self, domain: str, networks: tuple[str, ...]) -> None:
+        self.domains[domain] = replace(self.domains[domain], smarthost_networks=tuple(networks))
+
     def add_dkim_key(self, domain: str, key: DkimKey) -> None:
         d = self.domains[domain]
         self.domains[domain] = replace(d, keys=(*d.keys, key))
