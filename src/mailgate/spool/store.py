@@ -11,11 +11,14 @@ Layout (docs/ARCHITECTURE.md):
   spool/wakeup           touched by hold/release/delete/flush; a running engine polls its mtime
 
 Durability contract (RFC 5321 §6.1: once "250" is sent, the message must not be lost):
-commit() writes and fsyncs the message, renames it into msg/, writes and fsyncs the envelope,
-renames it into env/, fsyncs both directories, and only then returns. ENOSPC, EDQUOT and EFBIG
-raise SpoolFull (answered 452 4.3.1) and leave nothing in msg/ or env/; any other OS error raises
-SpoolError. `commit_batch()` does the same for several entries and fsyncs each directory once,
-which is what spool/group.py uses.
+commit() writes and fsyncs the message (and the envelope) in tmp/, renames the message into msg/,
+then the envelope into env/, fsyncs both directories, and only then returns. Files in tmp/ count
+for nothing, so the only orders that matter are: both files durable before the envelope's
+rename, the message renamed before the envelope. ENOSPC, EDQUOT and EFBIG raise SpoolFull
+(answered 452 4.3.1) and leave nothing in msg/ or env/; any other OS error raises SpoolError.
+`commit_batch()` does the same for several entries, fsyncs their files concurrently (a
+journaling file system folds overlapping fsyncs into one journal commit) and each directory
+once; spool/group.py uses it.
 
 Every change to a committed entry (update, hold, release, flush, remove) runs under
 fcntl.flock on the entry's env file, so the delivery engine and `mailgate queue` may work on the
@@ -34,6 +37,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +56,7 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _LOCK_ATTEMPTS = 1000  # each retry means another process replaced the file between open and flock
 _ID_ATTEMPTS = 100  # fresh ids to try when one is already on disk (practically never)
 _HEADER_LIMIT = 256 * 1024
+_FSYNC_WORKERS = 16  # concurrent fsyncs within one batch
 # What Envelope.from_json raises on malformed JSON or a JSON value of the wrong shape.
 _PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 _FILE_MODE = 0o600
@@ -274,6 +279,15 @@ class RecoveryReport:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """One entry of a batch whose two files are written and fsynced in tmp/."""
+
+    stored: Envelope
+    msg_tmp: Path
+    env_tmp: Path
+
+
 class Store:
     """The spool directory. Safe to use from several threads and several processes."""
 
@@ -420,76 +434,114 @@ class Store:
         entry. A failure of one entry's files fails only that entry; a failure to fsync a
         directory is shared, so it fails (and removes) every entry of the batch.
         """
-        results: list[Envelope | Exception] = []
-        staged: list[tuple[int, str]] = []
-        for incoming, envelope, prefix in items:
+        results: list[Envelope | Exception] = [UsageError("not committed")] * len(items)
+        claimed: list[tuple[int, Incoming, Envelope, bytes]] = []
+        for index, (incoming, envelope, prefix) in enumerate(items):
             try:
-                stored = self._stage(incoming, envelope, prefix)
-            except Exception as e:  # per entry: a bug in one must not fail its neighbours
-                results.append(e)
-            else:
-                staged.append((len(results), stored.id))
-                results.append(stored)
-        if staged:
+                if incoming._state == "open":
+                    self.prepare_commit(incoming, envelope)
+                elif incoming._state != "claimed":
+                    raise UsageError(f"qid={incoming.qid}: already committed or aborted")
+            except UsageError as e:
+                results[index] = e
+                continue
+            incoming._state = "done"  # whatever happens next, it cannot be committed twice
+            claimed.append((index, incoming, envelope, prefix))
+
+        # 1. Write and fsync both files of every entry. Concurrently: a journaling file system
+        # folds fsyncs that overlap into one journal commit, which is what makes a batch cheap.
+        if len(claimed) > 1:
+            workers = min(len(claimed), _FSYNC_WORKERS)
+            with ThreadPoolExecutor(workers, thread_name_prefix="spool-fsync") as pool:
+                staged = list(pool.map(lambda c: self._write_entry(*c[1:]), claimed))
+        else:
+            staged = [self._write_entry(*c[1:]) for c in claimed]
+
+        # 2. Rename each message into msg/, then its envelope into env/ (now it is committed).
+        renamed: list[tuple[int, Envelope]] = []
+        for (index, *_), entry in zip(claimed, staged, strict=True):
+            if isinstance(entry, Exception):
+                results[index] = entry
+                continue
+            try:
+                self._rename_entry(entry)
+            except SpoolError as e:
+                results[index] = e
+                continue
+            renamed.append((index, entry.stored))
+            results[index] = entry.stored
+
+        # 3. Make the renames durable: each directory once for the whole batch.
+        if renamed:
             try:
                 _fsync_dir(self.msg_dir)
                 _fsync_dir(self.env_dir)
             except OSError as e:
                 error = _spool_error(e, "fsync of spool directories")
-                log.error("spool commit failed for %d entries: %s", len(staged), error)
-                for index, qid in staged:
-                    self._unstage(qid)
+                log.error("spool commit failed for %d entries: %s", len(renamed), error)
+                for index, stored in renamed:
+                    self._unstage(stored.id)
                     results[index] = error
+                return results
+        for _, stored in renamed:
+            log.debug("qid=%s committed size=%d", stored.id, stored.size)
         return results
 
-    def _stage(self, incoming: Incoming, envelope: Envelope, prefix: bytes) -> Envelope:
-        """Write, fsync and rename the msg and env files of one entry (no directory fsync)."""
-        if incoming._state == "open":
-            self.prepare_commit(incoming, envelope)
-        elif incoming._state != "claimed":
-            raise UsageError(f"qid={incoming.qid}: incoming message already committed or aborted")
-        incoming._state = "done"  # whatever happens next, it cannot be committed twice
+    def _write_entry(
+        self, incoming: Incoming, envelope: Envelope, prefix: bytes
+    ) -> _Staged | Exception:
+        """Write and fsync one entry's message and envelope in tmp/; never raises."""
         qid = incoming.qid
-        if incoming._error is not None:
-            incoming._release()
-            raise incoming._error
         spill = incoming.spill_path
         msg_tmp = self.tmp_dir / f"{qid}.msg"
         env_tmp = self.tmp_dir / f"{qid}.env"
-        msg_path, env_path = self.msg_dir / f"{qid}.eml", self.env_dir / f"{qid}.json"
-        renamed: list[Path] = []
+        keep_spill = False
         try:
+            if incoming._error is not None:
+                return incoming._error
             if incoming._fd is not None and not prefix:
                 # Nothing to prepend: the spilled file already holds the message as it will
                 # be sent; make it durable and rename it rather than copy 50 MB.
                 os.fsync(incoming._fd)
-                incoming._close_fd()
-                msg_tmp = spill
+                msg_tmp, keep_spill = spill, True
             elif incoming._fd is not None:
                 incoming._close_fd()
                 self._write_new(msg_tmp, prefix, source=spill)
             else:
                 self._write_new(msg_tmp, prefix, incoming._buffer or b"")
-            os.rename(msg_tmp, msg_path)
-            renamed.append(msg_path)
             stored = replace(envelope, id=qid, size=len(prefix) + incoming.size)
             self._write_new(env_tmp, stored.to_json())
-            os.rename(env_tmp, env_path)
-            renamed.append(env_path)
+            return _Staged(stored, msg_tmp, env_tmp)
         except OSError as e:
-            # Nothing of a failed commit may remain: env first, so no state says "committed".
-            for p in reversed(renamed):
-                _unlink_quietly(p)
-            for p in (msg_tmp, env_tmp):
-                _unlink_quietly(p)
-            raise _spool_error(e, f"qid={qid} commit") from None
+            keep_spill = False
+            _unlink_quietly(msg_tmp)
+            _unlink_quietly(env_tmp)
+            return _spool_error(e, f"qid={qid} commit")
+        except Exception as e:  # per entry: a bug in one must not fail its neighbours
+            keep_spill = False
+            _unlink_quietly(msg_tmp)
+            _unlink_quietly(env_tmp)
+            return e
         finally:
             incoming._close_fd()
-            if msg_tmp != spill or not renamed:
+            if not keep_spill:
                 _unlink_quietly(spill)
             incoming._buffer = bytearray()  # free the memory of the message now
-        log.debug("qid=%s committed size=%d", qid, stored.size)
-        return stored
+
+    def _rename_entry(self, entry: _Staged) -> None:
+        qid = entry.stored.id
+        msg_path, env_path = self.msg_dir / f"{qid}.eml", self.env_dir / f"{qid}.json"
+        try:
+            os.rename(entry.msg_tmp, msg_path)
+            try:
+                os.rename(entry.env_tmp, env_path)
+            except OSError:
+                _unlink_quietly(msg_path)
+                raise
+        except OSError as e:
+            _unlink_quietly(entry.msg_tmp)
+            _unlink_quietly(entry.env_tmp)
+            raise _spool_error(e, f"qid={qid} commit") from None
 
     @staticmethod
     def prepare_commit(incoming: Incoming, envelope: Envelope) -> None:
