@@ -196,9 +196,12 @@ def delivery_status(dsn: bytes) -> list[dict[str, str]]:
     assert msg.get_param("report-type") == "delivery-status"
     for part in msg.walk():
         if part.get_content_type() in ("message/delivery-status", "message/global-delivery-status"):
-            # The email package parses each field group of a delivery-status as a message.
+            # The email package parses message/delivery-status into one message per field
+            # group, message/global-delivery-status (RFC 6533) into one message: flatten
+            # either back to text and split the groups at empty lines.
             payload = part.get_payload()
             assert isinstance(payload, list)
-            blocks = [b for b in payload if isinstance(b, email.message.Message)]
+            text = "\n\n".join(str(b) for b in payload).replace("\r\n", "\n")
+            blocks = [email.message_from_string(b) for b in text.split("\n\n") if b.strip()]
             return [{k.lower(): str(v) for k, v in block.items()} for block in blocks]
     raise AssertionError("no delivery-status part")

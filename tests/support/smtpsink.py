@@ -51,7 +51,9 @@ class Behaviour:
     Reply fields are complete reply lines without CRLF ("451 4.3.0 Try later"). `greeting`
     may contain "{host}". `rcpt_for` maps a lower-cased address to its RCPT reply.
     `hang_up_after_data` closes the connection after the final dot without replying (the
-    client cannot know whether the message was accepted).
+    client cannot know whether the message was accepted). `hold_end_of_data` never answers
+    the final dot and keeps the connection open until the client goes away (a client that is
+    killed while waiting).
     """
 
     greeting: str = "220 {host} ESMTP sink"
@@ -67,6 +69,7 @@ class Behaviour:
     data: str = "354 End data with <CR><LF>.<CR><LF>"
     end_of_data: str = "250 2.0.0 Ok: queued"
     hang_up_after_data: bool = False
+    hold_end_of_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -347,8 +350,12 @@ class SmtpSink:
                 if not b.data.startswith("3"):
                     continue
                 data = await _read_data(reader)
-                if b.hang_up_after_data:
+                if b.hang_up_after_data or b.hold_end_of_data:
                     self._record(helo, mail_from, mail_params, rcpts, rcpt_params, data, is_tls, "")
+                    if b.hold_end_of_data:
+                        for _ in range(100_000):  # bounded; ends at EOF when the client goes
+                            if not await reader.read(65536):
+                                break
                     return
                 answer = b.end_of_data
                 self._record(helo, mail_from, mail_params, rcpts, rcpt_params, data, is_tls, answer)
