@@ -16,6 +16,7 @@ RFCs:
 Choices made where the RFCs leave room (documented for operators):
 - A space (or several) after "FROM:" / "TO:" is tolerated; angle brackets are required.
 - General address literals (`[tag:content]`) are refused: only IPv4 and `IPv6:` literals.
+- "<" and ">" are refused even inside a quoted local part, so an address never contains them.
 - The bare `<postmaster>` recipient (any case) is returned as exactly "postmaster".
 - xtext hex digits are accepted in either case (RFC 3461 asks senders for upper case).
 - The local part is not limited to 64 octets (RFC 5321 §4.5.3.1.1 asks servers to be liberal),
@@ -39,8 +40,11 @@ from mailgate.smtp.events import MailFrom, RcptTo
 _U = "\u00a0-\ud7ff\ue000-\U0010ffff"
 _ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~" + _U
 _DOT_STRING = f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*"
-# qtextSMTP = %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP = "\" %d32-126
-_QUOTED_STRING = f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{_U}]|\\\\[\\x20-\\x7e])*"'
+# qtextSMTP = %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP = "\" %d32-126; both without
+# "<" and ">" (a deliberate narrowing: an address never contains them, so nothing downstream,
+# from a Received header to a DSN, can be confused about where an address ends).
+_QTEXT = "\\x20\\x21\\x23-\\x3b\\x3d\\x3f-\\x5b\\x5d-\\x7e" + _U
+_QUOTED_STRING = f'"(?:[{_QTEXT}]|\\\\[\\x20-\\x3b\\x3d\\x3f-\\x7e])*"'
 _LET_DIG = "A-Za-z0-9" + _U
 _SUB_DOMAIN = f"[{_LET_DIG}](?:[{_LET_DIG}\\-]*[{_LET_DIG}])?"
 _DOMAIN = f"{_SUB_DOMAIN}(?:\\.{_SUB_DOMAIN})*"
