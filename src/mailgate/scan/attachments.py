@@ -113,8 +113,8 @@ def find_blocked(
     blocked = frozenset(ext.strip(". ").casefold() for ext in blocked_extensions)
     root = _parse_bounded(message, max_depth=max_depth, max_parts=max_parts)
     try:
-        for path, part in _walk(root):
-            found = _check_part(path, part, blocked)
+        for path, part, facts in _walk(root):
+            found = _check_part(path, part, facts, blocked)
             if found is not None:
                 return found
     except Rejected:
@@ -201,6 +201,42 @@ class _BoundedMessage(EmailMessage):
         super().__init__(policy=policy)
         self._mailgate_budget = budget
         self._mailgate_depth = 0
+        self._mailgate_ctype: str | None = None
+
+    # The parser asks each part's content type five times or so, and policy.default parses
+    # the Content-Type header afresh every time: that was half the cost of checking a 10 KB
+    # message. The answer is kept until a header or the default type changes (the parser
+    # sets headers with set_raw and the digest default with set_default_type; the other
+    # mutators are covered so that the cache can never go stale).
+
+    def get_content_type(self) -> str:
+        if self._mailgate_ctype is None:
+            self._mailgate_ctype = super().get_content_type()
+        return self._mailgate_ctype
+
+    def set_raw(self, name: str, value: Any) -> None:
+        self._mailgate_ctype = None
+        super().set_raw(name, value)
+
+    def __setitem__(self, name: str, val: Any) -> None:
+        self._mailgate_ctype = None
+        super().__setitem__(name, val)
+
+    def __delitem__(self, name: str) -> None:
+        self._mailgate_ctype = None
+        super().__delitem__(name)
+
+    def add_header(self, _name: str, _value: str, **_params: Any) -> None:
+        self._mailgate_ctype = None
+        super().add_header(_name, _value, **_params)
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        self._mailgate_ctype = None
+        super().replace_header(_name, _value)
+
+    def set_default_type(self, ctype: str) -> None:
+        self._mailgate_ctype = None
+        super().set_default_type(ctype)
 
     def attach(self, payload: Any) -> None:  # typeshed disagrees with itself here
         if isinstance(payload, _BoundedMessage):
@@ -239,7 +275,39 @@ def _parse_bounded(message: bytes, *, max_depth: int, max_parts: int) -> _Bounde
 # --- the walk ---------------------------------------------------------------------
 
 
-def _walk(root: Message) -> Iterator[tuple[str, Message]]:
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What the checks need from one part's headers, each header parsed once.
+
+    policy.default builds a structured header object on every access, which costs more than
+    the rest of the walk for a small message, so the walk reads each header a single time.
+    """
+
+    ctype: str  # the content type as the parser used it ("text/plain" when invalid)
+    declared: tuple[str, ...]  # every Content-Type value, case-folded
+    names: tuple[str, ...]  # every name a client might save the part under
+    cte: str  # Content-Transfer-Encoding, case-folded, "" when absent
+
+    @property
+    def maintype(self) -> str:
+        return self.ctype.split("/", 1)[0]
+
+
+def _facts(part: Message) -> _Facts:
+    content_types = part.get_all("content-type", [])
+    # Exactly the type the parser used (cached by _BoundedMessage, so no new header parse).
+    ctype = part.get_content_type()
+    dispositions = part.get_all("content-disposition", [])
+    cte = str(part.get("content-transfer-encoding", "")).strip().casefold()
+    return _Facts(
+        ctype=ctype,
+        declared=tuple(str(v).casefold() for v in content_types),
+        names=tuple(_names(dispositions, "filename") + _names(content_types, "name")),
+        cte=cte,
+    )
+
+
+def _walk(root: Message) -> Iterator[tuple[str, Message, _Facts]]:
     """Every part in document order, with its IMAP-style path ("", "1", "1.2" ...).
 
     Iterative, and bounded because the parse already bounded the tree's size and depth.
@@ -247,9 +315,10 @@ def _walk(root: Message) -> Iterator[tuple[str, Message]]:
     stack: list[tuple[str, Message]] = [("", root)]
     while stack:
         path, part = stack.pop()
-        _refuse_ambiguous(path, part)
-        yield path, part
-        payload = part.get_payload()
+        facts = _facts(part)
+        _refuse_ambiguous(path, part, facts)
+        yield path, part, facts
+        payload = part.get_payload() if part.is_multipart() else None
         if isinstance(payload, list):
             children = [
                 (f"{path}.{i}" if path else str(i), child)
@@ -259,46 +328,46 @@ def _walk(root: Message) -> Iterator[tuple[str, Message]]:
             stack.extend(reversed(children))
 
 
-def _refuse_ambiguous(path: str, part: Message) -> None:
+def _refuse_ambiguous(path: str, part: Message, facts: _Facts) -> None:
     """Refuse structures that another MIME parser could read differently from ours.
 
     A client that finds parts we did not see would show attachments we never checked.
     """
     where = f"part {path or 'top'}"
-    maintype = part.get_content_maintype()
-    declared = [str(v).casefold() for v in part.get_all("content-type", [])]
-    if len({v.split(";", 1)[0].strip() for v in declared}) > 1:
+    if len({v.split(";", 1)[0].strip() for v in facts.declared}) > 1:
         raise Rejected(replies.BAD_MIME, reason=f"{where}: conflicting Content-Type headers")
-    if maintype not in ("multipart", "message") and any(
-        "multipart/" in v or "message/" in v for v in declared
+    if facts.maintype not in ("multipart", "message") and any(
+        "multipart/" in v or "message/" in v for v in facts.declared
     ):
         # e.g. "Content-Type: (comment) multipart/mixed": the parser saw text, a client may not.
         raise Rejected(replies.BAD_MIME, reason=f"{where}: unparseable container Content-Type")
-    if maintype == "multipart" and not part.is_multipart():
+    if facts.maintype == "multipart" and not part.is_multipart():
         # RFC 2046 §5.1.1: no boundary parameter, or the boundary never appears.
         raise Rejected(replies.BAD_MIME, reason=f"{where}: multipart without usable boundary")
-    if maintype == "message" and part.is_multipart():
-        cte = str(part.get("content-transfer-encoding", "7bit")).strip().casefold()
-        if cte not in ("7bit", "8bit", "binary"):
-            # RFC 2046 §5.2.1: an encoded message/rfc822 body is not allowed; the parser
-            # would read the base64 text as the inner message and miss what it carries.
-            raise Rejected(replies.BAD_MIME, reason=f"{where}: encoded {part.get_content_type()}")
+    if (
+        facts.maintype == "message"
+        and part.is_multipart()
+        and facts.cte not in ("", "7bit", "8bit", "binary")
+    ):
+        # RFC 2046 §5.2.1: an encoded message/rfc822 body is not allowed; the parser would
+        # read the base64 text as the inner message and miss what it carries.
+        raise Rejected(replies.BAD_MIME, reason=f"{where}: encoded {facts.ctype}")
 
 
-def _check_part(path: str, part: Message, blocked: frozenset[str]) -> Blocked | None:
-    if part.get_content_maintype() == "multipart":
+def _check_part(path: str, part: Message, facts: _Facts, blocked: frozenset[str]) -> Blocked | None:
+    if facts.maintype == "multipart":
         return None  # a container's name is never saved by a client; its children are checked
-    for name in _names(part):
+    for name in facts.names:
         ext = extension_of(name)
         if ext and ext in blocked:
             return Blocked(name=_printable(name), reason=f"extension .{ext}")
     if part.is_multipart():
         return None  # message/rfc822: its inner parts are walked next
-    is_text = part.get_content_maintype() == "text"
-    payload = _decoded(part, whole=is_text)
+    is_text = facts.maintype == "text"
+    payload = _decoded(part, facts.cte, whole=is_text)
     kind = executable_kind(payload, is_text=is_text)
     if kind is not None:
-        label = next(iter(_names(part)), "") or f"part {path or '1'} ({part.get_content_type()})"
+        label = facts.names[0] if facts.names else f"part {path or '1'} ({facts.ctype})"
         return Blocked(name=_printable(label), reason=f"content is {kind}")
     if is_text:
         for match in _UUENCODE_BEGIN.finditer(payload):
@@ -309,7 +378,7 @@ def _check_part(path: str, part: Message, blocked: frozenset[str]) -> Blocked | 
     return None
 
 
-def _decoded(part: Message, *, whole: bool) -> bytes:
+def _decoded(part: Message, cte: str, *, whole: bool) -> bytes:
     """The part's content with its transfer encoding undone (RFC 2045 §6).
 
     Unless `whole` is asked for, only a prefix long enough for `executable_kind` is decoded
@@ -319,7 +388,6 @@ def _decoded(part: Message, *, whole: bool) -> bytes:
     raw = part.get_payload()
     if not isinstance(raw, str):
         return b""
-    cte = str(part.get("content-transfer-encoding", "")).strip().casefold()
     if not whole and cte == "base64" and len(raw) > _PE_HEADER_SEARCH * 2:
         # 4 characters carry 3 bytes; line breaks and junk are dropped before the cut so
         # that the prefix ends on a whole quantum (RFC 2045 §6.8).
@@ -336,17 +404,15 @@ def _decoded(part: Message, *, whole: bool) -> bytes:
     return decoded if isinstance(decoded, bytes) else b""
 
 
-def _names(part: Message) -> list[str]:
-    """Every name a client might save this part under, from every header that can carry one."""
+def _names(headers: list[Any], param: str) -> list[str]:
+    """The `param` values of parsed headers, strictly and leniently read, RFC 2047-decoded."""
     names: list[str] = []
-    for header in ("content-disposition", "content-type"):
-        param = "filename" if header == "content-disposition" else "name"
-        for value in part.get_all(header, []):
-            params = getattr(value, "params", None)
-            if params is not None and params.get(param):
-                names.append(str(params[param]))
-            # The lenient reading of the same header (see _RAW_NAME_PARAM).
-            names.extend(m.group(1) for m in _RAW_NAME_PARAM.finditer(str(value)))
+    for value in headers:
+        params = getattr(value, "params", None)
+        if params is not None and params.get(param):
+            names.append(str(params[param]))
+        # The lenient reading of the same header (see _RAW_NAME_PARAM).
+        names.extend(m.group(1) for m in _RAW_NAME_PARAM.finditer(str(value)))
     decoded = [_decode_words(n) for n in names if "=?" in n]
     return [n for n in dict.fromkeys(names + decoded) if n.strip()]
 
