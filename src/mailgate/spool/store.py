@@ -35,6 +35,7 @@ import io
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -279,13 +280,45 @@ class RecoveryReport:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Staged:
-    """One entry of a batch whose two files are written and fsynced in tmp/."""
+    """One entry of a batch whose two files are written in tmp/; `fds` still need an fsync."""
 
     stored: Envelope
     msg_tmp: Path
     env_tmp: Path
+    fds: list[int]
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def discard(self) -> None:
+        self.close()
+        _unlink_quietly(self.msg_tmp)
+        _unlink_quietly(self.env_tmp)
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    """Threads for concurrent fsyncs (which release the GIL); made again after a fork."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(_FSYNC_WORKERS, "spool-fsync"))
+        return _pool[1]
+
+
+def _fsync_or_error(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        return e
+    return None
 
 
 class Store:
@@ -448,14 +481,25 @@ class Store:
             incoming._state = "done"  # whatever happens next, it cannot be committed twice
             claimed.append((index, incoming, envelope, prefix))
 
-        # 1. Write and fsync both files of every entry. Concurrently: a journaling file system
-        # folds fsyncs that overlap into one journal commit, which is what makes a batch cheap.
-        if len(claimed) > 1:
-            workers = min(len(claimed), _FSYNC_WORKERS)
-            with ThreadPoolExecutor(workers, thread_name_prefix="spool-fsync") as pool:
-                staged = list(pool.map(lambda c: self._write_entry(*c[1:]), claimed))
+        # 1. Write both files of every entry in tmp/, then fsync them all. Concurrently: a
+        # journaling file system folds overlapping fsyncs into one journal commit, which is what
+        # makes a batch cheap. Only the fsyncs run in threads: the rest needs the GIL anyway.
+        staged: list[_Staged | Exception] = [self._write_entry(*c[1:]) for c in claimed]
+        fds = [fd for entry in staged if isinstance(entry, _Staged) for fd in entry.fds]
+        if len(fds) > 1:
+            errors = list(_fsync_pool().map(_fsync_or_error, fds))
         else:
-            staged = [self._write_entry(*c[1:]) for c in claimed]
+            errors = [_fsync_or_error(fd) for fd in fds]
+        failed = {fd: e for fd, e in zip(fds, errors, strict=True) if e is not None}
+        for i, entry in enumerate(staged):
+            if not isinstance(entry, _Staged):
+                continue
+            fsync_error = next((failed[fd] for fd in entry.fds if fd in failed), None)
+            if fsync_error is not None:
+                entry.discard()
+                staged[i] = _spool_error(fsync_error, f"qid={entry.stored.id} commit")
+            else:
+                entry.close()
 
         # 2. Rename each message into msg/, then its envelope into env/ (now it is committed).
         renamed: list[tuple[int, Envelope]] = []
@@ -477,11 +521,11 @@ class Store:
                 _fsync_dir(self.msg_dir)
                 _fsync_dir(self.env_dir)
             except OSError as e:
-                error = _spool_error(e, "fsync of spool directories")
-                log.error("spool commit failed for %d entries: %s", len(renamed), error)
+                dir_error = _spool_error(e, "fsync of spool directories")
+                log.error("spool commit failed for %d entries: %s", len(renamed), dir_error)
                 for index, stored in renamed:
                     self._unstage(stored.id)
-                    results[index] = error
+                    results[index] = dir_error
                 return results
         for _, stored in renamed:
             log.debug("qid=%s committed size=%d", stored.id, stored.size)
@@ -490,11 +534,12 @@ class Store:
     def _write_entry(
         self, incoming: Incoming, envelope: Envelope, prefix: bytes
     ) -> _Staged | Exception:
-        """Write and fsync one entry's message and envelope in tmp/; never raises."""
+        """Write one entry's message and envelope in tmp/, not yet fsynced; never raises."""
         qid = incoming.qid
         spill = incoming.spill_path
         msg_tmp = self.tmp_dir / f"{qid}.msg"
         env_tmp = self.tmp_dir / f"{qid}.env"
+        fds: list[int] = []
         keep_spill = False
         try:
             if incoming._error is not None:
@@ -502,26 +547,21 @@ class Store:
             if incoming._fd is not None and not prefix:
                 # Nothing to prepend: the spilled file already holds the message as it will
                 # be sent; make it durable and rename it rather than copy 50 MB.
-                os.fsync(incoming._fd)
+                fds.append(incoming._fd)
+                incoming._fd = None
                 msg_tmp, keep_spill = spill, True
             elif incoming._fd is not None:
                 incoming._close_fd()
-                self._write_new(msg_tmp, prefix, source=spill)
+                fds.append(self._write_new(msg_tmp, prefix, source=spill))
             else:
-                self._write_new(msg_tmp, prefix, incoming._buffer or b"")
+                fds.append(self._write_new(msg_tmp, prefix, incoming._buffer or b""))
             stored = replace(envelope, id=qid, size=len(prefix) + incoming.size)
-            self._write_new(env_tmp, stored.to_json())
-            return _Staged(stored, msg_tmp, env_tmp)
-        except OSError as e:
+            fds.append(self._write_new(env_tmp, stored.to_json()))
+            return _Staged(stored, msg_tmp, env_tmp, fds)
+        except Exception as e:  # per entry: even a bug in one must not fail its neighbours
             keep_spill = False
-            _unlink_quietly(msg_tmp)
-            _unlink_quietly(env_tmp)
-            return _spool_error(e, f"qid={qid} commit")
-        except Exception as e:  # per entry: a bug in one must not fail its neighbours
-            keep_spill = False
-            _unlink_quietly(msg_tmp)
-            _unlink_quietly(env_tmp)
-            return e
+            _Staged(envelope, msg_tmp, env_tmp, fds).discard()
+            return _spool_error(e, f"qid={qid} commit") if isinstance(e, OSError) else e
         finally:
             incoming._close_fd()
             if not keep_spill:
@@ -663,7 +703,7 @@ class Store:
                 raise UsageError(f"qid={qid}: update changed the id to {new.id!r}")
             tmp = self.tmp_dir / f"{qid}.{secrets.token_hex(6)}.update"
             try:
-                self._write_new(tmp, new.to_json())
+                self._write_durably(tmp, new.to_json())
                 os.rename(tmp, self.envelope_path(qid))
                 _fsync_dir(self.env_dir)
             except OSError as e:
@@ -769,9 +809,10 @@ class Store:
         body: bytes | bytearray = b"",
         *,
         source: Path | None = None,
-    ) -> None:
-        """Create `path` (0600, must not exist) with head + body (+ the bytes of `source`),
-        fsync it, close it. On error the file is removed and the OSError propagates."""
+    ) -> int:
+        """Create `path` (0600, must not exist) with head + body (+ the bytes of `source`) and
+        return its open fd, not yet fsynced. On error the file is removed and the OSError
+        propagates."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         try:
             if self._owner is not None:
@@ -786,17 +827,19 @@ class Store:
                         _write_all(fd, chunk)
                 finally:
                     os.close(src)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return fd
+
+    def _write_durably(self, path: Path, data: bytes) -> None:
+        """Create `path` with `data`, fsync and close it (removed again on error)."""
+        fd = self._write_new(path, data)
+        try:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
             raise
         os.close(fd)
-
-    @staticmethod
-    def _fsync_file(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
