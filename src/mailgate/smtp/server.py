@@ -94,16 +94,17 @@ from mailgate.smtp.events import (
 )
 
 
-class _NeedData:
-    """The type of NEED_DATA: next_event() has nothing to return until more bytes arrive."""
+class _NeedData(enum.Enum):
+    """The type of NEED_DATA: next_event() has nothing to return until more bytes arrive.
+    A one-member enum, so that `event is not NEED_DATA` narrows the type for mypy."""
 
-    __slots__ = ()
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 class State(enum.Enum):
