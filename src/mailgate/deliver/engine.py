@@ -58,7 +58,12 @@ IDLE_KEEP = 2.0  # seconds an idle connection waits for another message (Postfix
 MAX_TRANSACTIONS_PER_CONNECTION = 1000  # then QUIT and reconnect, bounding one session
 MAX_HISTORY = 100  # attempts kept per recipient for `queue show`
 STOP_GRACE = 10.0  # seconds stop() lets transactions in flight finish
-LARGE_MESSAGE = 256 * 1024  # read in a worker thread above this size
+# Messages up to this size are read once per try and shared by the entry's jobs; larger ones
+# are read by the connection that sends them (in a worker thread), so memory stays bounded.
+CACHED_MESSAGE = 64 * 1024
+# Entries being worked on at once; the rest of a backlog waits on the heap, so that a queue of
+# 100 000 messages costs envelopes in memory, not message bodies or tasks.
+MAX_ACTIVE_ENTRIES = 2000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 
@@ -138,17 +143,21 @@ class Engine:
         """Pick up everything in the spool, then deliver until `stop()`."""
         last_poke = await asyncio.to_thread(self.store.wakeup_mtime)
         await self._load(await asyncio.to_thread(self.store.ids), reload=True)
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + POLL_INTERVAL
         try:
             while not self._stopping:
                 await self._dispatch_due()
                 await self._wait()
                 if self._stopping:
                     break
-                poke = await asyncio.to_thread(self.store.wakeup_mtime)
-                if poke != last_poke:
-                    # queue flush/hold/release/delete: their changes are on disk.
-                    last_poke = poke
-                    self._rescan_all = True
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + POLL_INTERVAL
+                    poke = await asyncio.to_thread(self.store.wakeup_mtime)
+                    if poke != last_poke:
+                        # queue flush/hold/release/delete: their changes are on disk.
+                        last_poke = poke
+                        self._rescan_all = True
                 await self._rescan()
         finally:
             self._stopped.set()
@@ -170,7 +179,7 @@ class Engine:
 
     async def _wait(self) -> None:
         timeout = POLL_INTERVAL
-        if self._heap:
+        if self._heap and len(self._active) < MAX_ACTIVE_ENTRIES:
             until = (self._heap[0][0] - self.now()).total_seconds()
             timeout = max(0.0, min(timeout, until))
         if timeout > 0 and not self._event.is_set():
@@ -193,7 +202,12 @@ class Engine:
     async def _dispatch_due(self) -> None:
         now = self.now()
         started = 0
-        while self._heap and self._heap[0][0] <= now and not self._stopping:
+        while (
+            self._heap
+            and self._heap[0][0] <= now
+            and not self._stopping
+            and len(self._active) < MAX_ACTIVE_ENTRIES
+        ):
             due, _, qid = heapq.heappop(self._heap)
             if self._due.get(qid) != due:
                 continue  # superseded by a later _schedule()
@@ -278,13 +292,11 @@ class Engine:
 
     async def _prepare(self, qid: str, env: Envelope, due: tuple[Recipient, ...]) -> None:
         try:
-            message = self._messages.get(qid)
-            if message is None:
-                if env.size > LARGE_MESSAGE:
-                    message = await asyncio.to_thread(self.store.read_message, qid)
-                else:
-                    message = self.store.read_message(qid)
-                self._messages[qid] = message
+            if 0 < env.size <= CACHED_MESSAGE:
+                # A small file from the page cache: reading it here is cheaper than a thread.
+                head = self._messages[qid] = self.store.read_message(qid)
+            else:
+                head = await asyncio.to_thread(self.store.read_headers, qid)
         except NotFound:
             self._active.pop(qid, None)
             self._forget(qid)
@@ -295,7 +307,7 @@ class Engine:
             self._schedule_retry_later(qid)
             return
 
-        hops = _received_count(message)
+        hops = _received_count(head)
         if hops > self.dcfg.hop_limit:
             reply = replies.HOP_LIMIT_EXCEEDED
             detail = f"{hops} Received headers, more than the hop limit {self.dcfg.hop_limit}"
@@ -370,7 +382,7 @@ class Engine:
                         conn = await self._connect(dest, job)
                         if conn is None:
                             continue  # the job (and the backlog) got their results
-                    transfer = self._transfer(job)
+                    transfer = await self._transfer(job)
                     if transfer is None:
                         self._job_vanished(job)
                         continue
@@ -386,11 +398,17 @@ class Engine:
             elif not dest.jobs and dest.workers == 0:
                 self._destinations.pop(dest.key, None)
 
-    def _transfer(self, job: _Job) -> Transfer | None:
+    async def _transfer(self, job: _Job) -> Transfer | None:
         env = self._envelopes.get(job.qid)
-        message = self._messages.get(job.qid)
-        if env is None or message is None:
+        if env is None:
             return None
+        message = self._messages.get(job.qid)
+        if message is None:
+            try:
+                message = await asyncio.to_thread(self.store.read_message, job.qid)
+            except SpoolError as e:  # NotFound included: deleted by the operator
+                log.info("qid=%s message unavailable: %s", job.qid, e)
+                return None
         return Transfer(job.qid, env, job.recipients, message)
 
     def _job_vanished(self, job: _Job) -> None:
@@ -459,6 +477,8 @@ class Engine:
             return
         self._active.pop(qid, None)
         self._messages.pop(qid, None)
+        if len(self._active) == MAX_ACTIVE_ENTRIES - 1:
+            self._event.set()  # the dispatcher was held back by the cap
         env = self._envelopes.get(qid)
         if env is None:
             self._forget(qid)
