@@ -430,6 +430,31 @@ def test_flat_bomb_is_refused_quickly() -> None:
     assert time.perf_counter() - started < 1.0
 
 
+def encoded_words_field(count: int) -> bytes:
+    return b'Content-Disposition: attachment; filename="' + b"=?utf-8?q?a?= " * count + b'"'
+
+
+def test_long_mime_header_fields_are_refused_before_they_are_parsed() -> None:
+    # policy.default takes seconds on 280 KB of encoded words; the bound refuses at once.
+    msg = message(part(encoded_words_field(20_000).decode(), b"x"))
+    started = time.perf_counter()
+    assert "Content-Disposition field longer than 16384" in refusal(msg).reason
+    assert time.perf_counter() - started < 0.5
+    # Just under the bound it is parsed, in well under a second.
+    assert find_blocked(message(part(encoded_words_field(1_100).decode(), b"x")), BLOCKED) is None
+
+
+def test_repeated_mime_header_fields_are_refused() -> None:
+    msg = message(part("Content-Type: text/plain\n" * 5, b"x"))
+    assert "Content-Type field repeated more than 4 times" in refusal(msg).reason
+
+
+def test_total_size_of_mime_header_fields_is_bounded() -> None:
+    field = "Content-Type: application/pdf; name=" + "n" * 16_000 + ".pdf"
+    msg = message(multipart(*(part(field, b"x") for _ in range(40))))  # 40 x 16 KB
+    assert "MIME header fields longer than 524288" in refusal(msg).reason
+
+
 def test_bounds_are_parameters() -> None:
     refusal(nested(3), max_depth=3)
     assert find_blocked(with_text(attachment("inline")), BLOCKED, max_parts=3) is None

@@ -18,7 +18,10 @@ clients and decoded by the rest, so we decode them too).
 Bounds: the parser builds message objects through our own factory (a public parameter of
 ``BytesFeedParser``), which counts every part and its depth as the parser attaches it, and stops the
 parse at the first part past a bound. A MIME bomb of thousands of nested or sibling parts is
-therefore refused after at most ``max_parts`` objects, whatever its length.
+therefore refused after at most ``max_parts`` objects, whatever its length. The header
+fields that get parsed (Content-Type, Content-Disposition, Content-Transfer-Encoding) are
+bounded in length, repetition and total size before policy.default parses them, since its
+header parser is quadratic on some inputs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ MAX_PARTS = 500  # message objects in the whole tree, the top-level message incl
 
 _BASE64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
 _FEED_CHUNK = 64 * 1024  # bytes handed to the parser at a time
+
+# The header fields that policy.default parses for the walk. Its parser is quadratic in the
+# number of encoded words or parameters of one field (a 280 KB Content-Disposition took 12 s),
+# so these are bounded before they are parsed. A long RFC 2231 file name stays under 3 KB.
+_PARSED_HEADERS = frozenset({"content-type", "content-disposition", "content-transfer-encoding"})
+_MAX_PARSED_HEADER = 16 * 1024  # characters in one field, folding included
+_MAX_PARSED_HEADER_REPEAT = 4  # fields of one name in one part
+_MAX_PARSED_HEADERS_TOTAL = 512 * 1024  # characters of those fields in the whole message
 
 # Bytes of a decoded part looked at for executable magic: the PE header offset may point
 # anywhere, but a real PE header is within the first few KiB.
@@ -180,13 +191,14 @@ class _TooComplex(Exception):
 
 
 class _Budget:
-    """Parts left to create and the deepest nesting allowed, shared by one parse."""
+    """What one parse may still create: parts, depth, characters of parsed header fields."""
 
-    __slots__ = ("max_depth", "parts_left")
+    __slots__ = ("header_chars_left", "max_depth", "parts_left")
 
     def __init__(self, max_depth: int, max_parts: int) -> None:
         self.max_depth = max_depth
         self.parts_left = max_parts
+        self.header_chars_left = _MAX_PARSED_HEADERS_TOTAL
 
 
 class _BoundedMessage(EmailMessage):
@@ -202,6 +214,7 @@ class _BoundedMessage(EmailMessage):
         self._mailgate_budget = budget
         self._mailgate_depth = 0
         self._mailgate_ctype: str | None = None
+        self._mailgate_seen: dict[str, int] = {}  # parsed-header fields stored, by name
 
     # The parser asks each part's content type five times or so, and policy.default parses
     # the Content-Type header afresh every time: that was half the cost of checking a 10 KB
@@ -215,6 +228,21 @@ class _BoundedMessage(EmailMessage):
         return self._mailgate_ctype
 
     def set_raw(self, name: str, value: Any) -> None:
+        # The parser stores every header with set_raw before anything reads it, so the
+        # bounds on the headers that get parsed are enforced here, before policy.default
+        # spends time on them.
+        key = name.casefold()
+        if key in _PARSED_HEADERS:
+            if len(value) > _MAX_PARSED_HEADER:
+                raise _TooComplex(f"{name} field longer than {_MAX_PARSED_HEADER} characters")
+            # Counted here: get_all() would parse the earlier fields.
+            seen = self._mailgate_seen.get(key, 0) + 1
+            if seen > _MAX_PARSED_HEADER_REPEAT:
+                raise _TooComplex(f"{name} field repeated more than {seen - 1} times")
+            self._mailgate_seen[key] = seen
+            self._mailgate_budget.header_chars_left -= len(value)
+            if self._mailgate_budget.header_chars_left < 0:
+                raise _TooComplex(f"MIME header fields longer than {_MAX_PARSED_HEADERS_TOTAL}")
         self._mailgate_ctype = None
         super().set_raw(name, value)
 
