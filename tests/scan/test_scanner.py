@@ -164,7 +164,7 @@ def stopped_clamd(tmp_path: Path) -> ClamdHandle:
 
 
 def test_blocked_type_is_refused_without_asking_clamd(stopped_clamd: ClamdHandle) -> None:
-    scanner = Scanner(ScannerConfig(clamd=stopped_clamd.tcp_spec))
+    scanner = Scanner(ScannerConfig(clamd=stopped_clamd.tcp_spec, timeout=5.0))
     msg = with_attachment(b"MZ", "invoice.pdf.exe")
     error = refused(scanner, msg)
     assert error.reply == replies.blocked_file("invoice.pdf.exe")
@@ -172,7 +172,7 @@ def test_blocked_type_is_refused_without_asking_clamd(stopped_clamd: ClamdHandle
 
 
 def test_mime_bomb_is_refused_quickly_without_asking_clamd(stopped_clamd: ClamdHandle) -> None:
-    scanner = Scanner(ScannerConfig(clamd=stopped_clamd.unix_spec))
+    scanner = Scanner(ScannerConfig(clamd=stopped_clamd.unix_spec, timeout=5.0))
     layers = 10_000
     bomb = b"From: a@example.org\r\nMIME-Version: 1.0\r\n" + b"".join(
         b'Content-Type: multipart/mixed; boundary="n%d"\r\n\r\n--n%d\r\n' % (i, i)
@@ -191,7 +191,7 @@ def test_mime_bomb_is_refused_quickly_without_asking_clamd(stopped_clamd: ClamdH
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_clamd_stopped_is_unavailable(stopped_clamd: ClamdHandle, transport: str) -> None:
     spec = stopped_clamd.tcp_spec if transport == "tcp" else stopped_clamd.unix_spec
-    scanner = Scanner(ScannerConfig(clamd=spec, connect_timeout=2.0))
+    scanner = Scanner(ScannerConfig(clamd=spec, timeout=5.0, connect_timeout=2.0))
     with pytest.raises(ScannerUnavailable):
         check(scanner, new_message().as_bytes())
     assert replies.SCANNER_UNAVAILABLE.line().startswith("451 4.7.1 ")
@@ -199,7 +199,7 @@ def test_clamd_stopped_is_unavailable(stopped_clamd: ClamdHandle, transport: str
 
 def test_clamd_stopped_while_running(tmp_path: Path) -> None:
     with running_clamd(tmp_path) as handle:
-        scanner = Scanner(ScannerConfig(clamd=handle.tcp_spec))
+        scanner = Scanner(ScannerConfig(clamd=handle.tcp_spec, timeout=5.0))
         assert CLEAN_HEADER.fullmatch(check(scanner, new_message().as_bytes()).header)
         handle.stop()
         assert not handle.is_running
