@@ -666,7 +666,7 @@ def _increment_many(spool: Path, qid: str, times: int) -> None:
 def test_concurrent_updates_from_two_processes_lose_nothing(store: Store) -> None:
     stored = commit(store)
     ctx = multiprocessing.get_context("fork")
-    times = 200
+    times = 50
     procs = [ctx.Process(target=_increment_many, args=(store.path, stored.id, times)) for _ in "ab"]
     for p in procs:
         p.start()
