@@ -8,7 +8,7 @@ the seed promises that zipping a file avoids the file-type restriction; their co
 go to clamd, which unpacks archives itself.
 
 Must not: do I/O, log, or know about clamd. It parses the message exactly once, with the
-stdlib ``email`` package (``policy.default``), and reads each part's payload at most once.
+stdlib ``email`` package (``policy.default``), and decodes each part's payload at most once.
 
 RFCs: 2045 §6 (Content-Transfer-Encoding), 2046 §5.1 (multipart), §5.2.1 (message/rfc822 is
 7bit/8bit/binary only), 2183 (Content-Disposition filename), 2231 (parameter continuations and
@@ -16,9 +16,9 @@ charsets), 2047 §5 (encoded words; forbidden in quoted parameters, but produced
 clients and decoded by the rest, so we decode them too).
 
 Bounds: the parser builds message objects through our own factory (a public parameter of
-``BytesFeedParser``), which counts every part and its depth as the parser attaches it, and stops the
-parse at the first part past a bound. A MIME bomb of thousands of nested or sibling parts is
-therefore refused after at most ``max_parts`` objects, whatever its length. The header
+``BytesFeedParser``), which counts every part and its depth as the parser attaches it, and
+stops the parse at the first part past a bound. A MIME bomb of thousands of nested or sibling
+parts is therefore refused after at most ``max_parts`` objects, whatever its length. The header
 fields that get parsed (Content-Type, Content-Disposition, Content-Transfer-Encoding) are
 bounded in length, repetition and total size before policy.default parses them, since its
 header parser is quadratic on some inputs.
@@ -131,10 +131,11 @@ def find_blocked(
     except Rejected:
         raise
     except Exception as e:
-        # The stdlib email package raises on some hostile inputs (bad uuencode, odd
-        # RFC 2231 charsets); what it cannot decode we cannot inspect, so we refuse. The
-        # cause stays chained so that the caller can log the traceback (a bug of ours would
-        # show up there, not hide behind the 554).
+        # The email package is meant to record defects rather than raise, and fuzzing found
+        # no input that makes it raise, but past releases did (and deep comment nesting
+        # still gives RecursionError). What it cannot decode we cannot inspect, so we refuse.
+        # The cause stays chained so that the caller logs the traceback: a bug of ours
+        # would show up there rather than hide behind the 554.
         raise Rejected(replies.BAD_MIME, reason=f"MIME walk failed: {_where(e)}") from e
     return None
 
