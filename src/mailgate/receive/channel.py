@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 _HIGH_WATER = 256 * 1024  # pause reading above this many unread bytes
 
@@ -39,8 +40,8 @@ class Channel(asyncio.Protocol):
 
     # --- protocol callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
@@ -102,11 +103,17 @@ class Channel(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             await self._writable
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Upgrade to TLS as the server (RFC 3207); refuses if plaintext is still buffered."""
+    async def start_tls(self, context: ssl.SSLContext, timeout: float, ready: bytes) -> None:
+        """Write the `ready` reply (220) and upgrade to TLS as the server (RFC 3207).
+
+        Refuses when plaintext is still buffered. The check, the write and the start of the
+        upgrade happen without yielding to the event loop, so the client's handshake cannot be
+        mistaken for pipelined plaintext and no plaintext can be read after the check.
+        """
         if self.has_unread:
             raise PlaintextAfterStartTls
         assert self.transport is not None
+        self.transport.write(ready)
         loop = asyncio.get_running_loop()
         new = await loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout

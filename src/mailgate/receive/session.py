@@ -189,9 +189,9 @@ class Session:
 
     async def _start_tls(self) -> None:
         assert self.s.tls is not None, "STARTTLS offered without a TLS context"
-        await self._flush()  # the 220 goes out in plaintext
+        ready = self.conn.data_to_send()  # the 220 goes out in plaintext
         try:
-            await self.channel.start_tls(self.s.tls, _TLS_HANDSHAKE_TIMEOUT)
+            await self.channel.start_tls(self.s.tls, _TLS_HANDSHAKE_TIMEOUT, ready)
         except PlaintextAfterStartTls:
             log.warning("sid=%s plaintext pipelined after STARTTLS: closing", self.sid)
             self.closing = True
