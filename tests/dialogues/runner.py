@@ -18,6 +18,8 @@ Transcript format (STYLE.md §9), one directive per line:
                                 any run of characters (possibly empty), everything else literal
     S: 250-*                    exactly "NNN-*": one or more continuation lines of reply NNN
                                 (the middle of an EHLO reply, without listing each extension)
+    S: 250-${hostname}          `${hostname}` matches the server's name (any run of non-space
+                                characters), so transcripts do not depend on the configuration
     TLS                         the client starts TLS now (after reading 220 to STARTTLS)
     HANGUP                      the client closes its side of the connection
     CLOSED                      the server has closed the connection: no further reply
@@ -206,8 +208,12 @@ def is_continuation_wildcard(pattern: str) -> bool:
 
 def match_reply(pattern: str, line: str) -> bool:
     """Whether a reply line (without CRLF) matches an S: pattern: `*` matches any run of
-    characters, including none; every other character matches itself."""
-    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    characters, including none; `${hostname}` any non-empty run of non-space characters;
+    every other character matches itself."""
+    regex = r"\S+".join(
+        ".*".join(re.escape(part) for part in piece.split("*"))
+        for piece in pattern.split("${hostname}")
+    )
     return re.fullmatch(regex, line, flags=re.DOTALL) is not None
 
 

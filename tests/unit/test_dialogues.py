@@ -55,6 +55,9 @@ def test_transcript(transcript: Transcript) -> None:
         ("a.c", "abc", False),  # only * is special
         ("*", "", True),
         ("25? *", "250 x", False),
+        ("250-${hostname}", "250-mail.example.org", True),
+        ("250-${hostname}", "250-", False),
+        ("220 ${hostname} ESMTP*", "220 a b ESMTP mailgate", False),
     ],
 )
 def test_match_reply(pattern: str, text: str, expected: bool) -> None:
