@@ -140,7 +140,8 @@ class EndOfData(Event):
 @dataclass(frozen=True, slots=True)
 class Reset(Event):
     """RSET, or an implicit reset (EHLO again). The adapter drops any incoming message.
-    The machine answers 250 itself; nothing to answer."""
+    The machine answers 250 itself for RSET (and writes nothing for the implicit reset, whose
+    Ehlo event follows); nothing to answer."""
 
 
 @dataclass(frozen=True, slots=True)
