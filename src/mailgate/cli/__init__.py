@@ -39,4 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mailgate queue list | head`
+        sys.stderr.close()
+        return 141
     return status
