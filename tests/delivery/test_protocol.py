@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.delivery.conftest import (
     route,
 )
 from tests.support.dnsserver import DnsServer
+from tests.support.smtpsink import self_signed_context
 
 
 async def _deliver(harness: Harness, *qids: str) -> None:
@@ -249,3 +251,20 @@ def test_operator_delete_while_deferred(
 
     asyncio.run(scenario())
     assert [t.rcpt_to for t in dest.accepted()] == [("carol@dest.test",)]
+
+
+def test_failed_tls_handshake_falls_back_to_plaintext(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, tmp_path: Path
+) -> None:
+    # A server that demands a client certificate: our handshake fails, and opportunistic TLS
+    # means delivering in plaintext rather than not at all.
+    strict = self_signed_context(tmp_path / "strict", "mx.dest.test")
+    strict.verify_mode = ssl.CERT_REQUIRED
+    strict.load_verify_locations(tmp_path / "strict" / "sink-cert.pem")
+    dest = sinks(tls=strict, starttls=True)
+    route(dns, "dest.test", dest)
+    qid = harness.enqueue(["bob@dest.test"])
+    asyncio.run(_deliver(harness, qid))
+    [t] = dest.accepted()
+    assert not t.tls
+    assert dest.connections == 2

@@ -182,3 +182,17 @@ def test_relay_takes_everything(harness: Harness, dns: DnsServer, sinks: SinkFac
     # With a relay, every recipient of the message goes in one transaction.
     assert t.rcpt_to == ("bob@one.test", "carol@two.test")
     assert dns.queries == []
+
+
+def test_dns_timeout_defers(harness: Harness, dns: DnsServer) -> None:
+    harness.reconfigure(connect_timeout=0.5)  # also the DNS lookup budget
+    dns.silence("slow.test")
+    qid = harness.enqueue(["bob@slow.test"])
+
+    async def scenario() -> None:
+        async with harness.running():
+            rcpt = await harness.until_attempts(qid, "bob@slow.test", 1)
+            assert rcpt.state == "pending"
+            assert rcpt.last_reply.startswith("451 4.4.3 ")
+
+    asyncio.run(scenario())

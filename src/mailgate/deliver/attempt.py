@@ -212,8 +212,15 @@ class Connection:
                     raise _TlsFailed(f"{host} TLS handshake: {_describe(e)}") from None
                 else:
                     tls = True
-                    # RFC 3207 §4.2: forget what was learnt before TLS; EHLO again.
-                    await cls._hello(smtp, host)
+                    # RFC 3207 §4.2: forget what was learnt before TLS; EHLO again. With TLS
+                    # 1.3 a server that rejects us (client certificate required) says so only
+                    # now, by closing: that is a TLS failure too.
+                    try:
+                        await cls._hello(smtp, host)
+                    except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
+                        if isinstance(e, aiosmtplib.SMTPResponseException):
+                            raise
+                        raise _TlsFailed(f"{host} TLS session: {_describe(e)}") from None
         except (ConnectFailure, _TlsFailed):
             smtp.close()
             raise
