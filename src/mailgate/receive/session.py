@@ -153,6 +153,11 @@ class Session:
             except Exception:
                 log.exception("sid=%s error handling %s", self.sid, type(event).__name__)
                 self._drop_incoming()
+                if self.conn.pending_event is None:
+                    # Nothing to answer (a failed MessageChunk, say): end this session only.
+                    self.channel.write(replies.INTERNAL_ERROR.to_bytes())
+                    self.closing = True
+                    return
                 self.conn.send(replies.INTERNAL_ERROR)
 
     # --- events ---------------------------------------------------------------------
