@@ -386,7 +386,18 @@ class Engine:
                     if transfer is None:
                         self._job_vanished(job)
                         continue
-                    results = await conn.deliver(transfer)
+                    try:
+                        results = await conn.deliver(transfer)
+                    except Exception:
+                        # A bug, not the network (attempt.py turns those into results):
+                        # temporary is the default (STYLE.md §6), the details go to the log.
+                        log.exception("qid=%s unexpected error sending to %s", job.qid, conn.host)
+                        conn.abort()
+                        results = [
+                            RecipientResult(r.address, "deferred", replies.INTERNAL_ERROR,
+                                            "internal error", conn.host)
+                            for r in job.recipients
+                        ]  # fmt: skip
                     await self._record(job, results)
         finally:
             dest.workers -= 1
