@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.support.clamd import running_clamd  # noqa: E402
-
 from mailgate.config import ScannerConfig  # noqa: E402
 from mailgate.scan import Scanner  # noqa: E402
+from tests.support.clamd import running_clamd  # noqa: E402
 
 
 def make_message(size: int) -> bytes:

@@ -73,7 +73,7 @@ class Policy:
         return _in_networks(client_ip, self._networks)
 
     def check_rcpt(self, sender: Sender, address: str) -> None:
-        """Raise Rejected(RELAY_DENIED) when an unauthenticated client outside the networks relays."""
+        """Raise Rejected(RELAY_DENIED) for an unauthenticated client outside the networks."""
         if sender.login is None and not self.may_relay(sender.client_ip):
             raise Rejected(
                 replies.RELAY_DENIED,

@@ -49,7 +49,9 @@ AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 BYE = Reply(221, "2.0.0", "Bye")
 RESET_OK = Reply(250, "2.0.0", "Ok")
 NOOP_OK = Reply(250, "2.0.0", "Ok")
-VRFY_DISABLED = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_DISABLED = Reply(
+    252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"
+)
 
 # --- INTERFACE.md reply table -------------------------------------------------
 STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
@@ -70,7 +72,9 @@ BAD_ARGUMENTS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
-PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
+PARAM_NOT_RECOGNIZED = Reply(
+    555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented"
+)
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TOO_MANY_ERRORS = Reply(421, "4.5.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
@@ -86,8 +90,12 @@ AUTH_NOT_OFFERED = Reply(503, "5.5.1", "AUTH not available on this service")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_TEMPORARILY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 TOO_MANY_AUTH_FAILURES = Reply(454, "4.7.0", "Too many authentication failures, try again later")
-SMUGGLING = Reply(554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)")
-TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message text line longer than 998 octets (RFC 5322 §2.1.1)")
+SMUGGLING = Reply(
+    554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)"
+)
+TEXT_LINE_TOO_LONG = Reply(
+    554, "5.6.0", "Message text line longer than 998 octets (RFC 5322 §2.1.1)"
+)
 HTTP_REFUSED = Reply(554, "5.7.0", "This is an SMTP server, closing connection")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 UTF8_NOT_REQUESTED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")

@@ -28,6 +28,7 @@ from tests.e2e.conftest import client_tls
 from tests.support.gateway import Gateway
 
 TRANSCRIPTS = sorted(load_transcripts(), key=lambda t: t.name)
+Live = dict[tuple[tuple[str, int], ...], Gateway]
 OPTION_KEYS = {"max_message_size", "max_recipients", "max_errors"}
 
 
@@ -97,15 +98,15 @@ def play_live(transcript: Transcript, gw: Gateway) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[int, ...], Gateway]]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """One gateway per distinct set of transcript options, started on first use."""
-    gateways: dict[tuple[int, ...], Gateway] = {}
+    gateways: Live = {}
     yield gateways
     for gw in gateways.values():
         gw.stop()
 
 
-def gateway_for(transcript: Transcript, live: dict[tuple[int, ...], Gateway],
+def gateway_for(transcript: Transcript, live: Live,
                 root: Path) -> Gateway:  # fmt: skip
     assert set(transcript.options) <= OPTION_KEYS
     key = tuple(sorted(transcript.options.items()))
@@ -113,13 +114,13 @@ def gateway_for(transcript: Transcript, live: dict[tuple[int, ...], Gateway],
         gw = Gateway(root / f"gw{len(live)}", {"limits": dict(transcript.options)})
         gw.add_user(FAKE_LOGIN, FAKE_PASSWORD)
         gw.start("--no-delivery")
-        live[key] = gw  # type: ignore[index]
-    return live[key]  # type: ignore[index]
+        live[key] = gw
+    return live[key]
 
 
 @pytest.mark.parametrize("transcript", TRANSCRIPTS, ids=[t.name for t in TRANSCRIPTS])
 def test_dialogue_against_live_server(
-    transcript: Transcript, live: dict[tuple[int, ...], Gateway],
+    transcript: Transcript, live: Live,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:  # fmt: skip
     root = tmp_path_factory.getbasetemp() / "dialogues"

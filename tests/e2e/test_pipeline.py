@@ -12,9 +12,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import dkim
 import pytest
 
+import dkim
 from tests.e2e.conftest import ALICE, message, submission
 from tests.support.clamd import EICAR, EICAR_FOUND_NAME, ClamdHandle, running_clamd
 from tests.support.gateway import Gateway

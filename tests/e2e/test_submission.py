@@ -88,7 +88,8 @@ def test_bad_credentials_get_535_578(gateway: Gateway) -> None:
     with pytest.raises(smtplib.SMTPAuthenticationError) as e:
         client.login("alice", "wrong password")
     assert e.value.smtp_code == 535
-    assert e.value.smtp_error.startswith(b"5.7.8")
+    error: object = e.value.smtp_error  # bytes at run time; typeshed says str
+    assert isinstance(error, bytes) and error.startswith(b"5.7.8")
     with pytest.raises(smtplib.SMTPAuthenticationError) as e:
         client.login("nobody", "whatever")
     assert e.value.smtp_code == 535

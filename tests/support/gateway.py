@@ -130,7 +130,7 @@ class Gateway:
     def _greets(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"mailgate serve exited: {self.log_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return True
         return False
 

@@ -6,10 +6,10 @@ import ipaddress
 import logging
 
 import pytest
-from tests.unit.test_limits import Clock, ratelimits
 
 from mailgate import replies
 from mailgate.limits import AuthDecision, AuthGuard
+from tests.unit.test_limits import Clock, ratelimits
 
 IP = "192.0.2.7"
 

@@ -8,6 +8,7 @@ transcript parser and `match_reply`, and that a wrong transcript is caught.
 from __future__ import annotations
 
 import pytest
+
 from tests.dialogues.runner import (
     DialogueMismatch,
     Expect,

@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests.dkim.verifier import verify_all
 
 from mailgate.directory import DkimKey, Domain
 from mailgate.message import dkimkeys
@@ -25,6 +24,7 @@ from mailgate.message.dkim import (
     signed_header_names,
 )
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA
+from tests.dkim.verifier import verify_all
 
 MESSAGE = (
     b"From: Bursar <bursar@college.example.ac.uk>\r\n"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from tests.unit.test_limits import Clock, ratelimits, wall
 
 from mailgate.directory.store import SqliteDirectory
 from mailgate.errors import Rejected
@@ -16,6 +15,7 @@ from mailgate.limits import Limits, suspend_account
 from mailgate.limits.breaker import Suspension
 from mailgate.spool.entry import Envelope, Recipient, RecipientState
 from mailgate.spool.store import Store
+from tests.unit.test_limits import Clock, ratelimits, wall
 
 
 @pytest.fixture

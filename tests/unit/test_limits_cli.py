@@ -8,13 +8,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from tests.unit.test_limits import WALL, Clock, ratelimits, wall
 
 import mailgate.cli
 from mailgate.cli import limits as limits_cli
 from mailgate.config import ServiceRateLimits
 from mailgate.errors import Rejected
 from mailgate.limits import AuthGuard, Limits, snapshot_path
+from tests.unit.test_limits import WALL, Clock, ratelimits, wall
 
 Main = Callable[[Sequence[str]], int]
 

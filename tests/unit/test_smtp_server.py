@@ -15,7 +15,6 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.dialogues.runner import drive, fake_answer
 
 from mailgate import replies
 from mailgate.errors import UsageError
@@ -40,6 +39,7 @@ from mailgate.smtp.events import (
     StartTls,
 )
 from mailgate.smtp.server import NEED_DATA, TRANSITIONS, ServerConnection, State
+from tests.dialogues.runner import drive, fake_answer
 
 HOST = "mx.test"
 PLAIN_ALICE = base64.b64encode(b"\0alice\0secret").decode()

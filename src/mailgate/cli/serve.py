@@ -69,7 +69,7 @@ async def serve(cfg: Config, *, deliver: bool = True) -> None:
         scanner=Scanner(cfg.scanner),
         signer=Signer(directory),
         hop_limit=cfg.delivery.hop_limit,
-        on_committed=(lambda env: engine.wake()) if engine else (lambda env: None),
+        on_committed=(lambda env: engine.wake(env.id)) if engine else (lambda env: None),
     )
     limits = Limits(cfg.ratelimits)
     auth_guard = AuthGuard(cfg.ratelimits)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
+import dkim
 from mailgate.directory import Domain
 from mailgate.errors import MailgateError
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, load_private_key

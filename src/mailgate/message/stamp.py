@@ -148,7 +148,9 @@ def date(now: datetime | None = None) -> bytes:
 
 
 def scanned_by(value: str) -> bytes:
-    return f"X-Scanned-By: {_comment_safe(value)}\r\n".encode()
+    """X-Scanned-By is unstructured text: only line breaks and control characters go."""
+    text = "".join(c for c in value if c.isprintable())[:200]
+    return f"X-Scanned-By: {text}\r\n".encode()
 
 
 def remove_fields(block: bytes, name: str) -> bytes:

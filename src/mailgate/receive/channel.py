@@ -103,7 +103,9 @@ class Channel(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             await self._writable
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float, ready: bytes) -> None:
+    async def start_tls(
+        self, context: ssl.SSLContext, handshake_timeout: float, ready: bytes
+    ) -> None:
         """Write the `ready` reply (220) and upgrade to TLS as the server (RFC 3207).
 
         Refuses when plaintext is still buffered. The check, the write and the start of the
@@ -116,13 +118,13 @@ class Channel(asyncio.Protocol):
         self.transport.write(ready)
         loop = asyncio.get_running_loop()
         new = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
         )
         if new is None:
             raise ConnectionError("TLS upgrade failed")
         self.transport = new
 
-    def extra(self, name: str) -> object:
+    def get_extra_info(self, name: str) -> object:
         return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def close(self) -> None:

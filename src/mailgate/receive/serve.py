@@ -65,7 +65,7 @@ class Listeners:
 
     def _connected(self, channel: Channel, profile: Profile) -> None:
         limits = self.services.cfg.limits
-        peer = channel.extra("peername")
+        peer = channel.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
         if len(self.sessions) >= limits.max_connections or (
             self.per_ip[ip] >= limits.max_connections_per_ip

@@ -76,8 +76,8 @@ class Session:
         self.channel = channel
         self.profile = profile
         self.sid = new_session_id()
-        peer = channel.extra("peername")
-        sock = channel.extra("sockname")
+        peer = channel.get_extra_info("peername")
+        sock = channel.get_extra_info("sockname")
         self.client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
         self.client_port = int(peer[1]) if isinstance(peer, tuple) else 0
         self.local_port = int(sock[1]) if isinstance(sock, tuple) else 0
@@ -328,7 +328,7 @@ class Session:
         )
 
     def _tls_description(self) -> str:
-        obj = self.channel.extra("ssl_object")
+        obj = self.channel.get_extra_info("ssl_object")
         if not isinstance(obj, ssl.SSLObject):
             return ""
         cipher = obj.cipher()
