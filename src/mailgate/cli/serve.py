@@ -51,10 +51,10 @@ async def serve(cfg: Config, *, deliver: bool = True) -> None:
     from mailgate.receive.tls import ReloadingContext
     from mailgate.scan import Scanner
     from mailgate.spool.group import GroupCommitter
-    from mailgate.spool.store import Store
+    from mailgate.spool import open_store
 
     directory = open_directory(cfg)
-    store = Store(cfg.spool.path)
+    store = open_store(cfg.spool)
     report = store.recover()
     log.info("spool recovered path=%s %s", cfg.spool.path, report)
     tls = None
