@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import smtplib
 import socket
 import ssl
 
 import pytest
 
+from mailgate.spool.entry import Envelope
 from tests.e2e.conftest import ALICE, client_tls, message, submission, submissions
 from tests.support.gateway import Gateway, wait_for
 
@@ -32,15 +32,12 @@ def read_reply(sock: socket.socket | ssl.SSLSocket) -> bytes:
             return data
 
 
-def envelope(gw: Gateway, qid: str) -> dict[str, object]:
-    data: dict[str, object] = json.loads((gw.spool / "env" / f"{qid}.json").read_bytes())
-    return data
+def envelope(gw: Gateway, qid: str) -> Envelope:
+    return gw.envelope(qid)
 
 
 def spooled(gw: Gateway, qid: str) -> bytes:
-    matches = list((gw.spool / "msg").glob(f"{qid}*"))
-    assert len(matches) == 1, matches
-    return matches[0].read_bytes()
+    return gw.message(qid)
 
 
 def qid_of(reply: bytes | str) -> str:
@@ -112,9 +109,9 @@ def test_submission_accepts_and_stamps(gateway: Gateway) -> None:
     assert "\r\nSender:" not in head  # alice sent as herself
     assert data.endswith(b"\r\n\r\nHello there.\r\n")
     env = envelope(gateway, qid)
-    assert env["mail_from"] == "alice@example.org"
-    assert env["login"] == "alice"
-    assert [r["address"] for r in env["recipients"]] == ["someone@remote.test"]  # type: ignore[attr-defined]
+    assert env.mail_from == "alice@example.org"
+    assert env.login == "alice"
+    assert [r.address for r in env.recipients] == ["someone@remote.test"]
 
 
 def test_submissions_implicit_tls_auth_login(gateway: Gateway) -> None:
@@ -138,14 +135,14 @@ def test_foreign_from_gets_sender_and_envelope_rewritten(gateway: Gateway) -> No
     assert head.count("\r\nSender: ") == 1
     assert "\r\nSender: <alice@example.org>\r\n" in head + "\r\n"
     assert "spoof@example.org" not in head
-    assert envelope(gateway, qid)["mail_from"] == "alice@example.org"
+    assert envelope(gateway, qid).mail_from == "alice@example.org"
 
 
 def test_null_sender_left_alone(gateway: Gateway) -> None:
     client = submission(gateway)
     qid = send(client, "", ["x@remote.test"], message())
     client.quit()
-    assert envelope(gateway, qid)["mail_from"] == ""
+    assert envelope(gateway, qid).mail_from == ""
 
 
 def test_managed_domain_address_not_granted_gets_553(gateway: Gateway) -> None:
@@ -312,8 +309,7 @@ def test_msmtp_implicit_tls(gateway: Gateway, tmp_path: object) -> None:
         timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    queued = gateway.queued()
-    assert len(queued) == 1
-    env = json.loads(queued[0].read_bytes())
-    assert [r["address"] for r in env["recipients"]] == ["msmtp@remote.test"]
-    assert env["service"] == "submissions"
+    [qid] = gateway.queued()
+    env = gateway.envelope(qid)
+    assert [r.address for r in env.recipients] == ["msmtp@remote.test"]
+    assert env.service == "submissions"

@@ -19,6 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mailgate import config
+from mailgate.spool import open_store
+from mailgate.spool.entry import Envelope
+from mailgate.spool.store import Store
+
 HOSTNAME = "mail.example.org"
 DEFAULT_DOMAIN = "example.org"
 
@@ -153,11 +158,19 @@ class Gateway:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def queued(self) -> list[Path]:
-        return sorted((self.spool / "env").glob("*.json"))
+    def store(self) -> Store:
+        """The spool, through the same API the server and the CLI use (any backend)."""
+        return open_store(config.load(self.config, check_files=False).spool)
 
-    def messages(self) -> list[bytes]:
-        return [p.read_bytes() for p in sorted((self.spool / "msg").glob("*"))]
+    def queued(self) -> list[str]:
+        """Queue ids of the committed entries."""
+        return self.store().ids()
+
+    def envelope(self, qid: str) -> Envelope:
+        return self.store().load(qid)
+
+    def message(self, qid: str) -> bytes:
+        return self.store().read_message(qid)
 
 
 @contextlib.contextmanager
