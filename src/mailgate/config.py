@@ -65,6 +65,11 @@ class ServiceConfig:
 class SmarthostConfig:
     listen: tuple[Listen, ...] = ()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Only clients whose address has forward-confirmed reverse DNS may relay (receive/rdns.py).
+    require_rdns: bool = False
+    rdns_timeout: float = 5.0  # seconds for the whole PTR + A/AAAA check of one client
+    # Recipients at an address literal inside these networks are refused (stops mail loops).
+    bad_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,7 @@ class LimitsConfig:
     data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.6: 3 minutes between data blocks
     max_connections: int = 10000
     max_connections_per_ip: int = 50
+    greeting_delay: float = 0.0  # smarthost: seconds before the 220; early talkers get 554
 
 
 # The nine rate limits: {scope}_{metric}; scope service (one listener, all clients), login (one
@@ -300,6 +306,12 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _int(key, value, minimum=0)
     if kind == "seconds":
         return _seconds(key, value)
+    if kind == "seconds_or_zero":
+        return _seconds_or_zero(key, value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false")
+        return value
     if kind == "relay":
         return _relay(key, value)
     if kind == "clamd":
@@ -355,6 +367,10 @@ _KINDS = {
     "connect_timeout": "seconds",
     "command_timeout": "seconds",
     "data_timeout": "seconds",
+    "greeting_delay": "seconds_or_zero",
+    "require_rdns": "bool",
+    "rdns_timeout": "seconds",
+    "bad_nets": "networks",
     # [ratelimits]
     **{name: "nonnegint" for name in RATE_LIMIT_NAMES},
     "shadow": "ratelimit_names",
@@ -431,6 +447,12 @@ def _int(key: str, value: Any, *, minimum: int) -> int:
 def _seconds(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"{key}: expected a positive number of seconds")
+    return float(value)
+
+
+def _seconds_or_zero(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a number of seconds (0 or more)")
     return float(value)
 
 

@@ -106,6 +106,10 @@ ACCOUNT_SUSPENDED = Reply(535, "5.7.8", "Authentication credentials invalid")
 RELAY_TO_INTERNAL_DENIED = Reply(550, "5.7.1", "Relaying to internal networks denied")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 NUL_IN_DATA = Reply(554, "5.6.0", "NUL octet in message data, closing connection")
+# Smart host hygiene (issue #6): pipelining before the greeting, and forward-confirmed rDNS.
+EARLY_TALKER = Reply(554, "5.7.0", "Talking before the greeting is not allowed, closing connection")
+RDNS_REQUIRED = Reply(550, "5.7.1", "Client host rejected: reverse DNS does not match your address")
+RDNS_TEMPFAIL = Reply(450, "4.7.1", "Client host rejected: reverse DNS lookup failed, try later")
 HELP_INFO = Reply(
     214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 )
