@@ -13,6 +13,12 @@ The rules, for an authenticated session:
   - From: managed/default, not its own -> 553 5.7.1
   - From: foreign                     -> add `Sender: <primary address>`
 The smart host has no logins: it relays for `smarthost.networks` only (550 5.7.1 at RCPT).
+
+Destinations (every service): a recipient whose domain is an address literal (RFC 5321 §4.1.3,
+`user@[10.1.2.3]`, `user@[IPv6:::1]`) inside `smarthost.bad_nets` is refused with 550 5.7.1
+(RELAY_TO_INTERNAL_DENIED): the gateway must not be made to deliver into the internal networks,
+or to itself, which would loop. Domain names whose MX hosts resolve into those networks are a
+delivery-time question (the engine resolves them); that check is not made here.
 """
 
 from __future__ import annotations
@@ -73,12 +79,14 @@ class Policy:
         return _in_networks(client_ip, self._networks)
 
     def check_rcpt(self, sender: Sender, address: str) -> None:
-        """Raise Rejected(RELAY_DENIED) for an unauthenticated client outside the networks."""
+        """Raise Rejected(RELAY_DENIED) for an unauthenticated client outside the networks, and
+        Rejected(RELAY_TO_INTERNAL_DENIED) for a literal inside `internal_networks`."""
         if sender.login is None and not self.may_relay(sender.client_ip):
             raise Rejected(
                 replies.RELAY_DENIED,
                 f"client {sender.client_ip} is not in smarthost.networks (rcpt {address})",
             )
+        check_destination(address, self._internal)
 
     # --- envelope sender -------------------------------------------------------
     def check_sender(self, sender: Sender, address: str) -> str:
@@ -133,6 +141,39 @@ class Policy:
         if user is None:  # removed while the session was open
             raise Rejected(replies.AUTH_REQUIRED, f"login {login} no longer exists")
         return user
+
+
+def literal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a recipient whose domain is an address literal, else None.
+
+    RFC 5321 §4.1.3: `[192.0.2.1]` or `[IPv6:2001:db8::1]` (the tag is case-insensitive); an
+    IPv4-mapped IPv6 literal counts as its IPv4 address, so `[IPv6:::ffff:10.0.0.1]` cannot be
+    used to slip past an IPv4 network. Anything else (a name, a general literal) gives None.
+    """
+    domain = address.rpartition("@")[2]
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            v6 = ipaddress.IPv6Address(inner[5:])
+            return v6.ipv4_mapped or v6
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        return None
+
+
+def check_destination(address: str, bad_nets: Sequence[IPNetwork]) -> None:
+    """Raise Rejected(RELAY_TO_INTERNAL_DENIED) when `address` is an address literal inside
+    `bad_nets` ([smarthost] bad_nets). Names are not resolved here (no I/O in policy)."""
+    if not bad_nets:
+        return
+    ip = literal_address(address)
+    if ip is not None and any(ip in net for net in bad_nets):
+        raise Rejected(
+            replies.RELAY_TO_INTERNAL_DENIED,
+            f"recipient {address} is an address literal inside smarthost.bad_nets",
+        )
 
 
 def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:

@@ -3,6 +3,14 @@
 Owns: the asyncio side of a connection: timeouts, STARTTLS, AUTH verification, policy questions,
 streaming DATA into the spool, and handing the message to `accept`. Any exception while handling
 an event becomes 451 4.3.0 for this session only (STYLE.md §4), details in the log.
+
+Timeouts (RFC 5321 §4.5.3.2): the command timeout runs from the last *progress* (an event or a
+reply), not from the last byte, so a client dribbling one byte at a time (slowloris) is cut off
+as surely as an idle one. On the smart host only: `limits.greeting_delay` holds the 220 back and
+refuses a client that talks first (554 5.7.0, pipelining-before-greeting bots), and
+`smarthost.require_rdns` checks forward-confirmed reverse DNS at connect (receive/rdns.py); the
+refusal (550 5.7.1, or 450 4.7.1 when DNS could not answer) is given at MAIL, where every client
+reports it, and a confirmed name goes into the Received: header.
 Must not: parse SMTP (smtp.server does) or decide policy (policy.py does).
 """
 
@@ -21,9 +29,10 @@ from mailgate.config import Config
 from mailgate.directory import Directory
 from mailgate.errors import Rejected, SpoolError, SpoolFull
 from mailgate.message import stamp
-from mailgate.policy import Policy, Sender
+from mailgate.policy import Policy, Sender, check_destination
 from mailgate.receive.auth import Authenticator
 from mailgate.receive.channel import Channel, PlaintextAfterStartTls
+from mailgate.receive.rdns import ReverseDns
 from mailgate.smtp.events import (
     Auth,
     Close,
@@ -64,6 +73,7 @@ class Services:
     tls: ssl.SSLContext | None
     limits: Limits | None = None
     auth_guard: AuthGuard | None = None
+    rdns: ReverseDns | None = None  # made on first use when smarthost.require_rdns is set
 
 
 def new_session_id() -> str:
@@ -97,6 +107,8 @@ class Session:
         self.mechanism: str | None = None
         self.in_data = False
         self.closing = False
+        self.client_name = ""  # forward-confirmed reverse DNS name, for Received:
+        self.rdns_refusal: replies.Reply | None = None  # answered at MAIL (require_rdns)
 
     # --- main loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -104,19 +116,27 @@ class Session:
                  self.sid, self.profile.name, self.client_ip, self.client_port,
                  self.local_port)  # fmt: skip
         try:
+            if not await self._before_greeting():
+                return
             self.conn.start()
             await self._flush()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout()
             while not self.closing:
-                timeout = self._timeout()
                 try:
-                    data = await asyncio.wait_for(self.channel.read(), timeout)
+                    data = await asyncio.wait_for(
+                        self.channel.read(), max(deadline - loop.time(), 0.0)
+                    )
                 except TimeoutError:
-                    log.info("sid=%s timeout after %.0fs", self.sid, timeout)
+                    log.info("sid=%s timeout after %.0fs without progress",
+                             self.sid, self._timeout())  # fmt: skip
                     self.channel.write(replies.TIMEOUT.to_bytes())
                     break
                 self.conn.receive_data(data)
-                await self._process_events()
-                await self._flush()
+                handled = await self._process_events()
+                if await self._flush() or handled:
+                    # Only progress restarts the clock: bytes that complete no command do not.
+                    deadline = loop.time() + self._timeout()
         except (ConnectionError, TimeoutError) as e:
             log.info("sid=%s connection lost: %s", self.sid, e)
         except Exception:
@@ -131,19 +151,24 @@ class Session:
         limits = self.s.cfg.limits
         return limits.data_timeout if self.in_data else limits.command_timeout
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Write the machine's replies; True when there were any."""
         data = self.conn.data_to_send()
         if data:
             self.channel.write(data)
             # A client that never reads our replies must not hold the session forever.
             await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
+        return bool(data)
 
-    async def _process_events(self) -> None:
+    async def _process_events(self) -> int:
+        """Handle every event the received bytes make; return how many there were."""
+        handled = 0
         while not self.closing:
             event = self.conn.next_event()
             if event is NEED_DATA:
-                return
+                return handled
             assert isinstance(event, Event)
+            handled += 1
             try:
                 await self._handle(event)
             except Rejected as e:
@@ -157,8 +182,55 @@ class Session:
                     # Nothing to answer (a failed MessageChunk, say): end this session only.
                     self.channel.write(replies.INTERNAL_ERROR.to_bytes())
                     self.closing = True
-                    return
+                    return handled
                 self.conn.send(replies.INTERNAL_ERROR)
+        return handled
+
+    # --- before the greeting (smart host) ------------------------------------------------
+    async def _before_greeting(self) -> bool:
+        """The greeting delay and the rDNS check, side by side. False: end without a 220."""
+        if self.profile.name != "smarthost":
+            return True
+        cfg = self.s.cfg
+        lookup = None
+        if cfg.smarthost.require_rdns:
+            lookup = asyncio.get_running_loop().create_task(self._check_rdns())
+        try:
+            if cfg.limits.greeting_delay > 0 and await self._talks_first(cfg.limits.greeting_delay):
+                return False
+            if lookup is not None:
+                await lookup  # bounded by smarthost.rdns_timeout (ReverseDns)
+        finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
+        return True
+
+    async def _talks_first(self, delay: float) -> bool:
+        """Wait `delay` seconds for silence. True when the client sent bytes (refused with
+        554 5.7.0: RFC 5321 §4.3.1 has the client wait for the greeting) or went away."""
+        try:
+            data = await asyncio.wait_for(self.channel.read(), delay)
+        except TimeoutError:
+            return False
+        if data:
+            log.warning("sid=%s early talker: %d bytes before the greeting client=[%s]",
+                        self.sid, len(data), self.client_ip)  # fmt: skip
+            self.channel.write(replies.EARLY_TALKER.to_bytes())
+        return True
+
+    async def _check_rdns(self) -> None:
+        if self.s.rdns is None:
+            cfg = self.s.cfg
+            self.s.rdns = ReverseDns(cfg.delivery.nameservers, timeout=cfg.smarthost.rdns_timeout)
+        result = await self.s.rdns.check(self.client_ip)
+        if result.status == "confirmed":
+            self.client_name = result.name
+        elif result.status == "failed":
+            self.rdns_refusal = replies.RDNS_REQUIRED
+        else:
+            self.rdns_refusal = replies.RDNS_TEMPFAIL
+        log.info("sid=%s rdns=%s client=[%s] name=%s %s", self.sid, result.status,
+                 self.client_ip, result.name or "-", result.detail)  # fmt: skip
 
     # --- events ---------------------------------------------------------------------
     async def _handle(self, event: Event) -> None:
@@ -239,6 +311,8 @@ class Session:
         return Sender(service=self.profile.name, client_ip=self.client_ip, login=self.login)
 
     def _mail(self, event: MailFrom) -> replies.Reply:
+        if self.rdns_refusal is not None:
+            raise Rejected(self.rdns_refusal, f"client {self.client_ip} failed require_rdns")
         mail_from = self.s.policy.check_sender(self._sender(), event.address)
         if mail_from != event.address:
             log.info("sid=%s envelope sender <%s> replaced by <%s>",
@@ -249,6 +323,7 @@ class Session:
     def _rcpt(self, event: RcptTo) -> None:
         assert self.txn is not None
         self.s.policy.check_rcpt(self._sender(), event.address)
+        check_destination(event.address, self.s.cfg.smarthost.bad_nets)  # 550 5.7.1
         if self.s.limits is not None:
             self.s.limits.check_recipient(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
@@ -310,7 +385,7 @@ class Session:
         trace = stamp.Trace(
             client_helo=self.conn.ehlo_domain or "",
             client_ip=self.client_ip,
-            client_name="",
+            client_name=self.client_name,
             service=self.profile.name,
             port=self.local_port,
             with_keyword=stamp.with_keyword(
