@@ -34,6 +34,7 @@ from mailgate.receive.auth import Authenticator
 from mailgate.receive.channel import Channel, PlaintextAfterStartTls
 from mailgate.receive.rdns import ReverseDns
 from mailgate.smtp.events import (
+    SMARTHOST,
     Auth,
     Close,
     DataStart,
@@ -139,6 +140,9 @@ class Session:
                     deadline = loop.time() + self._timeout()
         except (ConnectionError, TimeoutError) as e:
             log.info("sid=%s connection lost: %s", self.sid, e)
+            # A peer that does not read (the drain timed out) would keep close() waiting to
+            # flush our replies forever, holding the socket and its buffer: reset instead.
+            self.channel.abort()
         except Exception:
             log.exception("sid=%s session failed", self.sid)
             self.channel.write(replies.INTERNAL_ERROR.to_bytes())
@@ -189,7 +193,7 @@ class Session:
     # --- before the greeting (smart host) ------------------------------------------------
     async def _before_greeting(self) -> bool:
         """The greeting delay and the rDNS check, side by side. False: end without a 220."""
-        if self.profile.name != "smarthost":
+        if self.profile.name != SMARTHOST.name:
             return True
         cfg = self.s.cfg
         lookup = None
