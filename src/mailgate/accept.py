@@ -109,7 +109,10 @@ class Acceptor:
             ctx, envelope.mail_from, len(envelope.recipients), envelope.size,
             facts.sender.login or "-", facts.sender.service, facts.sender.client_ip,
         )  # fmt: skip
-        self._on_committed(envelope)
+        try:
+            self._on_committed(envelope)
+        except Exception:  # the message is on disk: it is accepted whatever happens here
+            log.exception("%s wake-up of the delivery engine failed", ctx)
         return replies.queued(envelope.id)
 
     async def _accept(

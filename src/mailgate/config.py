@@ -174,6 +174,17 @@ class RateLimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Processes of `mailgate serve`.
+
+    workers: listener processes sharing the ports (SO_REUSEPORT); the delivery engine runs in the
+    parent process. 0 runs everything in one process. Default: one per CPU.
+    """
+
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the configuration file itself
     hostname: str = "localhost"
@@ -187,6 +198,7 @@ class Config:
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -241,6 +253,7 @@ _SECTIONS = {
     "scanner": ScannerConfig,
     "limits": LimitsConfig,
     "ratelimits": RateLimitsConfig,
+    "server": ServerConfig,
 }
 
 
@@ -389,6 +402,7 @@ _KINDS = {
     "snapshot_interval": "seconds",
 }
 _KINDS_FULL = {
+    "server.workers": "nonnegint",
     "directory.url": "sqlite_url",
     "ratelimits.submission": "ratelimit_service",
     "ratelimits.submissions": "ratelimit_service",

@@ -126,7 +126,7 @@ class Gateway:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailgate", "-c", str(self.config), "serve", *extra],
-            stdout=log, stderr=log, env=env,
+            stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
         for port in self.ports.values():
@@ -153,10 +153,19 @@ class Gateway:
         self.proc = None
 
     def kill(self) -> None:
+        """SIGKILL the supervisor and every worker at once (its own process group)."""
         if self.proc is not None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+
+    def pids(self) -> set[int]:
+        """The supervisor and its workers."""
+        assert self.proc is not None
+        out = subprocess.run(["ps", "-o", "pid=", "-g", str(self.proc.pid)],
+                             capture_output=True, text=True, check=False).stdout  # fmt: skip
+        return {int(p) for p in out.split()}
 
     def store(self) -> Store:
         """The spool, through the same API the server and the CLI use (any backend)."""

@@ -1,22 +1,43 @@
 """`mailgate serve`: run every configured listener and the delivery engine in the foreground.
 
 This is where the objects are wired together: config -> directory, spool, policy, scanner,
-signer, acceptor, listeners, engine. SIGTERM/SIGINT stop gracefully.
+signer, acceptor, listeners, engine. With `[server] workers = N` (N >= 1) the process forks N
+listener workers that share the ports (SO_REUSEPORT, steered by client address) and itself runs
+the delivery engine; workers tell it about new entries through a pipe (one queue id per line),
+so receiving and delivery meet only at the spool. `workers = 0` runs everything in one process.
+SIGTERM/SIGINT stop gracefully: listeners close, sessions get a grace period, the engine lets
+transactions in flight finish.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import fcntl
 import logging
+import os
+import resource
 import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mailgate import log as mglog
 from mailgate.cli.common import load_config, open_directory
 from mailgate.config import Config
+from mailgate.spool import open_store
+from mailgate.spool.entry import Envelope
 
 log = logging.getLogger("mailgate.serve")
+
+_RESCAN_INTERVAL = 30.0  # the engine looks for entries whose wake-up line was lost
+_STOP_GRACE = 20.0  # seconds a worker gets to finish its sessions
+_RESTART_DELAY = 1.0  # before a crashed worker is started again
+_REAP_INTERVAL = 0.5  # how often the supervisor looks for dead workers
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def register(sub: Any) -> None:
@@ -29,89 +50,329 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     mglog.setup()
     cfg = load_config(args, check_files=True)
+    _raise_fd_limit()
+    deliver = not args.no_delivery
+    if cfg.server.workers == 0:
+        _asyncio_run(serve_in_one_process(cfg, deliver=deliver))
+        return 0
+    return Supervisor(cfg, workers=cfg.server.workers, deliver=deliver).run()
+
+
+def _asyncio_run(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
-
-        uvloop.install()
     except ImportError:
-        pass
-    asyncio.run(serve(cfg, deliver=not args.no_delivery))
-    return 0
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
-async def serve(cfg: Config, *, deliver: bool = True) -> None:
-    from mailgate.accept import Acceptor
-    from mailgate.deliver.engine import Engine
-    from mailgate.limits import AuthGuard, Limits
-    from mailgate.message.dkim import Signer
-    from mailgate.policy import Policy
-    from mailgate.receive.auth import Authenticator
-    from mailgate.receive.serve import Listeners
-    from mailgate.receive.session import Services
-    from mailgate.receive.tls import ReloadingContext
-    from mailgate.scan import Scanner
-    from mailgate.spool.group import GroupCommitter
-    from mailgate.spool import open_store
+def _raise_fd_limit() -> None:
+    """Every connection is a descriptor: use the hard limit (10,000 idle clients need it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    directory = open_directory(cfg)
-    store = open_store(cfg.spool)
-    report = store.recover()
-    log.info("spool recovered path=%s %s", cfg.spool.path, report)
-    tls = None
-    if cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen:
-        tls = ReloadingContext(cfg.tls.cert, cfg.tls.key)
-    engine = Engine(cfg, store) if deliver else None
-    policy = Policy(directory, smarthost_networks=cfg.smarthost.networks)
-    acceptor = Acceptor(
-        hostname=cfg.hostname,
-        policy=policy,
-        committer=GroupCommitter(store),
-        scanner=Scanner(cfg.scanner),
-        signer=Signer(directory),
-        hop_limit=cfg.delivery.hop_limit,
-        on_committed=(lambda env: engine.wake(env.id)) if engine else (lambda env: None),
-    )
-    limits = Limits(cfg.ratelimits)
-    auth_guard = AuthGuard(cfg.ratelimits)
-    services = Services(
-        cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
-        authenticator=Authenticator(directory), tls=tls.context if tls else None,
-        limits=limits, auth_guard=auth_guard,
-    )  # fmt: skip
-    listeners = Listeners(services)
-    await listeners.start()
 
+# --- the receiving side ------------------------------------------------------------------------
+
+
+class Receiver:
+    """Listeners, sessions and everything they use, in one process."""
+
+    def __init__(self, cfg: Config, *, workers: int, index: int,
+                 on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
+        from mailgate.accept import Acceptor
+        from mailgate.limits import AuthGuard, Limits
+        from mailgate.message.dkim import Signer
+        from mailgate.policy import Policy
+        from mailgate.receive.auth import Authenticator
+        from mailgate.receive.serve import Listeners
+        from mailgate.receive.session import Services
+        from mailgate.receive.tls import ReloadingContext
+        from mailgate.scan import Scanner
+        from mailgate.spool.group import GroupCommitter
+
+        self.cfg = cfg
+        self.index = index
+        directory = open_directory(cfg)
+        store = open_store(cfg.spool)
+        self.tls = ReloadingContext(cfg.tls.cert, cfg.tls.key) if _uses_tls(cfg) else None
+        policy = Policy(directory, smarthost_networks=cfg.smarthost.networks)
+        acceptor = Acceptor(
+            hostname=cfg.hostname,
+            policy=policy,
+            committer=GroupCommitter(store),
+            scanner=Scanner(cfg.scanner),
+            signer=Signer(directory),
+            hop_limit=cfg.delivery.hop_limit,
+            on_committed=on_committed,
+        )
+        self.limits = Limits(cfg.ratelimits)
+        self.auth_guard = AuthGuard(cfg.ratelimits)
+        services = Services(
+            cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
+            authenticator=Authenticator(directory), tls=self.tls.context if self.tls else None,
+            limits=self.limits, auth_guard=self.auth_guard,
+        )  # fmt: skip
+        self.listeners = Listeners(services, workers=max(1, workers))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.listeners.start()
+        loop = asyncio.get_running_loop()
+        next_snapshot = loop.time() + self.cfg.ratelimits.snapshot_interval
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
+            if self.tls is not None:
+                self.tls.maybe_reload()
+            if loop.time() >= next_snapshot:
+                next_snapshot = loop.time() + self.cfg.ratelimits.snapshot_interval
+                await self._write_limits_snapshot()
+        await self.listeners.stop()
+        await self._write_limits_snapshot()
+
+    async def _write_limits_snapshot(self) -> None:
+        """For `mailgate limits report`; a full disk must not stop the server."""
+        from mailgate.limits import snapshot_path
+
+        path = snapshot_path(self.cfg.spool.path)
+        if self.index > 0:  # one file per worker; the report reads them all
+            path = path.with_name(f"{path.stem}.w{self.index}{path.suffix}")
+        try:
+            await asyncio.to_thread(self.limits.write_snapshot, path,
+                                    extra={"auth": self.auth_guard.snapshot()})  # fmt: skip
+        except OSError as e:
+            log.warning("limits snapshot not written: %s", e)
+
+
+def _lock_spool(cfg: Config) -> int:
+    """One `serve` per spool: recovery empties spool/tmp, which another server is writing.
+
+    The lock is an flock on spool/serve.lock, held (and inherited by the workers) until exit.
+    """
+    from mailgate.errors import ConfigError
+
+    cfg.spool.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cfg.spool.path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"spool.path: another mailgate serve uses {cfg.spool.path}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _check_ports_free(cfg: Config) -> None:
+    """Refuse to start when another process listens on our ports.
+
+    SO_REUSEPORT would otherwise let a second `mailgate serve` (or any other server that set it)
+    share the ports silently and take a share of the connections. A probe bound without
+    SO_REUSEPORT fails with EADDRINUSE when anything listens there.
+    """
+    from mailgate.errors import ConfigError
+
+    for service in ("submission", "submissions", "smarthost"):
+        for address in getattr(cfg, service).listen:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind((address.host, address.port))
+                except OSError as e:
+                    raise ConfigError(f"{service}.listen: cannot listen on {address}: "
+                                      f"{e.strerror}") from None  # fmt: skip
+
+
+def _uses_tls(cfg: Config) -> bool:
+    return bool(cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen)
+
+
+def _stop_event_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine_task = loop.create_task(engine.run()) if engine else None
-    log.info("mailgate started hostname=%s", cfg.hostname)
-    next_snapshot = loop.time() + cfg.ratelimits.snapshot_interval
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), 5.0)
-        except TimeoutError:
-            if tls is not None:
-                tls.maybe_reload()
-            if loop.time() >= next_snapshot:
-                next_snapshot = loop.time() + cfg.ratelimits.snapshot_interval
-                await _write_limits_snapshot(cfg, limits, auth_guard)
+    return stop
+
+
+async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
+    """Everything in this process: `[server] workers = 0`."""
+    from mailgate.deliver.engine import Engine
+
+    _check_ports_free(cfg)
+    lock = _lock_spool(cfg)  # noqa: F841 - held for the life of the process
+    store = open_store(cfg.spool)
+    log.info("spool recovered path=%s %s", cfg.spool.path, store.recover())
+    engine = Engine(cfg, store) if deliver else None
+    receiver = Receiver(
+        cfg, workers=1, index=0,
+        on_committed=(lambda env: engine.wake(env.id)) if engine else (lambda env: None),
+    )  # fmt: skip
+    stop = _stop_event_on_signals()
+    engine_task = asyncio.get_running_loop().create_task(engine.run()) if engine else None
+    log.info("mailgate started hostname=%s workers=0", cfg.hostname)
+    await receiver.run(stop)
     log.info("mailgate stopping")
-    await listeners.stop()
-    await _write_limits_snapshot(cfg, limits, auth_guard)
     if engine is not None and engine_task is not None:
         await engine.stop()
         await asyncio.wait({engine_task}, timeout=10.0)
     log.info("mailgate stopped")
 
 
-async def _write_limits_snapshot(cfg: Config, limits: Any, guard: Any) -> None:
-    """For `mailgate limits report`; a full disk must not stop the server."""
-    from mailgate.limits import snapshot_path
+# --- several processes -------------------------------------------------------------------------
 
-    try:
-        await asyncio.to_thread(limits.write_snapshot, snapshot_path(cfg.spool.path),
-                                extra={"auth": guard.snapshot()})  # fmt: skip
-    except OSError as e:
-        log.warning("limits snapshot not written: %s", e)
+
+class Supervisor:
+    """The parent process: recovers the spool, forks the listener workers, runs delivery."""
+
+    def __init__(self, cfg: Config, *, workers: int, deliver: bool) -> None:
+        self.cfg = cfg
+        self.workers = workers
+        self.deliver = deliver
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+
+    def run(self) -> int:
+        # Before any fork: recovery must finish before anyone commits, and a bad certificate
+        # must stop the start here, with one line, rather than in every worker.
+        if _uses_tls(self.cfg):
+            from mailgate.receive.tls import server_context
+
+            server_context(self.cfg.tls.cert, self.cfg.tls.key)
+        _check_ports_free(self.cfg)
+        self.lock = _lock_spool(self.cfg)
+        store = open_store(self.cfg.spool)
+        log.info("spool recovered path=%s %s", self.cfg.spool.path, store.recover())
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        for index in range(self.workers):
+            self._fork(index)
+        _asyncio_run(self._main())
+        return 0
+
+    def _fork(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            _die_with_parent()
+            os.close(self.wake_read)
+            status = 0
+            try:
+                _asyncio_run(_worker_main(self.cfg, index, self.workers, self.wake_write))
+            except BaseException:
+                log.exception("worker %d failed", index)
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.children[pid] = index
+        log.info("worker started index=%d pid=%d", index, pid)
+
+    async def _main(self) -> None:
+        from mailgate.deliver.engine import Engine
+
+        loop = asyncio.get_running_loop()
+        stop = _stop_event_on_signals()
+        engine = Engine(self.cfg, open_store(self.cfg.spool)) if self.deliver else None
+        engine_task = loop.create_task(engine.run()) if engine else None
+        buffer = bytearray()
+
+        def on_wake() -> None:
+            try:
+                data = os.read(self.wake_read, 65536)
+            except BlockingIOError:
+                return
+            buffer.extend(data)
+            *lines, rest = bytes(buffer).split(b"\n")
+            buffer[:] = rest
+            if engine is not None:
+                for line in lines:
+                    engine.wake(line.decode("ascii", "replace") or None)
+
+        os.set_blocking(self.wake_read, False)
+        loop.add_reader(self.wake_read, on_wake)
+        log.info("mailgate started hostname=%s workers=%d", self.cfg.hostname, self.workers)
+        next_rescan = loop.time() + _RESCAN_INTERVAL
+        while not stop.is_set():
+            # uvloop keeps SIGCHLD for itself, so dead workers are found by polling.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _REAP_INTERVAL)
+            self._reap()
+            if engine is not None and loop.time() >= next_rescan:
+                next_rescan = loop.time() + _RESCAN_INTERVAL
+                engine.wake()  # safety net for a wake-up line lost to a full pipe
+        log.info("mailgate stopping")
+        self.stopping = True
+        await self._stop_workers()
+        if engine is not None and engine_task is not None:
+            await engine.stop()
+            await asyncio.wait({engine_task}, timeout=10.0)
+        log.info("mailgate stopped")
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                log.info("worker stopped index=%d pid=%d status=%d", index, pid, code)
+                continue
+            log.error("worker died index=%d pid=%d status=%d: restarting", index, pid, code)
+            time.sleep(_RESTART_DELAY)  # a worker that dies at once must not spin
+            self._fork(index)
+
+    async def _stop_workers(self) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        while self.children and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            self._reap()
+        for pid in list(self.children):
+            log.warning("worker did not stop in time pid=%d: killing", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.children:
+            self._reap_blocking()
+
+    def _reap_blocking(self) -> None:
+        try:
+            pid, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            self.children.clear()
+            return
+        self.children.pop(pid, None)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a supervisor killed with -9 (it would hold the ports)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> None:
+    def notify(env: Envelope) -> None:
+        try:
+            os.write(wake_fd, env.id.encode("ascii") + b"\n")
+        except BlockingIOError:
+            pass  # a full pipe: the supervisor's periodic rescan finds the entry
+        except OSError as e:
+            log.warning("qid=%s cannot wake the delivery engine: %s", env.id, e)
+
+    receiver = Receiver(cfg, workers=workers, index=index, on_committed=notify)
+    stop = _stop_event_on_signals()
+    await receiver.run(stop)

@@ -16,6 +16,7 @@ from collections import Counter
 from mailgate import replies
 from mailgate.config import Listen
 from mailgate.receive.channel import Channel
+from mailgate.receive.reuseport import steer_by_client_address
 from mailgate.receive.session import Services, Session
 from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
 
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 class Listeners:
     """All listening sockets of one process and the sessions they spawned."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, workers: int = 1) -> None:
         self.services = services
+        self.workers = workers  # processes sharing each port (for reuseport steering)
         self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
@@ -55,6 +57,7 @@ class Listeners:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
         sock.listen(1024)
+        steer_by_client_address(sock, self.workers)  # after listen(): the group exists then
         sock.setblocking(False)
         return await loop.create_server(
             lambda: Channel(lambda ch: self._connected(ch, profile)),

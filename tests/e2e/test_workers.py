@@ -1,0 +1,112 @@
+"""Several listener processes: steering by client address, restart, one server per port/spool."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.conftest import message
+from tests.support.gateway import Gateway, free_port, toml_dumps, wait_for
+
+
+def send_from(gw: Gateway, source_ip: str) -> None:
+    sock = socket.create_connection(("127.0.0.1", gw.ports["smarthost"]), timeout=10,
+                                    source_address=(source_ip, 0))  # fmt: skip
+    client = smtplib.SMTP(timeout=10)
+    client.sock = sock
+    assert client.getreply()[0] == 220
+    client.ehlo("lab.test")
+    client.sendmail("cron@lab.test", ["ops@remote.test"], message(frm="cron@lab.test"))
+    client.quit()
+
+
+def worker_of(log: str, ip: str) -> set[str]:
+    return set(re.findall(rf"mailgate\[(\d+)\] \S+: sid=\w+ connect service=smarthost "
+                          rf"client=\[{re.escape(ip)}\]", log))  # fmt: skip
+
+
+def test_each_client_address_sticks_to_one_worker(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
+    gw.start("--no-delivery")
+    try:
+        for _ in range(6):
+            send_from(gw, "127.0.0.10")
+            send_from(gw, "127.0.0.11")
+        log = gw.log_text()
+        ten, eleven = worker_of(log, "127.0.0.10"), worker_of(log, "127.0.0.11")
+        assert len(ten) == 1 and len(eleven) == 1, (ten, eleven)
+        assert ten != eleven  # 10 and 11 differ mod 2: the two workers share the load
+        assert len(gw.queued()) == 12
+    finally:
+        gw.stop()
+
+
+def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
+    gw.start("--no-delivery")
+    try:
+        assert gw.proc is not None
+        workers = gw.pids() - {gw.proc.pid}
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(gw.pids() - {victim}) == 3, timeout=15, what="a new worker")
+        for ip in ("127.0.0.10", "127.0.0.11"):
+            send_from(gw, ip)
+        assert len(gw.queued()) == 2
+        assert "worker died" in gw.log_text()
+    finally:
+        gw.stop()
+
+
+def test_second_server_on_the_same_ports_or_spool_is_refused(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw")
+    gw.start("--no-delivery")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mailgate", "-c", str(gw.config), "serve"],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stderr.strip().endswith("Address already in use"), proc.stderr
+        assert "mailgate: submission.listen: cannot listen on 127.0.0.1:" in proc.stderr
+        # Other ports, same spool: refused too (recovery would empty the running server's tmp/).
+        other = dict(gw.settings)
+        for service in ("submission", "submissions", "smarthost"):
+            other[service] = {**gw.settings[service], "listen": [f"127.0.0.1:{free_port()}"]}
+        other["spool"] = {"path": str(gw.spool)}
+        config = gw.root / "other.toml"
+        config.write_text(toml_dumps(other))
+        proc = subprocess.run([sys.executable, "-m", "mailgate", "-c", str(config), "serve"],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"mailgate: spool.path: another mailgate serve uses {gw.spool}"
+        )
+    finally:
+        gw.stop()
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
+    gw.start("--no-delivery")
+    assert gw.proc is not None
+    workers = gw.pids() - {gw.proc.pid}
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    gw.proc.wait(timeout=10)
+
+    def gone() -> bool:
+        for pid in workers:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+
+    wait_for(gone, timeout=30, what="workers to exit")
+    gw.proc = None
