@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,23 +38,35 @@ def register(sub: Any) -> None:
 def run_report(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     path = snapshot_path(cfg.spool.path)
-    try:
-        data = read_snapshot(path)
-    except FileNotFoundError:
-        raise CommandError(
-            f"no rate-limit snapshot at {path} (mailgate serve writes one every "
-            f"{cfg.ratelimits.snapshot_interval:g} s)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise CommandError(f"{path}: cannot read the snapshot: {e}") from None
+    # With [server] workers = N, worker i > 0 writes limits.w<i>.json beside limits.json; each
+    # worker counts the client addresses steered to it (exact per IP, per worker for logins).
+    paths = [path, *sorted(path.parent.glob(f"{path.stem}.w*{path.suffix}"))]
+    snapshots: list[tuple[Path, dict[str, Any]]] = []
+    for p in paths:
+        try:
+            snapshots.append((p, read_snapshot(p)))
+        except FileNotFoundError:
+            if p == path:
+                raise CommandError(
+                    f"no rate-limit snapshot at {path} (mailgate serve writes one every "
+                    f"{cfg.ratelimits.snapshot_interval:g} s)"
+                ) from None
+        except (OSError, ValueError) as e:
+            raise CommandError(f"{p}: cannot read the snapshot: {e}") from None
     if args.json:
-        print_json(data)
+        if len(snapshots) == 1:
+            print_json(snapshots[0][1])
+        else:
+            print_json({"workers": [data for _, data in snapshots]})
         return 0
-    try:
-        text = format_report(data, top=args.top, now=datetime.now(UTC))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CommandError(f"{path}: malformed snapshot ({type(e).__name__}: {e})") from None
-    sys.stdout.write(text)
+    for index, (p, data) in enumerate(snapshots):
+        if len(snapshots) > 1:
+            sys.stdout.write(f"{'' if index == 0 else chr(10)}== worker {index} ({p.name})\n")
+        try:
+            text = format_report(data, top=args.top, now=datetime.now(UTC))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CommandError(f"{p}: malformed snapshot ({type(e).__name__}: {e})") from None
+        sys.stdout.write(text)
     return 0
 
 
