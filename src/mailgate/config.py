@@ -45,9 +45,15 @@ class DirectoryConfig:
         return Path(self.url.removeprefix("sqlite:///"))
 
 
+SPOOL_FORMATS = ("files", "journal")
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = Path("spool")
+    # "files": one msg and one env file per entry (spool/store.py); "journal": records
+    # appended to log segments (spool/journal.py), for disks where creating files is the cost.
+    format: str = "files"
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +354,10 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _prefix(key, value, 128)
     if kind == "ratelimit_service":
         return _ratelimit_service(key, value)
+    if kind == "spool_format":
+        if value not in SPOOL_FORMATS:
+            raise ConfigError(f'{key}: expected "files" or "journal"')
+        return value
     raise AssertionError(kind)  # pragma: no cover - table is complete
 
 
@@ -402,6 +412,7 @@ _KINDS = {
     "snapshot_interval": "seconds",
 }
 _KINDS_FULL = {
+    "spool.format": "spool_format",
     "server.workers": "nonnegint",
     "directory.url": "sqlite_url",
     "ratelimits.submission": "ratelimit_service",

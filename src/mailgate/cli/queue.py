@@ -20,6 +20,7 @@ from typing import Any
 
 from mailgate.cli.common import CommandError, load_config, print_json
 from mailgate.errors import SpoolError
+from mailgate.spool import open_store, spool_exists
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
 from mailgate.spool.store import NotFound, Store
 
@@ -55,9 +56,9 @@ def _open_store(args: argparse.Namespace) -> Store:
     cfg = load_config(args)
     path: Path = cfg.spool.path
     # Do not conjure up an empty spool from a mistyped path: that would list "empty" forever.
-    if not (path / "env").is_dir():
+    if not spool_exists(cfg.spool):
         raise CommandError(f"spool.path: no spool at {path} (run `mailgate init`)")
-    return Store(path)
+    return open_store(cfg.spool)
 
 
 # --- list --------------------------------------------------------------------------------
