@@ -1,0 +1,52 @@
+"""Create a mailgate instance shaped like the reference harness's Postfix anchor.
+
+    python3 bench/mailgate_instance.py DIR [--workers N] [--clamd SPEC]
+
+Ports 10225 (smart host), 10287 (submission), 10265 (submissions) on 127.0.0.1; user
+bench/benchpass; 127.0.0.0/8 may relay; every message relayed to 127.0.0.1:10026 (the harness's
+sink); connection limits raised for the idle scenario; rate limits and the account breaker off
+(the load generator is one client sending thousands of messages, which they exist to stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.gateway import toml_dumps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--clamd", default="")
+    ap.add_argument("--relay", default="127.0.0.1:10026")
+    a = ap.parse_args()
+    mg = [sys.executable, "-m", "mailgate"]
+    subprocess.run([*mg, "init", str(a.dir), "--hostname", "mail.bench.test",
+                    "--default-domain", "bench.test"], check=True, capture_output=True)  # fmt: skip
+    config = a.dir / "mailgate.toml"
+    data = tomllib.loads(config.read_text())
+    data["submission"]["listen"] = ["127.0.0.1:10287"]
+    data["submissions"]["listen"] = ["127.0.0.1:10265"]
+    data["smarthost"] = {"listen": ["127.0.0.1:10225"], "networks": ["127.0.0.0/8"]}
+    data.setdefault("delivery", {})["relay"] = a.relay
+    data.setdefault("limits", {}).update(max_connections=20000, max_connections_per_ip=20000)
+    data.setdefault("ratelimits", {})["breaker_recipients_per_hour"] = 0
+    data.setdefault("scanner", {})["clamd"] = a.clamd
+    if a.workers is not None:
+        data["server"] = {"workers": a.workers}
+    config.write_text(toml_dumps(data))
+    subprocess.run([*mg, "-c", str(config), "user", "add", "bench", "--password-stdin"],
+                   input=b"benchpass\n", check=True, capture_output=True)  # fmt: skip
+    print(config)
+
+
+if __name__ == "__main__":
+    main()
