@@ -355,6 +355,17 @@ def _copy(source: int, target: int, offset: int, length: int) -> None:
         done += n
 
 
+def _is_prefix_of(path: Path, fd: int, size: int) -> bool:
+    """Whether the file at `path` holds the first bytes of `fd` (which has `size` bytes)."""
+    with open(path, "rb") as f:
+        offset = 0
+        while block := f.read(_CHUNK):  # bounded by the file's size
+            if offset + len(block) > size or os.pread(fd, len(block), offset) != block:
+                return False
+            offset += len(block)
+    return offset > 0
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -627,6 +638,8 @@ class JournalStore(Store):
         if len(head) < _RECORD_HEADER.size or head[:8] != seg.magic:
             return ""
         qlen = head[9]
+        if len(head) < _RECORD_HEADER.size + qlen:
+            return ""  # cut inside the qid: not worth guessing
         qid = head[_RECORD_HEADER.size : _RECORD_HEADER.size + qlen].decode("ascii", "replace")
         return qid if head[8] == COMMIT and is_queue_id(qid) else ""
 
@@ -1152,8 +1165,13 @@ class JournalStore(Store):
                 corrupt = self._export_corrupt()
                 self._import_files_format()
                 self._compact()
-            for d in (self.tmp_dir, self.journal_dir, self.corrupt_dir):
-                _fsync_dir(d)
+            # Only what changed (a clean start then costs no fsync): segments deleted or cut
+            # were made durable as that happened.
+            if tmp_removed:
+                _fsync_dir(self.tmp_dir)
+            if findings.damaged or corrupt:
+                _fsync_dir(self.corrupt_dir)
+                _fsync_dir(self.journal_dir)
         except OSError as e:
             raise _spool_error(e, f"spool recovery in {self.path}") from None
         report = RecoveryReport(
@@ -1186,14 +1204,18 @@ class JournalStore(Store):
         self._keep_copy(seg.path)
 
     def _keep_copy(self, path: Path) -> None:
-        """Copy a damaged segment to corrupt/ (once per content)."""
+        """Copy a damaged segment to corrupt/, unless an earlier startup did (a copy that is
+        a prefix of it: the segment has only grown since)."""
         size = os.stat(path).st_size
-        same = self.corrupt_dir / path.name
-        if same.exists() and os.stat(same).st_size == size:
-            return  # copied at an earlier startup already
-        target = self._corrupt_target(path.name)
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            for n in range(1000):  # bounded, like _corrupt_target's names
+                earlier = self.corrupt_dir / (path.name if n == 0 else f"{path.name}.{n}")
+                if not earlier.exists():
+                    break
+                if _is_prefix_of(earlier, src, size):
+                    return
+            target = self._corrupt_target(path.name)
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
             try:
                 _copy(src, dst, 0, size)
