@@ -15,34 +15,47 @@ from tests.e2e.conftest import message
 from tests.support.gateway import Gateway, free_port, toml_dumps, wait_for
 
 
-def send_from(gw: Gateway, source_ip: str) -> None:
-    sock = socket.create_connection(("127.0.0.1", gw.ports["smarthost"]), timeout=10,
+def send_from(gw: Gateway, source_ip: str, service: str = "smarthost") -> None:
+    sock = socket.create_connection(("127.0.0.1", gw.ports[service]), timeout=10,
                                     source_address=(source_ip, 0))  # fmt: skip
     client = smtplib.SMTP(timeout=10)
     client.sock = sock
     assert client.getreply()[0] == 220
     client.ehlo("lab.test")
-    client.sendmail("cron@lab.test", ["ops@remote.test"], message(frm="cron@lab.test"))
+    if service == "smarthost":
+        client.sendmail("cron@lab.test", ["ops@remote.test"], message(frm="cron@lab.test"))
     client.quit()
 
 
-def worker_of(log: str, ip: str) -> set[str]:
-    return set(re.findall(rf"mailgate\[(\d+)\] \S+: sid=\w+ connect service=smarthost "
+def worker_of(log: str, ip: str, service: str = "smarthost") -> set[str]:
+    return set(re.findall(rf"mailgate\[(\d+)\] \S+: sid=\w+ connect service={service} "
                           rf"client=\[{re.escape(ip)}\]", log))  # fmt: skip
 
 
-def test_each_client_address_sticks_to_one_worker(tmp_path: Path) -> None:
+def test_each_client_address_sticks_to_one_worker_on_submission(tmp_path: Path) -> None:
     gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
     gw.start("--no-delivery")
     try:
         for _ in range(6):
-            send_from(gw, "127.0.0.10")
-            send_from(gw, "127.0.0.11")
+            send_from(gw, "127.0.0.10", "submission")
+            send_from(gw, "127.0.0.11", "submission")
         log = gw.log_text()
-        ten, eleven = worker_of(log, "127.0.0.10"), worker_of(log, "127.0.0.11")
+        ten = worker_of(log, "127.0.0.10", "submission")
+        eleven = worker_of(log, "127.0.0.11", "submission")
         assert len(ten) == 1 and len(eleven) == 1, (ten, eleven)
         assert ten != eleven  # 10 and 11 differ mod 2: the two workers share the load
-        assert len(gw.queued()) == 12
+    finally:
+        gw.stop()
+
+
+def test_one_smarthost_client_uses_every_worker(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
+    gw.start("--no-delivery")
+    try:
+        for _ in range(30):  # the kernel hashes the 4-tuple: 2**-29 that one worker gets all
+            send_from(gw, "127.0.0.10")
+        assert len(worker_of(gw.log_text(), "127.0.0.10")) == 2
+        assert len(gw.queued()) == 30
     finally:
         gw.stop()
 

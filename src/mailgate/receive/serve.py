@@ -57,7 +57,12 @@ class Listeners:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
         sock.listen(1024)
-        steer_by_client_address(sock, self.workers)  # after listen(): the group exists then
+        if profile.offers_auth:
+            # Internet-facing AUTH services: one client address, one worker, so the AUTH
+            # guard and per-IP limits see all of a client's attempts. The smart host keeps
+            # the kernel's 4-tuple hash: its clients are few busy internal hosts (a web server
+            # sending a mailing), which must be able to use every core.
+            steer_by_client_address(sock, self.workers)  # after listen(): the group exists
         sock.setblocking(False)
         return await loop.create_server(
             lambda: Channel(lambda ch: self._connected(ch, profile)),
