@@ -11,7 +11,8 @@ import pytest
 
 from mailgate.cli import main
 from mailgate.spool.entry import Attempt, Envelope, Recipient
-from mailgate.spool.store import Store
+from mailgate.spool.journal import UPDATE, JournalStore, _encode
+from mailgate.spool.store import NotFound, Store
 
 A = "0000000001AAAA"
 B = "0000000002BBBB"
@@ -34,15 +35,29 @@ class Queue:
         return status, out, err
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> Queue:
+@pytest.fixture(params=["files", "journal"])
+def queue(tmp_path: Path, request: pytest.FixtureRequest) -> Queue:
+    """A config and a spool of each format; the test's store is another instance than the
+    command's (another process, in real life)."""
     config = tmp_path / "mailgate.toml"
     config.write_text(
         'hostname = "mail.example.ac.uk"\n'
-        '[spool]\npath = "spool"\n'
+        f'[spool]\npath = "spool"\nformat = "{request.param}"\n'
         '[smarthost]\nlisten = ["127.0.0.1:10025"]\n'
     )
-    return Queue(config, Store(tmp_path / "spool"), datetime.now(UTC).replace(microsecond=0))
+    kind = JournalStore if request.param == "journal" else Store
+    return Queue(config, kind(tmp_path / "spool"), datetime.now(UTC).replace(microsecond=0))
+
+
+def break_envelope(store: Store, qid: str) -> None:
+    """Make the stored envelope of `qid` unparsable, as a disk or a bug might."""
+    if isinstance(store, JournalStore):
+        with store._writing():
+            magic = store._segments[max(store._segments)].magic
+            assert magic is not None
+            store._append_one(_encode(magic, UPDATE, qid, b"{broken"))
+    else:
+        (store.env_dir / f"{qid}.json").write_bytes(b"{broken")
 
 
 def fill(q: Queue) -> tuple[Envelope, Envelope]:
@@ -200,7 +215,8 @@ def test_delete(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
     fill(queue)
     assert queue.run(capsys, "delete", A) == (0, f"deleted {A}\n", "")
     assert queue.store.ids() == [B]
-    assert not queue.store.message_path(A).exists()
+    with pytest.raises(NotFound):
+        queue.store.read_message(A)
     assert queue.run(capsys, "delete", A) == (1, "", f"mailgate: no such queue entry: {A}\n")
 
 
@@ -217,7 +233,7 @@ def test_unreadable_entry_is_reported_and_the_rest_listed(
     queue: Queue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fill(queue)
-    (queue.store.env_dir / f"{A}.json").write_bytes(b"{broken")
+    break_envelope(queue.store, A)
     status, out, err = queue.run(capsys, "list")
     assert status == 0
     assert err == f"mailgate: qid={A}: unreadable envelope (JSONDecodeError)\n"

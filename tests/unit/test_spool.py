@@ -1,4 +1,7 @@
-"""The spool store as plain functions in tmp_path: commit, modes, recovery, full disks, locks."""
+"""The spool store as plain functions in tmp_path: commit, modes, recovery, full disks, locks.
+
+Tests of the Store API run against both backends (the `store` fixture); tests of the files
+layout use `files_store`. The journal's own layout is tested in test_journal.py."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pytest
 from mailgate.errors import SpoolError, SpoolFull, UsageError
 from mailgate.spool.entry import Attempt, Envelope, Recipient
 from mailgate.spool.ids import QUEUE_ID_LENGTH, is_queue_id, new_queue_id
+from mailgate.spool.journal import JournalStore
 from mailgate.spool.store import MEMORY_LIMIT, Incoming, NotFound, RecoveryReport, Store
 
 RECEIVED_AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -60,8 +64,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.001)  # polling a condition with a bounded timeout, not synchronising by time
 
 
+@pytest.fixture(params=["files", "journal"])
+def store(tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    """Each backend, for the tests of the Store API (both keep the same contract)."""
+    if request.param == "journal":
+        return JournalStore(tmp_path / "spool")
+    return Store(tmp_path / "spool")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def files_store(tmp_path: Path) -> Store:
+    """The files backend, for the tests of its layout (msg/, env/, renames, fsync order)."""
     return Store(tmp_path / "spool")
 
 
@@ -103,7 +116,8 @@ def test_store_creates_its_directories_0700_whatever_the_umask(tmp_path: Path) -
         assert mode(d) == 0o700
 
 
-def test_commit_then_load(store: Store) -> None:
+def test_commit_then_load(files_store: Store) -> None:
+    store = files_store
     incoming = store.begin()
     assert is_queue_id(incoming.qid)
     incoming.write(BODY[:10])
@@ -124,7 +138,8 @@ def test_commit_then_load(store: Store) -> None:
     assert raw["recipients"][0]["state"] == "pending"
 
 
-def test_committed_files_are_0600_whatever_the_umask(store: Store) -> None:
+def test_committed_files_are_0600_whatever_the_umask(files_store: Store) -> None:
+    store = files_store
     old = os.umask(0)
     try:
         stored = commit(store)
@@ -173,7 +188,8 @@ def test_abort_after_handing_over_to_a_commit_is_a_no_op(store: Store) -> None:
         store.commit(incoming, envelope(incoming.qid))
 
 
-def test_ids_are_oldest_first_and_ignore_strangers(store: Store) -> None:
+def test_ids_are_oldest_first_and_ignore_strangers(files_store: Store) -> None:
+    store = files_store
     made = [commit(store).id for _ in range(5)]
     (store.env_dir / "README.txt").write_text("not an entry")
     (store.env_dir / "lower.json").write_text("{}")
@@ -201,7 +217,8 @@ def test_large_message_spills_to_tmp_and_memory_stays_bounded(store: Store) -> N
     assert listing(store.tmp_dir) == []
 
 
-def test_spilled_message_without_prefix_is_renamed_into_place(store: Store) -> None:
+def test_spilled_message_without_prefix_is_renamed_into_place(files_store: Store) -> None:
+    store = files_store
     body = b"y" * (MEMORY_LIMIT + 10)
     incoming = store.begin()
     incoming.write(body)
@@ -261,7 +278,8 @@ def test_enqueue_allocates_an_id_or_uses_the_given_one(store: Store) -> None:
     assert store.read_message(qid) == b"dsn\r\n"
 
 
-def test_load_unknown_invalid_and_corrupt(store: Store) -> None:
+def test_load_unknown_invalid_and_corrupt(files_store: Store) -> None:
+    store = files_store
     with pytest.raises(NotFound, match=r"^no such queue entry: 0000000000AAAA$"):
         store.load("0000000000AAAA")
     with pytest.raises(NotFound, match=r"^no such queue entry: \.\./\.\./etc/passwd$"):
@@ -290,7 +308,8 @@ def test_recover_on_a_clean_spool(store: Store) -> None:
     assert store.recover() == RecoveryReport(entries=1)
 
 
-def test_recover_each_interrupted_commit_step(store: Store) -> None:
+def test_recover_each_interrupted_commit_step(files_store: Store) -> None:
+    store = files_store
     kept = commit(store)
 
     # 1. receiving: a spilled file in tmp/.  2. msg written to tmp/, not renamed.
@@ -338,7 +357,8 @@ def test_recover_each_interrupted_commit_step(store: Store) -> None:
     assert store.load(kept.id) == kept
 
 
-def test_recover_never_overwrites_what_is_in_corrupt(store: Store) -> None:
+def test_recover_never_overwrites_what_is_in_corrupt(files_store: Store) -> None:
+    store = files_store
     (store.corrupt_dir / "0000000000EEEE.json").write_bytes(b"older")
     (store.env_dir / "0000000000EEEE.json").write_bytes(b"newer")
     store.recover()
@@ -367,16 +387,20 @@ def failing_after(
 
 
 def assert_nothing_left(store: Store) -> None:
-    assert listing(store.msg_dir) == []
-    assert listing(store.env_dir) == []
+    if isinstance(store, JournalStore):  # no file per entry: ask the store, and a fresh one
+        assert JournalStore(store.path).ids() == []
+    else:
+        assert listing(store.msg_dir) == []
+        assert listing(store.env_dir) == []
     assert listing(store.tmp_dir) == []
     assert store.ids() == []
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_full_disk_on_the_message_write_is_spool_full(
-    store: Store, monkeypatch: pytest.MonkeyPatch, err: int
+    files_store: Store, monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
+    store = files_store
     incoming = store.begin()
     incoming.write(BODY)
     monkeypatch.setattr(os, "write", failing_after(os.write, 0, err))
@@ -388,8 +412,9 @@ def test_full_disk_on_the_message_write_is_spool_full(
 
 @pytest.mark.parametrize("good_writes", [1, 2])
 def test_full_disk_after_some_writes_leaves_nothing(
-    store: Store, monkeypatch: pytest.MonkeyPatch, good_writes: int
+    files_store: Store, monkeypatch: pytest.MonkeyPatch, good_writes: int
 ) -> None:
+    store = files_store
     # The message file takes two writes (prefix, body), the envelope the third: fail the body
     # (a half-written message file) or the envelope (the message is already in msg/).
     incoming = store.begin()
@@ -402,8 +427,9 @@ def test_full_disk_after_some_writes_leaves_nothing(
 
 
 def test_full_disk_reported_by_fsync_is_spool_full(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    files_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = files_store
     incoming = store.begin()
     incoming.write(BODY)
     monkeypatch.setattr(os, "fsync", failing_after(os.fsync, 1, errno.ENOSPC))
@@ -414,8 +440,9 @@ def test_full_disk_reported_by_fsync_is_spool_full(
 
 
 def test_other_os_errors_are_spool_error_not_spool_full(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    files_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = files_store
     incoming = store.begin()
     incoming.write(BODY)
     monkeypatch.setattr(os, "write", failing_after(os.write, 0, errno.EIO))
@@ -446,8 +473,9 @@ def test_full_disk_while_spilling_frees_the_file_and_fails_the_incoming(
 
 
 def test_directory_fsync_failure_fails_the_whole_batch(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    files_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = files_store
     ok = commit(store)
     items: list[tuple[Incoming, Envelope, bytes]] = []
     for _ in range(3):
@@ -482,7 +510,8 @@ def test_one_failed_entry_does_not_fail_its_batch(store: Store) -> None:
 # --- changing entries ---------------------------------------------------------------------
 
 
-def test_update_is_atomic_and_keeps_modes(store: Store) -> None:
+def test_update_is_atomic_and_keeps_modes(files_store: Store) -> None:
+    store = files_store
     stored = commit(store)
     when = datetime(2026, 3, 1, 13, 0, tzinfo=UTC)
     attempt = Attempt(when, "deferred", "mx.example.org[127.0.0.2]", "451 4.7.1 greylisted")
@@ -652,8 +681,8 @@ def test_remove_waits_for_an_update_and_a_waiting_update_then_finds_nothing(
     assert_nothing_left(store)
 
 
-def _increment_many(spool: Path, qid: str, times: int) -> None:
-    s = Store(spool)
+def _increment_many(kind: type[Store], spool: Path, qid: str, times: int) -> None:
+    s = kind(spool)
     for _ in range(times):
         s.update(
             qid,
@@ -667,7 +696,8 @@ def test_concurrent_updates_from_two_processes_lose_nothing(store: Store) -> Non
     stored = commit(store)
     ctx = multiprocessing.get_context("fork")
     times = 50
-    procs = [ctx.Process(target=_increment_many, args=(store.path, stored.id, times)) for _ in "ab"]
+    args = (type(store), store.path, stored.id, times)
+    procs = [ctx.Process(target=_increment_many, args=args) for _ in "ab"]
     for p in procs:
         p.start()
     for p in procs:
@@ -679,5 +709,5 @@ def test_concurrent_updates_from_two_processes_lose_nothing(store: Store) -> Non
 
 def test_store_is_usable_from_a_second_instance(store: Store) -> None:
     stored = commit(store)
-    other = Store(store.path)
+    other = type(store)(store.path)
     assert other.load(stored.id) == stored

@@ -1,4 +1,6 @@
-"""Group commit: concurrent asyncio sessions share batches; results stay per entry."""
+"""Group commit: concurrent asyncio sessions share batches; results stay per entry.
+
+Every test runs against both spool backends."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from mailgate.errors import SpoolFull
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.group import GroupCommitter
+from mailgate.spool.journal import JournalStore
 from mailgate.spool.store import MEMORY_LIMIT, Incoming, Store
 
 PREFIX = b"Received: by mail.example.ac.uk\r\n"
@@ -33,23 +36,75 @@ def body(n: int) -> bytes:
     return f"Subject: message {n}\r\n\r\n".encode() + b"x" * 10240 + b"\r\n"
 
 
-class GatedStore(Store):
-    """A real Store whose first batch waits for the test, to control what arrives meanwhile."""
+class Gate:
+    """Holds the first batch until the test opens the gate, to control what arrives meanwhile."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self) -> None:
         self.batch_sizes: list[int] = []
         self.in_first_batch = threading.Event()
         self.open_gate = threading.Event()
 
-    def commit_batch(
-        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
-    ) -> list[Envelope | Exception]:
+    def enter(self, items: Sequence[tuple[Incoming, Envelope, bytes]]) -> None:
         self.batch_sizes.append(len(items))
         if len(self.batch_sizes) == 1:
             self.in_first_batch.set()
             assert self.open_gate.wait(5)
+
+
+class GatedStore(Store):
+    """A real Store whose first batch waits for the test."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = Gate()
+
+    def commit_batch(
+        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
+    ) -> list[Envelope | Exception]:
+        self.gate.enter(items)
         return super().commit_batch(items)
+
+
+class GatedJournalStore(JournalStore):
+    """A real JournalStore whose first batch waits for the test."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = Gate()
+
+    def commit_batch(
+        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
+    ) -> list[Envelope | Exception]:
+        self.gate.enter(items)
+        return super().commit_batch(items)
+
+
+BACKENDS: dict[str, tuple[type[Store], type[GatedStore | GatedJournalStore]]] = {
+    "files": (Store, GatedStore),
+    "journal": (JournalStore, GatedJournalStore),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each spool backend: group commit works through the Store API only."""
+    assert isinstance(request.param, str)
+    return request.param
+
+
+def plain(backend: str, path: Path) -> Store:
+    return BACKENDS[backend][0](path)
+
+
+def gated(backend: str, path: Path) -> GatedStore | GatedJournalStore:
+    return BACKENDS[backend][1](path)
+
+
+def leftovers(store: Store) -> list[str]:
+    """Files that would mean an entry is (partly) still there."""
+    if isinstance(store, JournalStore):
+        return [f"entry {q}" for q in JournalStore(store.path).ids()]
+    return os.listdir(store.msg_dir) + os.listdir(store.env_dir)
 
 
 def disk_full(fd: int, data: bytes) -> int:
@@ -60,8 +115,8 @@ async def in_thread(event: threading.Event) -> None:
     assert await asyncio.to_thread(event.wait, 5)
 
 
-def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path) -> None:
-    store = Store(tmp_path / "spool")
+def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path, backend: str) -> None:
+    store = plain(backend, tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def session(n: int) -> Envelope:
@@ -83,8 +138,8 @@ def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path) -> Non
     assert os.listdir(store.tmp_dir) == []
 
 
-def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path) -> None:
-    store = GatedStore(tmp_path / "spool")
+def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path, backend: str) -> None:
+    store = gated(backend, tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def commit(n: int) -> Envelope:
@@ -94,21 +149,21 @@ def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path) -> No
 
     async def main() -> list[Envelope]:
         first = asyncio.create_task(commit(0))
-        await in_thread(store.in_first_batch)  # the event loop is free while batch 1 is written
+        await in_thread(store.gate.in_first_batch)  # the loop is free while batch 1 is written
         later = [asyncio.create_task(commit(n)) for n in (1, 2, 3)]
         await asyncio.sleep(0)  # let them queue (a scheduling step, not a timed wait)
-        store.open_gate.set()
+        store.gate.open_gate.set()
         return [await first] + [await t for t in later]
 
     stored = asyncio.run(main())
-    assert store.batch_sizes == [1, 3]
+    assert store.gate.batch_sizes == [1, 3]
     assert store.ids() == sorted(e.id for e in stored)
 
 
 def test_one_full_entry_does_not_fail_the_rest_of_its_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    store = Store(tmp_path / "spool")
+    store = plain(backend, tmp_path / "spool")
     committer = GroupCommitter(store)
     real_write = os.write
 
@@ -134,18 +189,18 @@ def test_one_full_entry_does_not_fail_the_rest_of_its_batch(
     assert os.listdir(store.tmp_dir) == []
 
 
-def test_a_cancelled_commit_is_removed_again(tmp_path: Path) -> None:
-    store = GatedStore(tmp_path / "spool")
+def test_a_cancelled_commit_is_removed_again(tmp_path: Path, backend: str) -> None:
+    store = gated(backend, tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def main() -> tuple[bool, str]:
         incoming = store.begin()
         incoming.write(body(0))
         task = asyncio.create_task(committer.commit(incoming, envelope(incoming.qid)))
-        await in_thread(store.in_first_batch)
+        await in_thread(store.gate.in_first_batch)
         task.cancel()
         incoming.abort()  # the session's cleanup: a no-op now, the worker owns the files
-        store.open_gate.set()
+        store.gate.open_gate.set()
         await committer.drain()
         return task.cancelled(), incoming.qid
 
@@ -153,7 +208,6 @@ def test_a_cancelled_commit_is_removed_again(tmp_path: Path) -> None:
     assert cancelled
     # No 250 was sent, so the sender still owns the message: nothing may stay in the spool.
     assert store.ids() == []
-    assert os.listdir(store.msg_dir) == []
-    assert os.listdir(store.env_dir) == []
+    assert leftovers(store) == []
     assert os.listdir(store.tmp_dir) == []
     assert qid
