@@ -4,10 +4,13 @@ Owns: nothing the server uses. Run it on the file system that will hold the spoo
 fsync costs are the whole point (on tmpfs both figures are meaningless):
 
     python bench/bench_spool.py --dir /var/spool/mailgate-bench --count 400 --rounds 5
+    python bench/bench_spool.py --format journal ...     # the journal backend (journal.py)
+    python bench/bench_spool.py --format both ...        # both, rounds interleaved
 
-Prints one JSON object: commits per second for sequential `Store.commit()` calls and for
+Prints one JSON object per format: commits per second for sequential `commit()` calls and for
 `GroupCommitter.commit()` from N concurrent asyncio sessions (medians over alternating rounds,
-and each round's figure), with the mean batch size.
+and each round's figure), with the mean batch size; and, with --lifecycle, the rate of the
+engine's side (load, read_message, one update, remove per entry) over the committed entries.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.group import GroupCommitter
+from mailgate.spool.journal import JournalStore
 from mailgate.spool.store import Store
+
+BACKENDS: dict[str, type[Store]] = {"files": Store, "journal": JournalStore}
 
 PREFIX = b"Received: from client.test by mail.example.ac.uk with ESMTPSA\r\n"
 
@@ -65,6 +72,59 @@ def grouped(store: Store, count: int, body: bytes, sessions: int) -> tuple[float
     return count / (time.perf_counter() - start), committer.batches
 
 
+def lifecycle(store: Store) -> float:
+    """Entries per second through the engine's calls: load, read, record a try, remove."""
+    ids = store.ids()
+    start = time.perf_counter()
+    for qid in ids:
+        env = store.load(qid)
+        store.read_message(qid)
+        store.update(qid, lambda e: e.with_recipient(replace(e.recipients[0], attempts=1)))
+        store.remove(env.id)
+    return len(ids) / (time.perf_counter() - start)
+
+
+def run_rounds(args: argparse.Namespace, formats: list[str], body: bytes) -> dict[str, object]:
+    seq: dict[str, list[float]] = {f: [] for f in formats}
+    grp: dict[str, list[float]] = {f: [] for f in formats}
+    life: dict[str, list[float]] = {f: [] for f in formats}
+    batches: dict[str, int] = dict.fromkeys(formats, 1)
+    # Alternate modes and formats so that a disk shared with other work slows all alike.
+    for _ in range(args.rounds):
+        for fmt in formats:
+            kind = BACKENDS[fmt]
+            scratch = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
+            try:
+                seq[fmt].append(sequential(kind(scratch / "seq"), args.count, body))
+                store = kind(scratch / "grp")
+                rate, batches[fmt] = grouped(store, args.count, body, args.sessions)
+                grp[fmt].append(rate)
+                if args.lifecycle:
+                    life[fmt].append(lifecycle(store))
+            finally:
+                shutil.rmtree(scratch)
+    results: dict[str, object] = {}
+    for fmt in formats:
+        result: dict[str, object] = {
+            "format": fmt,
+            "message_bytes": len(PREFIX) + len(body),
+            "commits_per_round": args.count,
+            "rounds": args.rounds,
+            "sequential_commits_per_s": round(statistics.median(seq[fmt]), 1),
+            "sequential_runs": [round(r, 1) for r in seq[fmt]],
+            "grouped_sessions": args.sessions,
+            "grouped_commits_per_s": round(statistics.median(grp[fmt]), 1),
+            "grouped_runs": [round(r, 1) for r in grp[fmt]],
+            "grouped_mean_batch": round(args.count / batches[fmt], 1),
+            "speedup": round(statistics.median(grp[fmt]) / statistics.median(seq[fmt]), 2),
+        }
+        if args.lifecycle:
+            result["lifecycle_entries_per_s"] = round(statistics.median(life[fmt]), 1)
+            result["lifecycle_runs"] = [round(r, 1) for r in life[fmt]]
+        results[fmt] = result
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("."), help="where to make a scratch spool")
@@ -72,34 +132,15 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20, help="concurrent committers")
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians reported")
+    parser.add_argument("--format", choices=["files", "journal", "both"], default="files",
+                        help="spool backend (both: interleaved rounds)")  # fmt: skip
+    parser.add_argument("--lifecycle", action="store_true",
+                        help="also time load, read, update, remove of each entry")  # fmt: skip
     args = parser.parse_args()
 
-    body = message(args.size)
-    seq: list[float] = []
-    grp: list[float] = []
-    batches = 0
-    # Alternate the two modes so that a disk shared with other work slows both alike.
-    for _ in range(args.rounds):
-        scratch = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
-        try:
-            seq.append(sequential(Store(scratch / "seq"), args.count, body))
-            rate, batches = grouped(Store(scratch / "grp"), args.count, body, args.sessions)
-            grp.append(rate)
-        finally:
-            shutil.rmtree(scratch)
-    result = {
-        "message_bytes": len(PREFIX) + len(body),
-        "commits_per_round": args.count,
-        "rounds": args.rounds,
-        "sequential_commits_per_s": round(statistics.median(seq), 1),
-        "sequential_runs": [round(r, 1) for r in seq],
-        "grouped_sessions": args.sessions,
-        "grouped_commits_per_s": round(statistics.median(grp), 1),
-        "grouped_runs": [round(r, 1) for r in grp],
-        "grouped_mean_batch": round(args.count / batches, 1),
-        "speedup": round(statistics.median(grp) / statistics.median(seq), 2),
-    }
-    print(json.dumps(result, indent=2))
+    formats = ["files", "journal"] if args.format == "both" else [args.format]
+    results = run_rounds(args, formats, message(args.size))
+    print(json.dumps(results[formats[0]] if len(formats) == 1 else results, indent=2))
 
 
 if __name__ == "__main__":
