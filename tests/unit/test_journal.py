@@ -384,6 +384,30 @@ def test_a_directory_fsync_failure_fails_the_batch_that_made_the_segment(
     assert JournalStore(store.path).ids() == [stored.id]
 
 
+def test_commits_leave_a_reserve_for_updates_and_removals(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = commit(store)
+    before = size(store)
+    real = os.statvfs
+
+    def nearly_full(path: object) -> os.statvfs_result:
+        st = real(path)  # type: ignore[arg-type]  # the store passes a Path
+        blocks = (1 << 30) // st.f_frsize  # a 1 GiB file system: the reserve is 8 MiB
+        free = (4 << 20) // st.f_frsize  # 4 MiB free
+        return os.statvfs_result((st.f_bsize, st.f_frsize, blocks, free, free, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", nearly_full)
+    with pytest.raises(SpoolFull, match="nearly full"):
+        commit(store)
+    assert size(store) == before
+    assert store.update(stored.id, bump).recipients[0].attempts == 1  # the engine goes on
+    store.remove(stored.id)
+    monkeypatch.undo()
+    assert JournalStore(store.path).ids() == []
+    assert os.listdir(store.tmp_dir) == []
+
+
 # --- torn writes and damage ------------------------------------------------------------------
 
 

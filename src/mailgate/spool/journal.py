@@ -36,7 +36,10 @@ whole and its CRC matches. A torn record at the tail (an interrupted append, nev
 acknowledged) is cut away by the next writer or by recover(); a bad record followed by good
 ones is skipped, and recover() copies its segment to corrupt/ and logs it. ENOSPC, EDQUOT and
 EFBIG raise SpoolFull (452 4.3.1), other OS errors SpoolError; a failed write or fdatasync
-truncates the segment back, so a failed commit leaves nothing.
+truncates the segment back, so a failed commit leaves nothing. Commits also answer SpoolFull
+when they would leave less than RESERVE (8 MiB, at most 1% of the file system) free: in a log
+even a removal appends, so the engine must always have room to record its progress and remove
+delivered entries, which is what lets compaction give space back.
 
 Several processes (the server and `mailgate queue`): an append holds the exclusive flock from
 its first write through its fdatasync, so records never interleave and a failed append can be
@@ -73,7 +76,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mailgate.errors import SpoolError, UsageError
+from mailgate.errors import SpoolError, SpoolFull, UsageError
 from mailgate.spool.entry import Envelope
 from mailgate.spool.ids import is_queue_id
 from mailgate.spool.store import (
@@ -102,6 +105,9 @@ _KINDS = frozenset({COMMIT, UPDATE, REMOVE})
 _MAX_QID = 32  # ids.py accepts up to 32 characters
 _MAX_ENVELOPE = 64 * 1024 * 1024  # a length beyond this is damage, not an envelope
 _MAX_SEGMENTS = 1_000_000  # bounds the loops that walk segments (seq is 16 digits)
+# Commits leave this much of the file system free (at most 1% of it), for the engine's updates
+# and removals: in a log, even a removal appends, and only removals let compaction free space.
+RESERVE = 8 * 1024 * 1024
 # copy_file_range cannot do it here (old kernel, other file system): copy through memory.
 _COPY_FALLBACK = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 
@@ -799,6 +805,12 @@ class JournalStore(Store):
         seg.seen = seg.end
         return results
 
+    def _room_for(self, size: int) -> bool:
+        """Whether `size` more bytes leave the reserve free (see RESERVE)."""
+        st = os.statvfs(self.journal_dir)
+        reserve = min(RESERVE, st.f_blocks * st.f_frsize // 100)
+        return st.f_bavail * st.f_frsize - size >= reserve
+
     def _sync(self, seg: _Segment, start: int) -> None:
         """Make seg's appends since `start` durable, or cut them away and raise OSError."""
         assert seg.wfd is not None
@@ -908,6 +920,11 @@ class JournalStore(Store):
             outs.append(out)
             staged.append((index, stored, raw))
         if not outs:
+            return
+        if not self._room_for(sum(out.size for out in outs)):
+            full = SpoolFull("commit: spool disk nearly full (the rest is kept for deliveries)")
+            for index, _, _ in staged:
+                results[index] = full
             return
         start = seg.end
         written = self._write_outs(seg, outs)
