@@ -1,0 +1,233 @@
+"""AUTH hammering vs honest users: does an attacker on one address slow everyone else down?
+
+Starts a real `mailgate serve --no-delivery` (tests/support/gateway.py) on loopback ports with
+the default AUTH defence, then measures honest users twice: alone ("idle"), and while an
+attacker hammers AUTH with wrong passwords ("attack"). Honest users connect from 127.0.0.3 and
+send one message per connection (submission on 587: EHLO, STARTTLS, EHLO, AUTH PLAIN, MAIL,
+RCPT, DATA, QUIT); the latency of a message is that whole connection. The attacker runs in a
+separate process (so it does not share the honest clients' GIL), from 127.0.0.2, with
+--attackers threads that reconnect and try AUTH PLAIN as the honest login and as random names.
+
+Prints one JSON object: per phase the honest {"messages", "p50_ms", "p99_ms", "max_ms"}, the
+attacker's attempts and replies (535 while counted, 454 once refused), "p99_ratio" (attack / idle)
+and "within_2x" (issue #6 asks for p99 under attack within 2x of idle). Bounded in count
+(--messages per phase) and time (--max-seconds overall).
+
+    python bench/bench_auth_hammer.py --messages 200 --attackers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import secrets
+import smtplib
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from mailgate import config  # noqa: E402
+from tests.support.gateway import Gateway  # noqa: E402
+
+HONEST_IP = "127.0.0.3"
+ATTACKER_IP = "127.0.0.2"
+HONEST = ("alice", "correct horse battery")
+MESSAGE = (
+    b"From: alice@example.org\r\nTo: friend@remote.test\r\nSubject: bench\r\n\r\n"
+    + b"Just a short note.\r\n" * 20
+)
+
+
+def tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the gateway's certificate is self-signed
+    return ctx
+
+
+def send_one(port: int, ctx: ssl.SSLContext) -> float:
+    """One honest message on its own connection; seconds from connect to QUIT's reply."""
+    began = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(HONEST_IP, 0)) as client:
+        client.ehlo("honest.test")
+        client.starttls(context=ctx)
+        client.ehlo("honest.test")
+        client.login(*HONEST)
+        refused = client.sendmail("alice@example.org", ["friend@remote.test"], MESSAGE)
+        assert not refused, refused
+    return time.perf_counter() - began
+
+
+def honest_phase(port: int, messages: int, clients: int, deadline: float) -> dict[str, Any]:
+    ctx = tls_context()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    lock = threading.Lock()
+    todo = iter(range(messages))
+
+    def worker() -> None:
+        for _ in range(messages):  # bounded; `todo` hands out the messages
+            with lock:
+                if next(todo, None) is None or time.monotonic() > deadline:
+                    return
+            try:
+                took = send_one(port, ctx)
+            except (OSError, smtplib.SMTPException, AssertionError) as e:
+                with lock:
+                    errors[type(e).__name__] += 1
+                continue
+            with lock:
+                latencies.append(took)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    return summary(latencies, errors, messages)
+
+
+def summary(latencies: list[float], errors: Counter[str], wanted: int) -> dict[str, Any]:
+    ms = sorted(x * 1000 for x in latencies)
+    if len(ms) < 2:
+        return {"messages": len(ms), "errors": dict(errors), "truncated": True}
+    return {
+        "messages": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(statistics.quantiles(ms, n=100, method="inclusive")[98], 2),
+        "max_ms": round(ms[-1], 2),
+        "errors": dict(errors),
+        "truncated": len(ms) + sum(errors.values()) < wanted,
+    }
+
+
+def attacker(
+    port: int, threads: int, stop: Any, refused: Any, results: Any, deadline: float
+) -> None:
+    """Process target: hammer AUTH from ATTACKER_IP until `stop` is set or `deadline`."""
+    ctx = tls_context()
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def one_try() -> str:
+        login = HONEST[0] if secrets.randbelow(2) else "user" + secrets.token_hex(3)
+        token = base64.b64encode(f"\0{login}\0{secrets.token_hex(6)}".encode()).decode()
+        client: smtplib.SMTP | None = None
+        try:
+            client = smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(ATTACKER_IP, 0))
+            client.ehlo("attacker.test")
+            client.starttls(context=ctx)
+            client.ehlo("attacker.test")
+            code, _ = client.docmd("AUTH", "PLAIN " + token)
+            return str(code)
+        except (OSError, smtplib.SMTPException) as e:
+            return type(e).__name__
+        finally:
+            if client is not None:
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    client.close()
+
+    def loop() -> None:
+        for _ in range(1_000_000):  # bounded; stops on `stop` or the deadline long before
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            outcome = one_try()
+            with lock:
+                counts[outcome] += 1
+            if outcome == "454":
+                with refused.get_lock():
+                    refused.value += 1
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=max(0.0, deadline - time.monotonic()) + 30)
+    results.put({"replies": dict(counts), "seconds": time.monotonic() - began})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--messages", type=int, default=200, help="honest messages per phase")
+    ap.add_argument("--clients", type=int, default=2, help="honest clients in parallel")
+    ap.add_argument("--attackers", type=int, default=8, help="attacker connections in parallel")
+    ap.add_argument("--warmup", type=float, default=60.0,
+                    help="at most this many seconds of attack before honest users are measured:"
+                         " measuring starts once the attacker is being refused (454)")  # fmt: skip
+    ap.add_argument("--max-seconds", type=float, default=240.0, help="bound on the whole run")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="[server] workers when this tree has it (0: one process)")  # fmt: skip
+    args = ap.parse_args()
+    deadline = time.monotonic() + args.max_seconds
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if any(f.name == "server" for f in dataclasses.fields(config.Config)):
+        overrides["server"] = {"workers": args.workers}
+    with tempfile.TemporaryDirectory(prefix="mailgate-bench-auth-") as tmp:
+        gw = Gateway(Path(tmp) / "gw", overrides)
+        gw.add_user(*HONEST)
+        gw.start("--no-delivery")
+        try:
+            port = gw.ports["submission"]
+            send_one(port, tls_context())  # warm up: first login, TLS, caches
+            idle = honest_phase(port, args.messages, args.clients, deadline)
+
+            ctx = multiprocessing.get_context("fork")
+            stop, refused, results = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
+            hammer_args = (port, args.attackers, stop, refused, results, deadline)
+            proc = ctx.Process(target=attacker, args=hammer_args)
+            proc.start()
+            # The first failures are answered slowly (auth_base_delay doubling): the hammering
+            # steady state is the one where every attempt is refused at once with 454.
+            warm_until = min(time.monotonic() + args.warmup, deadline)
+            while time.monotonic() < warm_until and refused.value < 10 * args.attackers:
+                time.sleep(0.1)
+            attack = honest_phase(port, args.messages, args.clients, deadline)
+            stop.set()
+            try:
+                hammer = results.get(timeout=max(1.0, deadline - time.monotonic()) + 30)
+            except Exception:  # the queue's Empty: the attacker did not report
+                hammer = {"replies": {}, "seconds": 0.0, "lost": True}
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        finally:
+            gw.stop()
+
+    attempts = sum(hammer["replies"].values())
+    ratio = (attack["p99_ms"] / idle["p99_ms"]) if "p99_ms" in idle and "p99_ms" in attack else None
+    print(json.dumps({
+        "honest_ip": HONEST_IP,
+        "attacker_ip": ATTACKER_IP,
+        "workers": overrides.get("server", {}).get("workers", "n/a"),
+        "idle": idle,
+        "attack": attack,
+        "attacker": {
+            "threads": args.attackers,
+            "attempts": attempts,
+            "per_second": round(attempts / hammer["seconds"], 1) if hammer["seconds"] else 0,
+            "replies": hammer["replies"],
+        },
+        "p99_ratio": round(ratio, 2) if ratio is not None else None,
+        # An attack that made no attempts measured nothing: never report it as a pass.
+        "within_2x": ratio is not None and ratio <= 2.0 and attempts > 0,
+    }, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
