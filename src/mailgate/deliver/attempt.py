@@ -1,17 +1,28 @@
 """One SMTP client connection to one host, and the transactions sent over it.
 
-Owns: connecting (bounded timeouts), EHLO (HELO fallback), opportunistic STARTTLS, the MAIL /
-RCPT / DATA sequence of one message to the recipients of one destination, and turning every
-reply or network failure into one `RecipientResult` per recipient. Must not: touch the spool,
-resolve names, decide retries or write logs about delivery outcomes (the engine does).
+Owns: connecting (bounded timeouts), driving `smtp.client.ClientConnection` over an asyncio
+Protocol (EHLO with the HELO fallback, opportunistic STARTTLS, one pipelined transaction per
+message), the ESMTP parameters a message needs, and turning every reply or network failure into
+one `RecipientResult` per recipient. Must not: parse or build SMTP itself (the machine does),
+touch the spool, resolve names, decide retries or write logs about delivery outcomes (the
+engine does).
+
+Why not aiosmtplib (used until issue #7): it writes every command with its own write call and
+waits for each reply before the next command, and it discards replies that arrive before it
+asks, so it cannot pipeline (RFC 2920). Here MAIL, every RCPT and DATA go in one write and the
+message text in a second, which halves the round trips and the system calls per message.
+
+Timeouts are counted from the last progress (a byte received, or the server taking our
+output), so a large message on a slow link does not time out while it is moving.
 
 RFCs: 5321 §3.3 and §4.1 (the transaction, replies: 2xx ok, 4xx temporary, 5xx permanent),
-§4.5.2 (dot-stuffing, done by aiosmtplib over strictly CRLF-normalised data: a bare CR or LF in
-the stored bytes becomes CRLF, so mailgate is never the first hop of an SMTP smuggling chain),
-3207 (STARTTLS, opportunistic: certificates are not verified, as every MTA does without
-MTA-STS or DANE; `tls` is recorded), 6531 (SMTPUTF8 only when offered; a message that needs it
-fails with 5.6.7 when the server lacks it), 6152 (BODY=8BITMIME only when offered), 1870
-(SIZE), 3461 §4 (NOTIFY, ORCPT, RET, ENVID passed on to servers that offer DSN, xtext).
+§4.5.2 (dot-stuffing, done by the machine over strictly CRLF-normalised data: a bare CR or LF
+in the stored bytes becomes CRLF, so mailgate is never the first hop of an SMTP smuggling
+chain), 2920 (PIPELINING, when offered), 3207 (STARTTLS, opportunistic: certificates are not
+verified, as every MTA does without MTA-STS or DANE; `tls` is recorded; a failed handshake is
+retried once in plaintext), 6531 (SMTPUTF8 only when offered; a message that needs it fails
+with 5.6.7 when the server lacks it), 6152 (BODY=8BITMIME only when offered), 1870 (SIZE),
+3461 §4 (NOTIFY, ORCPT, RET, ENVID passed on to servers that offer DSN, xtext).
 """
 
 from __future__ import annotations
@@ -19,14 +30,26 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
-import aiosmtplib
+from typing import Final, Literal, cast
 
 from mailgate.deliver.route import Host
 from mailgate.replies import Reply
+from mailgate.smtp.client import (
+    NEED_DATA,
+    ClientConnection,
+    ClientEvent,
+    Command,
+    ConnectionClosed,
+    EhloReply,
+    Greeting,
+    ServerReply,
+    StartTlsReply,
+    TransactionDone,
+    to_reply,
+)
 from mailgate.spool.entry import Envelope, Recipient
 
 Status = Literal["delivered", "deferred", "failed"]
@@ -38,10 +61,10 @@ SMTPUTF8_UNSUPPORTED = Reply(
 BAD_RECIPIENT_SYNTAX = Reply(550, "5.1.3", "Recipient address cannot be sent over SMTP")
 BAD_SENDER_SYNTAX = Reply(550, "5.1.7", "Sender address cannot be sent over SMTP")
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
-# What may not appear inside <...> on a command line (aiosmtplib's own check, stated here so
-# that a bad address gives a result instead of an exception).
+# What may not appear inside <...> on a command line (the machine refuses it too: checked here
+# so that a bad address gives a result instead of an exception).
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")
+_WRITE_SLICE: Final = 256 * 1024  # the most we hand the transport at once (flow control)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +116,8 @@ class ConnectFailure(Exception):
 
 def reply_of(code: int, message: str) -> Reply:
     """A remote reply as a Reply: the enhanced code if the server gave one (RFC 2034), else
-    the class of the reply code ("X.0.0")."""
-    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    first, _, rest = text.partition(" ")
-    if _ENHANCED.match(first) and first[0] == str(code)[0]:
-        return Reply(code, first, rest)
-    klass = str(code)[0] if str(code)[0] in "245" else "4"
-    return Reply(code, f"{klass}.0.0", text)
+    the class of the reply code ("X.0.0"). `message` is the reply text, one line per line."""
+    return to_reply(code, message.splitlines())
 
 
 def status_of_reply(reply: Reply) -> Status:
@@ -136,17 +154,185 @@ def header_needs_utf8(message: bytes) -> bool:
     return not head.isascii()
 
 
+class _Wire(asyncio.Protocol):
+    """The transport of one connection, feeding every received byte to the machine at once.
+
+    What the machine queues is written as soon as it is queued: after a 354 the message text
+    goes out from data_received(), without waking the coroutine, so one pipelined transaction
+    wakes it once. The coroutine waits in next_event() only for events.
+    """
+
+    def __init__(self, machine: ClientConnection) -> None:
+        self.machine = machine
+        self.transport: asyncio.Transport | None = None
+        self.lost = ""  # why the transport went away, "" while it is there
+        self._loop = asyncio.get_running_loop()
+        self._backlog: deque[bytes | memoryview] = deque()
+        self._is_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress_at = self._loop.time()
+
+    # --- protocol callbacks --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._progress_at = self._loop.time()
+        self.machine.receive_data(data)
+        self.flush()
+        if self.machine.has_events:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = "connection closed by the server"
+        self.machine.receive_data(b"")
+        self._wake()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.lost = _describe(exc)
+            self.machine.abort(self.lost)
+        else:
+            self.lost = self.lost or "connection closed"
+            self.machine.receive_data(b"")
+        self._backlog.clear()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._is_paused = True
+
+    def resume_writing(self) -> None:
+        self._is_paused = False
+        self._progress_at = self._loop.time()  # the server is taking our output
+        self._write_backlog()
+
+    # --- the connection's side -------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what the machine queued (in slices when the server reads slowly)."""
+        out = self.machine.data_to_send()
+        if not out:
+            return
+        transport = self.transport
+        if not self._backlog and not self._is_paused and len(out) <= _WRITE_SLICE:
+            if transport is not None and not transport.is_closing():
+                transport.write(out)  # the usual case: one write, no copy
+            return
+        self._backlog.append(out)
+        self._write_backlog()
+
+    def _write_backlog(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._backlog.clear()
+            return
+        # Bounded: every pass writes one slice of the backlog or stops.
+        for _ in range(sum(len(b) for b in self._backlog) // _WRITE_SLICE + len(self._backlog)):
+            if not self._backlog or self._is_paused:
+                return
+            chunk = self._backlog[0]
+            if len(chunk) <= _WRITE_SLICE:
+                self._backlog.popleft()
+                transport.write(chunk)
+            else:
+                view = memoryview(chunk)
+                self._backlog[0] = view[_WRITE_SLICE:]
+                transport.write(view[:_WRITE_SLICE])  # may call pause_writing()
+
+    async def next_event(self, idle_limit: float) -> ClientEvent:
+        """The machine's next event, waiting for it as wait() does."""
+        await self.wait(idle_limit)
+        event = self.machine.next_event()
+        assert event is not NEED_DATA  # wait() returned, so there is one
+        return event
+
+    async def wait(self, idle_limit: float) -> None:
+        """Until the machine has an event. TimeoutError when nothing moved for `idle_limit`
+        seconds (RFC 5321 §4.5.3.2: a timeout per command, here counted from the last
+        progress); ConnectionError when the machine is closed and has no event left."""
+        machine = self.machine
+        if machine.has_events:
+            return
+        if machine.is_closed:
+            raise ConnectionError(self.lost or "connection closed")
+        loop = self._loop
+        self._progress_at = loop.time()  # our command has just been written
+        waiter = loop.create_future()
+        self._waiter = waiter
+        self._timer = loop.call_at(self._progress_at + idle_limit, self._check_time, idle_limit)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if not machine.has_events:  # woken by a close that left no event (after QUIT)
+            raise ConnectionError(self.lost or "connection closed")
+
+    async def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, handshake_timeout: float
+    ) -> None:
+        """Upgrade as the client (RFC 3207 §4). loop.start_tls() pauses reading at once, so
+        bytes that arrive in plaintext meanwhile reach the machine only through the check it
+        makes itself (RFC 3207 §5)."""
+        assert self.transport is not None
+        new = await self._loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        if new is None:
+            raise ConnectionError("TLS upgrade failed")
+        self.transport = new
+
+    def close(self) -> None:
+        """Close after writing what is buffered."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping what is buffered (not after close(): its QUIT should go)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def _check_time(self, idle_limit: float) -> None:
+        """The timer of next_event(): time out, or wait on when there was progress since."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        due = self._progress_at + idle_limit
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check_time, idle_limit)
+        else:
+            waiter.set_exception(TimeoutError())
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class Connection:
     """An open SMTP session with one host, reusable for several transactions."""
 
-    def __init__(self, host: Host, smtp: aiosmtplib.SMTP, tls: bool, timeout: float) -> None:
+    def __init__(self, host: Host, wire: _Wire, tls: bool, timeout: float) -> None:
         self.host = host
-        self.smtp = smtp
         self.tls = tls
         self.timeout = timeout
         self.transactions = 0
-        self.is_usable = True
         self.tls_failure = ""  # why TLS was given up on this host, for the log
+        self._wire = wire
+        self._machine = wire.machine
+        self._is_closed = False
+
+    @property
+    def is_usable(self) -> bool:
+        """Ready for another transaction: not closed by us or by the server."""
+        return not self._is_closed and self._machine.may(Command.TRANSACTION)
 
     @classmethod
     async def open(
@@ -177,90 +363,46 @@ class Connection:
         connect_timeout: float,
         command_timeout: float,
     ) -> Connection:
-        smtp = aiosmtplib.SMTP(
-            hostname=host.address,
-            port=host.port,
-            local_hostname=helo,
-            timeout=command_timeout,
-            start_tls=False,
-            validate_certs=False,
-            tls_context=tls_context,
-        )
+        loop = asyncio.get_running_loop()
+        machine = ClientConnection()
         try:
-            await smtp.connect(timeout=connect_timeout)
-        except aiosmtplib.SMTPConnectResponseError as e:
-            smtp.close()
-            reply = reply_of(e.code, e.message)
-            raise ConnectFailure(host, f"{host} greeting: {reply.line()}", reply) from None
-        except (aiosmtplib.SMTPException, OSError) as e:
-            smtp.close()
+            async with asyncio.timeout(connect_timeout):
+                _, wire = await loop.create_connection(
+                    lambda: _Wire(machine), host.address, host.port
+                )
+        except (OSError, TimeoutError) as e:
             raise ConnectFailure(host, f"{host}: {_describe(e)}") from None
         try:
-            await cls._hello(smtp, host)
-            tls = False
-            if tls_context is not None and smtp.supports_extension("starttls"):
-                try:
-                    await smtp.starttls(
-                        server_hostname=None if host.name == host.address else host.name,
-                        timeout=connect_timeout,
-                    )
-                except aiosmtplib.SMTPResponseException:
-                    # A 4xx/5xx to STARTTLS: the plaintext session goes on (RFC 3207 §4).
-                    pass
-                except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
-                    smtp.close()
-                    raise _TlsFailed(f"{host} TLS handshake: {_describe(e)}") from None
-                else:
-                    tls = True
-                    # RFC 3207 §4.2: forget what was learnt before TLS; EHLO again. With TLS
-                    # 1.3 a server that rejects us (client certificate required) says so only
-                    # now, by closing: that is a TLS failure too.
-                    try:
-                        await cls._hello(smtp, host)
-                    except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
-                        if isinstance(e, aiosmtplib.SMTPResponseException):
-                            raise
-                        raise _TlsFailed(f"{host} TLS session: {_describe(e)}") from None
-        except (ConnectFailure, _TlsFailed):
-            smtp.close()
+            tls = await _start_session(host, wire, helo, tls_context, connect_timeout,
+                                       command_timeout)  # fmt: skip
+        except BaseException:  # ConnectFailure, _TlsFailed, cancellation: the socket goes
+            wire.abort()
             raise
-        except (aiosmtplib.SMTPException, OSError) as e:
-            smtp.close()
-            raise ConnectFailure(host, f"{host}: {_describe(e)}") from None
-        return cls(host, smtp, tls, command_timeout)
-
-    @staticmethod
-    async def _hello(smtp: aiosmtplib.SMTP, host: Host) -> None:
-        try:
-            await smtp.ehlo()
-        except aiosmtplib.SMTPHeloError as e:
-            # RFC 5321 §4.1.1.1: an old server that does not know EHLO gets HELO.
-            if e.code not in (500, 502):
-                reply = reply_of(e.code, e.message)
-                raise ConnectFailure(host, f"{host} EHLO: {reply.line()}", reply) from None
-            try:
-                await smtp.helo()
-            except aiosmtplib.SMTPHeloError as e2:
-                reply = reply_of(e2.code, e2.message)
-                raise ConnectFailure(host, f"{host} HELO: {reply.line()}", reply) from None
+        return cls(host, wire, tls, command_timeout)
 
     def supports(self, extension: str) -> bool:
-        return self.smtp.supports_extension(extension)
+        return self._machine.supports(extension)
 
     async def close(self) -> None:
         """QUIT politely when possible; never raises."""
-        self.is_usable = False
+        if self._is_closed:
+            return
+        self._is_closed = True
+        wire = self._wire
         try:
-            if self.smtp.is_connected:
-                await asyncio.wait_for(self.smtp.quit(), min(self.timeout, 5.0))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            if self._machine.may(Command.QUIT):
+                self._machine.quit()
+                wire.flush()
+                await wire.next_event(min(self.timeout, 5.0))
+        except (TimeoutError, OSError):  # ConnectionError included
             pass
         finally:
-            self.smtp.close()
+            wire.close()
 
     def abort(self) -> None:
-        self.is_usable = False
-        self.smtp.close()
+        self._is_closed = True
+        self._machine.abort("aborted")
+        self._wire.abort()
 
     async def deliver(self, transfer: Transfer) -> list[RecipientResult]:
         """Send one transaction; one result per recipient of `transfer`, in order."""
@@ -281,13 +423,13 @@ class Connection:
         has_utf8 = self.supports("smtputf8")
         sendable: list[Recipient] = []
         for rcpt in transfer.recipients:
-            if _UNSAFE_ADDRESS.search(rcpt.address):
+            if not _is_sendable(rcpt.address):
                 result(rcpt.address, "failed", BAD_RECIPIENT_SYNTAX, "bad recipient address")
             elif not has_utf8 and (needs_utf8 or not rcpt.address.isascii()):
                 result(rcpt.address, "failed", SMTPUTF8_UNSUPPORTED, f"{host}: no SMTPUTF8")
             else:
                 sendable.append(rcpt)
-        if _UNSAFE_ADDRESS.search(env.mail_from):
+        if not _is_sendable(env.mail_from):
             for rcpt in sendable:
                 result(rcpt.address, "failed", BAD_SENDER_SYNTAX, "bad sender address")
             sendable = []
@@ -296,7 +438,6 @@ class Connection:
         use_utf8 = has_utf8 and (
             env.smtputf8 or not all(r.address.isascii() for r in sendable) or sender_utf8
         )
-        encoding = "utf-8" if use_utf8 else "ascii"
 
         mail_params: list[str] = []
         if self.supports("size"):
@@ -313,88 +454,196 @@ class Connection:
                 mail_params.append(f"RET={env.ret}")
             if env.envid is not None:
                 mail_params.append(f"ENVID={xtext(env.envid)}")
+        rcpts: list[tuple[str, list[str]]] = []
+        for rcpt in sendable:
+            params: list[str] = []
+            if has_dsn:
+                if rcpt.notify:
+                    params.append("NOTIFY=" + ",".join(rcpt.notify))
+                if rcpt.orcpt:
+                    param = orcpt_param(rcpt.orcpt)
+                    if param is not None:
+                        params.append(param)
+            rcpts.append((rcpt.address, params))
 
-        stage = "MAIL FROM"
-        pending = [r.address for r in sendable]
-        try:
-            resp = await self._command(
-                b"MAIL FROM:<" + env.mail_from.encode(encoding) + b">", mail_params
-            )
-            reply = reply_of(resp.code, resp.message)
-            if status_of_reply(reply) != "delivered":
-                for address in pending:
-                    self._remote(result, address, reply, "MAIL FROM")
-                await self._reset()
-                return [results[r.address] for r in transfer.recipients]
-
-            stage = "RCPT TO"
-            accepted: list[str] = []
-            for rcpt in sendable:
-                params: list[str] = []
-                if has_dsn:
-                    if rcpt.notify:
-                        params.append("NOTIFY=" + ",".join(rcpt.notify))
-                    if rcpt.orcpt:
-                        param = orcpt_param(rcpt.orcpt)
-                        if param is not None:
-                            params.append(param)
-                resp = await self._command(
-                    b"RCPT TO:<" + rcpt.address.encode(encoding) + b">", params
-                )
-                reply = reply_of(resp.code, resp.message)
-                if status_of_reply(reply) == "delivered":
-                    accepted.append(rcpt.address)
-                else:
-                    self._remote(result, rcpt.address, reply, "RCPT TO")
-                    pending.remove(rcpt.address)
-            if not accepted:
-                await self._reset()
-                return [results[r.address] for r in transfer.recipients]
-
-            stage = "DATA"
-            try:
-                resp = await self.smtp.data(transfer.message, timeout=self.timeout)
-            except aiosmtplib.SMTPDataError as e:
-                reply = reply_of(e.code, e.message)
-                for address in accepted:
-                    self._remote(result, address, reply, "DATA")
-                pending = []
-                await self._reset()
-                return [results[r.address] for r in transfer.recipients]
-            reply = reply_of(resp.code, resp.message)
-            for address in accepted:
-                result(address, "delivered", reply, f"{host} said: {reply.line()}")
-            pending = []
-            self.transactions += 1
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, UnicodeEncodeError) as e:
-            # The connection is gone or unusable mid-transaction: nothing unresolved is known
-            # to be delivered, so it is retried (a duplicate is possible only if the server
-            # accepted the final dot and the reply was lost: RFC 1047).
-            self.abort()
-            detail = f"lost connection with {host} while sending {stage}: {_describe(e)}"
-            for address in pending:
-                if address not in results:
-                    result(address, "deferred", None, detail)
+        done, why = await self._transaction(env.mail_from, mail_params, rcpts, transfer.message)
+        self._record(done, why, [r.address for r in sendable], result)
         return [results[r.address] for r in transfer.recipients]
+
+    async def _transaction(
+        self,
+        mail_from: str,
+        params: list[str],
+        rcpts: list[tuple[str, list[str]]],
+        message: bytes,
+    ) -> tuple[TransactionDone | None, str]:
+        """Run one transaction: its replies, and why the connection ended ("" if it did not).
+        None when nothing could be sent at all."""
+        machine, wire = self._machine, self._wire
+        if not self.is_usable:
+            return None, wire.lost or "connection closed"
+        machine.send_transaction(mail_from, params, rcpts, message)
+        wire.flush()
+        try:
+            await wire.wait(self.timeout)
+        except (TimeoutError, ConnectionError) as e:
+            # The machine then yields what it knows: the replies that came before.
+            machine.abort(_describe(e))
+        done: TransactionDone | None = None
+        why = ""
+        for _ in range(3):  # at most TransactionDone, then ConnectionClosed
+            event = machine.next_event()
+            if isinstance(event, TransactionDone):
+                done = event
+            elif isinstance(event, ConnectionClosed):
+                why = event.reason
+        if machine.is_closed:
+            # Nothing unresolved is known to be delivered, so it is retried (a duplicate is
+            # possible only if the server took the final dot and the reply was lost: RFC 1047).
+            self.abort()
+        return done, why or "connection closed"
+
+    def _record(
+        self, done: TransactionDone | None, why: str, addresses: list[str], result: _ResultFn
+    ) -> None:
+        """One result per address from the replies of the transaction (RFC 5321 §3.3)."""
+        host = self.host
+
+        def lost(address: str, stage: str) -> None:
+            detail = f"lost connection with {host} while sending {stage}: {why}"
+            result(address, "deferred", None, detail)
+
+        if done is None or done.mail is None:
+            for address in addresses:
+                lost(address, "MAIL FROM")
+            return
+        mail = done.mail.to_reply()
+        if status_of_reply(mail) != "delivered":
+            for address in addresses:
+                self._remote(result, address, mail, "MAIL FROM")
+            return
+        accepted: list[str] = []
+        for address, rcpt_reply in zip(addresses, done.rcpts, strict=True):
+            if rcpt_reply is None:
+                lost(address, "RCPT TO")
+                continue
+            reply = rcpt_reply.to_reply()
+            if status_of_reply(reply) == "delivered":
+                accepted.append(address)
+            else:
+                self._remote(result, address, reply, "RCPT TO")
+        final: ServerReply | None = done.message
+        if done.data is not None and done.data.code != 354:
+            final = done.data  # DATA itself was refused
+        if final is None:
+            for address in accepted:
+                lost(address, "DATA")
+            return
+        reply = final.to_reply()
+        if status_of_reply(reply) != "delivered":
+            for address in accepted:
+                self._remote(result, address, reply, "DATA")
+            return
+        for address in accepted:
+            result(address, "delivered", reply, f"{host} said: {reply.line()}")
+        if accepted:
+            self.transactions += 1
 
     def _remote(self, result: _ResultFn, address: str, reply: Reply, stage: str) -> None:
         detail = f"{self.host} said: {reply.line()} (in reply to {stage})"
         result(address, status_of_reply(reply), reply, detail)
 
-    async def _command(self, line: bytes, params: Sequence[str]) -> aiosmtplib.SMTPResponse:
-        """One command with ESMTP parameters; the reply whatever its code (no exception)."""
-        args = [line, *(p.encode("ascii") for p in params)]
-        return await self.smtp.execute_command(b" ".join(args), timeout=self.timeout)
 
-    async def _reset(self) -> None:
-        """RSET after a failed transaction, so the connection can carry the next one."""
-        try:
-            resp = await self.smtp.execute_command(b"RSET", timeout=self.timeout)
-        except (aiosmtplib.SMTPException, OSError):
-            self.abort()
-            return
-        if resp.code != 250:
-            self.abort()
+async def _start_session(
+    host: Host,
+    wire: _Wire,
+    helo: str,
+    tls_context: ssl.SSLContext | None,
+    connect_timeout: float,
+    command_timeout: float,
+) -> bool:
+    """Greeting, EHLO and opportunistic STARTTLS with EHLO again; whether TLS is on."""
+    machine = wire.machine
+    try:
+        event = await wire.next_event(connect_timeout)
+        if not isinstance(event, Greeting):
+            raise ConnectFailure(host, f"{host}: {_reason(event)}")
+        if not event.reply.is_positive:
+            reply = event.reply.to_reply()
+            machine.quit()  # RFC 5321 §3.1: after a refusing greeting, QUIT
+            wire.flush()
+            wire.close()
+            raise ConnectFailure(host, f"{host} greeting: {reply.line()}", reply)
+        await _hello(host, wire, helo, command_timeout)
+        if tls_context is None or not machine.supports("starttls"):
+            return False
+        machine.starttls()
+        wire.flush()
+        event = await wire.next_event(connect_timeout)
+    except (TimeoutError, OSError) as e:
+        raise ConnectFailure(host, f"{host}: {_describe(e)}") from None
+    except _Lost as e:
+        raise ConnectFailure(host, f"{host}: {e.reason}") from None
+    if not isinstance(event, StartTlsReply):
+        raise ConnectFailure(host, f"{host}: {_reason(event)}")
+    if not event.reply.is_positive:
+        return False  # a 4xx/5xx to STARTTLS: the plaintext session goes on (RFC 3207 §4)
+    try:
+        await wire.start_tls(
+            tls_context, None if host.name == host.address else host.name, connect_timeout
+        )
+    except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+        raise _TlsFailed(f"{host} TLS handshake: {_describe(e)}") from None
+    machine.tls_started()
+    if machine.is_closed:  # plaintext arrived between the 220 and the handshake
+        raise ConnectFailure(host, f"{host}: {_reason(machine.next_event())}")
+    # RFC 3207 §4.2: forget what was learnt before TLS; EHLO again. With TLS 1.3 a server that
+    # rejects us (client certificate required) says so only now, by closing: that is a TLS
+    # failure too.
+    try:
+        await _hello(host, wire, helo, command_timeout)
+    except (TimeoutError, OSError) as e:
+        raise _TlsFailed(f"{host} TLS session: {_describe(e)}") from None
+    except _Lost as e:
+        raise _TlsFailed(f"{host} TLS session: {e.reason}") from None
+    return True
+
+
+async def _hello(host: Host, wire: _Wire, helo: str, idle_limit: float) -> None:
+    """EHLO (the machine falls back to HELO); ConnectFailure when refused, _Lost when the
+    connection ended."""
+    wire.machine.ehlo(helo)
+    wire.flush()
+    event = await wire.next_event(idle_limit)
+    if not isinstance(event, EhloReply):
+        raise _Lost(_reason(event))
+    if not event.reply.is_positive:
+        reply = event.reply.to_reply()
+        verb = "EHLO" if event.is_extended else "HELO"
+        raise ConnectFailure(host, f"{host} {verb}: {reply.line()}", reply)
+
+
+def _is_sendable(address: str) -> bool:
+    """An address that can go inside <...> on a command line."""
+    if _UNSAFE_ADDRESS.search(address):
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _reason(event: ClientEvent | object) -> str:
+    if isinstance(event, ConnectionClosed):
+        return event.reason
+    return f"unexpected {type(event).__name__}"
+
+
+class _Lost(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _TlsFailed(Exception):
@@ -405,7 +654,7 @@ class _TlsFailed(Exception):
 
 def _describe(e: BaseException) -> str:
     """One line for a network error, without class-name noise for the common cases."""
-    if isinstance(e, TimeoutError | aiosmtplib.SMTPTimeoutError):
+    if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
