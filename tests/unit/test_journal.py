@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import shutil
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -571,6 +573,80 @@ def test_instances_see_each_others_changes(store: JournalStore) -> None:
     assert store.ids() == [b.id]
     with pytest.raises(NotFound):
         store.update(a.id, bump)
+
+
+def _lock_waiters() -> int:
+    """Lock requests waiting in the kernel (lines marked '->' in /proc/locks)."""
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.001)  # polling a condition with a bounded timeout, not synchronising by time
+
+
+def test_concurrent_changes_share_one_write_and_one_fdatasync(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = [commit(store) for _ in range(8)]
+    first, twice, gone, other = made[0], made[1], made[2], made[3]
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(e: Envelope) -> Envelope:
+        inside.set()
+        assert release.wait(5)
+        return bump(e)
+
+    def broken(e: Envelope) -> Envelope:
+        raise ValueError("a bug in one change")
+
+    holder = threading.Thread(target=store.update, args=(first.id, slow))
+    holder.start()
+    assert inside.wait(5)  # it holds the lock: everything below queues up behind it
+    base = _lock_waiters()
+    errors: dict[str, BaseException] = {}
+
+    def call(name: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as e:
+            errors[name] = e
+
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("bump1", lambda: store.update(twice.id, bump)),
+        ("bump2", lambda: store.update(twice.id, bump)),
+        ("remove", lambda: store.remove(gone.id)),
+        ("after-remove", lambda: store.update(gone.id, bump)),
+        ("broken", lambda: store.update(other.id, broken)),
+        *((f"remove{n}", lambda n=n: store.remove(made[n].id)) for n in range(4, 8)),
+    ]
+
+    def waiters(n: int) -> Callable[[], bool]:
+        return lambda: _lock_waiters() >= base + n
+
+    threads: list[threading.Thread] = []
+    for n, (name, fn) in enumerate(calls, start=1):  # one at a time: the queue has this order
+        t = threading.Thread(target=call, args=(name, fn))
+        t.start()
+        wait_for(waiters(n))
+        threads.append(t)
+    calls_made = Counting(monkeypatch, "write", "fdatasync")
+    release.set()
+    for t in [holder, *threads]:
+        t.join(5)
+    monkeypatch.undo()
+    assert calls_made.calls == {"write": 2, "fdatasync": 2}  # the holder's, then the batch's
+    assert isinstance(errors.pop("after-remove"), NotFound)
+    assert isinstance(errors.pop("broken"), ValueError)
+    assert errors == {}
+    assert store.ids() == [first.id, twice.id, other.id]
+    assert store.load(twice.id).recipients[0].attempts == 2
+    assert store.load(other.id) == other
+    assert state(JournalStore(store.path)) == state(store)
 
 
 def _increment_many(spool: Path, qid: str, times: int) -> None:

@@ -430,6 +430,17 @@ class _Entry:
     envelope: Envelope | None = None  # parsed on first use
 
 
+@dataclass(eq=False, slots=True)
+class _Change:
+    """An update (`change`) or a removal (`change` None) waiting for the lock."""
+
+    qid: str
+    change: Callable[[Envelope], Envelope] | None
+    done: bool = False
+    result: Envelope | None = None
+    error: BaseException | None = None
+
+
 @dataclass(slots=True)
 class _Findings:
     """What reading the journal in recover() found (for RecoveryReport and the log)."""
@@ -470,6 +481,8 @@ class JournalStore(Store):
         self._mutex = threading.RLock()
         self._segments: dict[int, _Segment] = {}
         self._index: dict[str, _Entry] = {}
+        self._queue_lock = threading.Lock()
+        self._changes: list[_Change] = []  # update()/remove() calls waiting for the flock
         try:
             with self._flock(fcntl.LOCK_SH), self._mutex:
                 self._rebuild(repair=False, findings=None)
@@ -1031,43 +1044,115 @@ class JournalStore(Store):
 
     def update(self, qid: str, change: Callable[[Envelope], Envelope]) -> Envelope:
         """Apply `change` to the stored envelope under the exclusive lock and append the result
-        (fdatasynced before returning). Returns the new envelope."""
+        (fdatasynced before returning). Returns the new envelope.
+
+        Concurrent update() and remove() calls of one instance share a write and an fdatasync:
+        whichever thread gets the lock applies every change queued so far, in order. So
+        `change` may run in another thread of this process; it must only compute."""
         self._checked(qid)
-        try:
-            with self._writing():
-                entry = self._index.get(qid)
-                if entry is None:
-                    raise NotFound(f"no such queue entry: {qid}")
-                new = change(self._envelope(qid, entry))
-                if new.id != qid:
-                    raise UsageError(f"qid={qid}: update changed the id to {new.id!r}")
-                raw = new.to_json()
-                head = self._writable_head()
-                assert head.magic is not None
-                self._append_one(_encode(head.magic, UPDATE, qid, raw))
-                with self._mutex:
-                    entry.raw, entry.envelope = raw, new
-                self._maybe_compact()
-        except OSError as e:
-            raise _spool_error(e, f"qid={qid} updating envelope") from None
+        new = self._change(_Change(qid, change))
+        assert new is not None
         return new
 
     def remove(self, qid: str) -> None:
-        """Delete an entry: a REMOVE record, fdatasynced before returning."""
+        """Delete an entry: a REMOVE record, fdatasynced before returning (batched with
+        concurrent updates and removals, like update())."""
         self._checked(qid)
+        self._change(_Change(qid, None))
+        log.debug("qid=%s removed", qid)
+
+    def _change(self, request: _Change) -> Envelope | None:
+        # Queue first, then wait for the lock: whoever holds it next applies everything
+        # queued, so when we get it our request is either done or still in the queue.
+        with self._queue_lock:
+            self._changes.append(request)
         try:
             with self._writing():
-                if qid not in self._index:
-                    raise NotFound(f"no such queue entry: {qid}")
-                head = self._writable_head()
-                assert head.magic is not None
-                self._append_one(_encode(head.magic, REMOVE, qid))
-                with self._mutex:
-                    self._unlive(self._index.pop(qid))
-                self._maybe_compact()
+                if not request.done:
+                    with self._queue_lock:
+                        batch, self._changes = self._changes, []
+                    self._apply_changes(batch)
         except OSError as e:
-            raise _spool_error(e, f"qid={qid} removing entry") from None
-        log.debug("qid=%s removed", qid)
+            with self._queue_lock:
+                if request in self._changes:
+                    self._changes.remove(request)
+            raise _spool_error(e, f"qid={request.qid} changing entry") from None
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _apply_changes(self, batch: list[_Change]) -> None:
+        """Under the exclusive flock: one write and one fdatasync for a batch of changes.
+        Every request ends done, with its result or its own error."""
+        try:
+            self._apply_changes_locked(batch)
+        except OSError as e:
+            for request in batch:
+                if not request.done:
+                    request.error = _spool_error(e, f"qid={request.qid} changing entry")
+        except BaseException as e:
+            for request in batch:
+                if not request.done:
+                    request.error = SpoolError(f"qid={request.qid}: change failed: {e!r}")
+            raise
+        finally:
+            for request in batch:
+                request.done = True
+
+    def _apply_changes_locked(self, batch: list[_Change]) -> None:
+        head = self._writable_head()
+        assert head.magic is not None
+        current: dict[str, Envelope | None] = {}  # this batch's effect so far; None: removed
+        outs: list[_Out] = []
+        planned: list[tuple[_Change, bytes]] = []
+        for request in batch:
+            qid = request.qid
+            entry = self._index.get(qid)
+            try:
+                if qid in current:
+                    before = current[qid]
+                elif entry is not None:
+                    before = self._envelope(qid, entry)
+                else:
+                    before = None
+                if before is None:
+                    raise NotFound(f"no such queue entry: {qid}")
+                if request.change is None:
+                    current[qid] = None
+                    outs.append(_encode(head.magic, REMOVE, qid))
+                    planned.append((request, b""))
+                    continue
+                new = request.change(before)
+                if new.id != qid:
+                    raise UsageError(f"qid={qid}: update changed the id to {new.id!r}")
+                raw = new.to_json()
+            except Exception as e:  # the caller's own error (NotFound, a bug in change)
+                request.error = e
+                request.done = True
+                continue
+            current[qid] = new
+            request.result = new
+            outs.append(_encode(head.magic, UPDATE, qid, raw))
+            planned.append((request, raw))
+        if not outs:
+            return
+        start = head.end
+        written = self._write_outs(head, outs)
+        failed = next((w for w in written if isinstance(w, OSError)), None)
+        if failed is not None:
+            self._truncate(head, start)  # all or nothing: the changes may depend on each other
+            raise failed
+        self._sync(head, start)
+        with self._mutex:
+            for request, raw in planned:
+                entry = self._index.get(request.qid)
+                assert entry is not None
+                if request.change is None:
+                    self._unlive(self._index.pop(request.qid))
+                else:
+                    entry.raw, entry.envelope = raw, request.result
+                request.done = True
+        self._maybe_compact()
 
     # -- compaction ---------------------------------------------------------------------
 
