@@ -3,21 +3,28 @@
 Enqueues N messages (10 KiB by default) into a fresh spool, starts a recording SMTP sink in a
 separate process (tests/support/smtpsink.py, --count-only) on 127.0.0.1, runs the delivery
 Engine against it until the spool is empty (bounded by --max-seconds), and prints one JSON
-object: {"messages", "size", "seconds", "delivered_per_s", "sink_accepted", "uvloop", ...}.
+object: {"messages", "size", "seconds", "delivered_per_s", "engine_cpu_ms_per_msg",
+"sink_accepted", "uvloop", ...}. The engine's CPU time is this process's (all its threads)
+while it delivers; the sink runs in its own process and is not counted.
 
     python bench/bench_delivery.py --messages 2000
+    python bench/bench_delivery.py --messages 2000 --no-pipelining   # the sink hides RFC 2920
+    python bench/bench_delivery.py --messages 500 --profile /tmp/engine.prof   # cProfile
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from mailgate.deliver.engine import Engine  # noqa: E402
 from mailgate.spool.entry import Envelope, Recipient  # noqa: E402
 from mailgate.spool.ids import new_queue_id  # noqa: E402
 from mailgate.spool.store import Store  # noqa: E402
+from tests.support.smtpsink import Behaviour, SmtpSink  # noqa: E402
 
 
 def free_port() -> int:
@@ -76,6 +84,18 @@ async def deliver(cfg: Config, store: Store, count: int, max_seconds: float) -> 
     return seconds
 
 
+def serve_sink(port: int, *, pipelining: bool) -> None:
+    """The sink process: tests/support/smtpsink.py counting only, until SIGTERM."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    sink = SmtpSink("127.0.0.1", port, count_only=True, behaviour=Behaviour(pipelining=pipelining))
+    sink.start()
+    print(f"listening {sink.host}:{sink.port}", flush=True)
+    done.wait()
+    sink.stop()
+    print(f"accepted {sink.accepted_count}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
@@ -84,7 +104,13 @@ def main() -> None:
     parser.add_argument("--max-per-destination", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--no-pipelining", action="store_true", help="the sink hides PIPELINING")
+    parser.add_argument("--profile", metavar="PATH", help="write cProfile stats of the delivery")
+    parser.add_argument("--serve-sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_sink is not None:
+        serve_sink(args.serve_sink, pipelining=not args.no_pipelining)
+        return
 
     use_uvloop = False
     if not args.no_uvloop:
@@ -97,9 +123,9 @@ def main() -> None:
             pass
 
     port = free_port()
+    sink_args = ["--no-pipelining"] if args.no_pipelining else []
     sink = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.smtpsink", "--host", "127.0.0.1",
-         "--port", str(port), "--count-only"],
+        [sys.executable, __file__, "--serve-sink", str(port), *sink_args],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -122,8 +148,14 @@ def main() -> None:
             t0 = time.perf_counter()
             fill(store, args.messages, args.size)
             fill_seconds = time.perf_counter() - t0
+            profiler = cProfile.Profile() if args.profile else None
             cpu0 = time.process_time()
+            if profiler is not None:
+                profiler.enable()
             seconds = asyncio.run(deliver(cfg, store, args.messages, args.max_seconds))
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
             cpu = time.process_time() - cpu0
             left = len(store.ids())
     finally:
@@ -141,9 +173,11 @@ def main() -> None:
                 "seconds": round(seconds, 3),
                 "delivered_per_s": round(delivered / seconds, 1),
                 "engine_cpu_s": round(cpu, 3),
+                "engine_cpu_ms_per_msg": round(1000 * cpu / max(delivered, 1), 3),
                 "fill_seconds": round(fill_seconds, 3),
                 "max_per_destination": args.max_per_destination,
                 "uvloop": use_uvloop,
+                "sink_pipelining": not args.no_pipelining,
             }
         )
     )

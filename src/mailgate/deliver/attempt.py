@@ -588,14 +588,17 @@ async def _start_session(
         raise ConnectFailure(host, f"{host}: {_reason(event)}")
     if not event.reply.is_positive:
         return False  # a 4xx/5xx to STARTTLS: the plaintext session goes on (RFC 3207 §4)
+    if machine.is_closed:  # bytes after the 220 in the same read: injected (RFC 3207 §5)
+        raise ConnectFailure(host, f"{host}: {_reason(machine.next_event())}")
     try:
         await wire.start_tls(
             tls_context, None if host.name == host.address else host.name, connect_timeout
         )
-    except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+    except (OSError, TimeoutError, ValueError) as e:  # ssl.SSLError is an OSError; ValueError:
+        # a context that wants a host name to check when there is none (an address).
         raise _TlsFailed(f"{host} TLS handshake: {_describe(e)}") from None
     machine.tls_started()
-    if machine.is_closed:  # plaintext arrived between the 220 and the handshake
+    if machine.is_closed:  # plaintext arrived after the 220, before the handshake
         raise ConnectFailure(host, f"{host}: {_reason(machine.next_event())}")
     # RFC 3207 §4.2: forget what was learnt before TLS; EHLO again. With TLS 1.3 a server that
     # rejects us (client certificate required) says so only now, by closing: that is a TLS
