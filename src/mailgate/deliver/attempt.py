@@ -301,7 +301,7 @@ class _Wire(asyncio.Protocol):
             self.transport.abort()
 
     def _check_time(self, idle_limit: float) -> None:
-        """The timer of next_event(): time out, or wait on when there was progress since."""
+        """The timer of wait(): time out, or wait on when there was progress since."""
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
