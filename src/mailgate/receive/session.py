@@ -3,6 +3,7 @@
 Owns: the asyncio side of a connection: timeouts, STARTTLS, AUTH verification, policy questions,
 streaming DATA into the spool, and handing the message to `accept`. Any exception while handling
 an event becomes 451 4.3.0 for this session only (STYLE.md §4), details in the log.
+Must not: parse SMTP (smtp.server does) or decide policy (policy.py does).
 
 Timeouts (RFC 5321 §4.5.3.2): the command timeout runs from the last *progress* (an event or a
 reply), not from the last byte, so a client dribbling one byte at a time (slowloris) is cut off
@@ -11,7 +12,6 @@ refuses a client that talks first (554 5.7.0, pipelining-before-greeting bots), 
 `smarthost.require_rdns` checks forward-confirmed reverse DNS at connect (receive/rdns.py); the
 refusal (550 5.7.1, or 450 4.7.1 when DNS could not answer) is given at MAIL, where every client
 reports it, and a confirmed name goes into the Received: header.
-Must not: parse SMTP (smtp.server does) or decide policy (policy.py does).
 """
 
 from __future__ import annotations
