@@ -10,6 +10,11 @@ while it delivers; the sink runs in its own process and is not counted.
     python bench/bench_delivery.py --messages 2000
     python bench/bench_delivery.py --messages 2000 --no-pipelining   # the sink hides RFC 2920
     python bench/bench_delivery.py --messages 500 --profile /tmp/engine.prof   # cProfile
+    python bench/bench_delivery.py --messages 5000 --client-only   # the SMTP client alone
+
+--client-only skips the spool and the engine: --max-per-destination connections send the same
+message over and over with `deliver.attempt.Connection`, and the CPU per message is the SMTP
+client's (machine, adapter, event loop, system calls).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from mailgate.config import Config, DeliveryConfig, SpoolConfig  # noqa: E402
+from mailgate.deliver.attempt import Connection, Transfer  # noqa: E402
 from mailgate.deliver.engine import Engine  # noqa: E402
+from mailgate.deliver.route import Host  # noqa: E402
 from mailgate.spool.entry import Envelope, Recipient  # noqa: E402
 from mailgate.spool.ids import new_queue_id  # noqa: E402
 from mailgate.spool.store import Store  # noqa: E402
@@ -84,6 +91,66 @@ async def deliver(cfg: Config, store: Store, count: int, max_seconds: float) -> 
     return seconds
 
 
+async def deliver_client_only(port: int, count: int, size: int, connections: int) -> float:
+    """`count` deliveries of one message over `connections` connections; the seconds taken."""
+    data = message(size, 0)
+    env = Envelope(
+        id=new_queue_id(),
+        mail_from="bench@example.org",
+        recipients=(Recipient("rcpt@example.net"),),
+        size=len(data),
+    )
+    transfer = Transfer(env.id, env, env.recipients, data)
+    host = Host("sink", "127.0.0.1", port)
+
+    async def one_connection(n: int) -> None:
+        conn = await Connection.open(
+            host, helo="bench.example.org", tls_context=None, connect_timeout=10,
+            command_timeout=30,
+        )  # fmt: skip
+        for _ in range(n):
+            [result] = await conn.deliver(transfer)
+            if result.status != "delivered":
+                raise SystemExit(f"not delivered: {result.detail}")
+        await conn.close()
+
+    shares = [count // connections + (k < count % connections) for k in range(connections)]
+    started = time.perf_counter()
+    await asyncio.gather(*(one_connection(n) for n in shares if n))
+    return time.perf_counter() - started
+
+
+def run_engine(args: argparse.Namespace, port: int) -> tuple[float, float, int, float]:
+    """Fill a fresh spool and deliver it with the Engine: seconds, CPU seconds, entries left,
+    fill seconds."""
+    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
+        cfg = Config(
+            path=Path(tmp) / "mailgate.toml",
+            hostname="bench.example.org",
+            spool=SpoolConfig(Path(tmp) / "spool"),
+            delivery=DeliveryConfig(
+                relay=f"127.0.0.1:{port}",
+                max_connections=args.max_connections,
+                max_per_destination=args.max_per_destination,
+            ),
+        )
+        store = Store(cfg.spool.path)
+        t0 = time.perf_counter()
+        fill(store, args.messages, args.size)
+        fill_seconds = time.perf_counter() - t0
+        profiler = cProfile.Profile() if args.profile else None
+        cpu0 = time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        seconds = asyncio.run(deliver(cfg, store, args.messages, args.max_seconds))
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        cpu = time.process_time() - cpu0
+        left = len(store.ids())
+    return seconds, cpu, left, fill_seconds
+
+
 def serve_sink(port: int, *, pipelining: bool) -> None:
     """The sink process: tests/support/smtpsink.py counting only, until SIGTERM."""
     done = threading.Event()
@@ -106,6 +173,7 @@ def main() -> None:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--no-pipelining", action="store_true", help="the sink hides PIPELINING")
     parser.add_argument("--profile", metavar="PATH", help="write cProfile stats of the delivery")
+    parser.add_argument("--client-only", action="store_true", help="no spool, no engine")
     parser.add_argument("--serve-sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_sink is not None:
@@ -133,31 +201,15 @@ def main() -> None:
         ready = sink.stdout.readline()
         if not ready.startswith("listening"):
             raise SystemExit(f"sink did not start: {ready!r}")
-        with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
-            cfg = Config(
-                path=Path(tmp) / "mailgate.toml",
-                hostname="bench.example.org",
-                spool=SpoolConfig(Path(tmp) / "spool"),
-                delivery=DeliveryConfig(
-                    relay=f"127.0.0.1:{port}",
-                    max_connections=args.max_connections,
-                    max_per_destination=args.max_per_destination,
-                ),
-            )
-            store = Store(cfg.spool.path)
-            t0 = time.perf_counter()
-            fill(store, args.messages, args.size)
-            fill_seconds = time.perf_counter() - t0
-            profiler = cProfile.Profile() if args.profile else None
+        if args.client_only:
             cpu0 = time.process_time()
-            if profiler is not None:
-                profiler.enable()
-            seconds = asyncio.run(deliver(cfg, store, args.messages, args.max_seconds))
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(args.profile)
+            seconds = asyncio.run(
+                deliver_client_only(port, args.messages, args.size, args.max_per_destination)
+            )
             cpu = time.process_time() - cpu0
-            left = len(store.ids())
+            left, fill_seconds = 0, 0.0
+        else:
+            seconds, cpu, left, fill_seconds = run_engine(args, port)
     finally:
         sink.terminate()
         out, _ = sink.communicate(timeout=30)
@@ -177,6 +229,7 @@ def main() -> None:
                 "fill_seconds": round(fill_seconds, 3),
                 "max_per_destination": args.max_per_destination,
                 "uvloop": use_uvloop,
+                "client_only": args.client_only,
                 "sink_pipelining": not args.no_pipelining,
             }
         )
