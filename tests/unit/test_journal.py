@@ -822,6 +822,10 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
         open_store(files)
 
 
+def test_spool_format_defaults_to_journal(tmp_path: Path) -> None:
+    assert config.parse("", tmp_path / "mailgate.toml").spool.format == "journal"
+
+
 @pytest.mark.parametrize("value", ['"journal"', '"files"'])
 def test_spool_format_config(tmp_path: Path, value: str) -> None:
     cfg = config.parse(f"[spool]\nformat = {value}\n", tmp_path / "mailgate.toml")
