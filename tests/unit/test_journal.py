@@ -529,6 +529,21 @@ def test_a_torn_segment_header_is_rewritten(tmp_path: Path) -> None:
     assert fresh.recover().entries == 2
 
 
+def test_a_damaged_segment_header_is_never_overwritten(tmp_path: Path) -> None:
+    s = JournalStore(tmp_path / "spool", segment_size=1024)
+    a = commit(s, body=b"a" * 2000)
+    damaged = b"not a header" * 10  # bytes after a bad header: damage, not a torn creation
+    (s.journal_dir / segment_name(2)).write_bytes(damaged)
+    fresh = JournalStore(s.path, segment_size=1024)
+    b = commit(fresh)
+    assert (s.journal_dir / segment_name(2)).read_bytes() == damaged
+    assert segment_name(3) in segments(fresh)
+    assert fresh.recover().entries == 2
+    assert (fresh.corrupt_dir / segment_name(2)).read_bytes() == damaged
+    assert segments(fresh) == [segment_name(1), segment_name(3)]
+    assert JournalStore(s.path).ids() == [a.id, b.id]
+
+
 def test_an_unparsable_envelope_moves_to_corrupt_at_recovery(store: JournalStore) -> None:
     a, b = commit(store), commit(store)
     seg = store._segments[1]

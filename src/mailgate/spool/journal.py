@@ -703,14 +703,21 @@ class JournalStore(Store):
     def _writable_head(self) -> _Segment:
         """The head segment, open for writing at its end; a new one when it is full."""
         head = self._head()
-        if head is None or head.end >= self.segment_size:
+        # A head whose header never got written whole (a crash right after creating it)
+        # holds no record: write the header again. One with bytes after a bad header is
+        # damage: leave it for recover() (which copies it to corrupt/), start a new segment.
+        if (
+            head is not None
+            and head.magic is None
+            and head.fd is not None
+            and os.fstat(head.fd).st_size <= _SEGMENT_HEADER.size
+        ):
+            self._rewrite_header(head)
+        if head is None or head.end >= self.segment_size or head.magic is None:
             if head is not None:
                 _close(head.wfd)
                 head.wfd = None
             return self._create_segment(1 if head is None else head.seq + 1)
-        if head.magic is None:
-            # Created, but its header never got written whole: no record can be in it.
-            self._rewrite_header(head)
         if head.wfd is None:
             head.wfd = os.open(head.path, os.O_WRONLY | os.O_CLOEXEC)
         os.lseek(head.wfd, head.end, os.SEEK_SET)
@@ -1293,8 +1300,8 @@ class JournalStore(Store):
 
     def _keep_damaged(self, seg: _Segment) -> None:
         """Keep a damaged segment for the operator: a copy in corrupt/ (what parses stays in
-        use), or, when not even its header reads, the segment itself (unless it is the head,
-        which is then rewritten as an empty segment: see _writable_head)."""
+        use), or, when not even its header reads, the segment itself (the head is copied
+        instead; a writer then starts a new segment after it: see _writable_head)."""
         if seg.magic is None and seg is not self._head():
             target = self._corrupt_target(seg.path.name)
             os.rename(seg.path, target)
