@@ -69,6 +69,9 @@ class Behaviour:
     data: str = "354 End data with <CR><LF>.<CR><LF>"
     end_of_data: str = "250 2.0.0 Ok: queued"
     hang_up_after_data: bool = False
+    # Close the connection without a word when MAIL arrives after this many transactions on
+    # it (a server that restarted while our pooled connection sat idle); None: never.
+    hang_up_on_mail_after: int | None = None
     hold_end_of_data: bool = False
 
 
@@ -277,6 +280,7 @@ class SmtpSink:
         mail_params: tuple[str, ...] = ()
         rcpts: list[str] = []
         rcpt_params: dict[str, tuple[str, ...]] = {}
+        done = 0  # transactions that reached the end of DATA on this connection
         for _ in range(100_000):  # bounded: a session of at most 100 000 commands
             raw = await reader.readline()
             if not raw:
@@ -320,6 +324,8 @@ class SmtpSink:
                 is_tls = True
                 helo, mail_from, rcpts, rcpt_params = "", None, [], {}
             elif verb == "MAIL":
+                if b.hang_up_on_mail_after is not None and done >= b.hang_up_on_mail_after:
+                    return
                 path, params = _path_and_params(arg, "FROM:")
                 if path is None:
                     await reply("501 5.5.4 Syntax error")
@@ -360,6 +366,7 @@ class SmtpSink:
                 answer = b.end_of_data
                 self._record(helo, mail_from, mail_params, rcpts, rcpt_params, data, is_tls, answer)
                 mail_from, rcpts, rcpt_params = None, [], {}
+                done += 1
                 await reply(answer)
             elif verb == "RSET":
                 mail_from, rcpts, rcpt_params = None, [], {}

@@ -324,6 +324,9 @@ class Connection:
         self.tls = tls
         self.timeout = timeout
         self.transactions = 0
+        # A reused connection died before the server answered MAIL: nothing of the last
+        # transaction reached it, so the caller may send it again at once on a new connection.
+        self.was_stale = False
         self.tls_failure = ""  # why TLS was given up on this host, for the log
         self._wire = wire
         self._machine = wire.machine
@@ -514,6 +517,7 @@ class Connection:
             result(address, "deferred", None, detail)
 
         if done is None or done.mail is None:
+            self.was_stale = self.transactions > 0
             for address in addresses:
                 lost(address, "MAIL FROM")
             return

@@ -386,18 +386,17 @@ class Engine:
                     if transfer is None:
                         self._job_vanished(job)
                         continue
-                    try:
-                        results = await conn.deliver(transfer)
-                    except Exception:
-                        # A bug, not the network (attempt.py turns those into results):
-                        # temporary is the default (STYLE.md §6), the details go to the log.
-                        log.exception("qid=%s unexpected error sending to %s", job.qid, conn.host)
-                        conn.abort()
-                        results = [
-                            RecipientResult(r.address, "deferred", replies.INTERNAL_ERROR,
-                                            "internal error", conn.host)
-                            for r in job.recipients
-                        ]  # fmt: skip
+                    results = await self._send(conn, job, transfer)
+                    if conn.was_stale:
+                        # A pooled connection the server had dropped (it restarted, or a
+                        # firewall forgot us): not a delivery failure. One fresh try.
+                        log.info("qid=%s reconnecting to %s: pooled connection was closed",
+                                 job.qid, conn.host)  # fmt: skip
+                        await conn.close()
+                        conn = await self._connect(dest, job)
+                        if conn is None:
+                            continue  # the job (and the backlog) got their results
+                        results = await self._send(conn, job, transfer)
                     await self._record(job, results)
         finally:
             dest.workers -= 1
@@ -408,6 +407,20 @@ class Engine:
                 self._spawn(self._worker(dest))
             elif not dest.jobs and dest.workers == 0:
                 self._destinations.pop(dest.key, None)
+
+    async def _send(self, conn: Connection, job: _Job, transfer: Transfer) -> list[RecipientResult]:
+        try:
+            return await conn.deliver(transfer)
+        except Exception:
+            # A bug, not the network (attempt.py turns those into results):
+            # temporary is the default (STYLE.md §6), the details go to the log.
+            log.exception("qid=%s unexpected error sending to %s", job.qid, conn.host)
+            conn.abort()
+            return [
+                RecipientResult(r.address, "deferred", replies.INTERNAL_ERROR,
+                                "internal error", conn.host)
+                for r in job.recipients
+            ]  # fmt: skip
 
     async def _transfer(self, job: _Job) -> Transfer | None:
         env = self._envelopes.get(job.qid)
