@@ -32,6 +32,8 @@ class HeaderSummary:
 
 def header_block(message: bytes) -> bytes:
     """The bytes of the header section, up to and excluding the empty line."""
+    if message.startswith(b"\r\n"):
+        return b""  # an empty header section (RFC 5322 §3.5): everything is body
     end = message.find(b"\r\n\r\n", 0, _MAX_HEADER_BYTES)
     if end == -1:
         # No body separator: the whole (bounded) message is headers (RFC 5322 §3.5: body optional).
@@ -113,7 +115,8 @@ def received(trace: Trace, *, hostname: str, qid: str, recipients: list[str],
     """The Received: field mailgate prepends (RFC 5321 §4.4)."""
     ip = f"IPv6:{trace.client_ip}" if ":" in trace.client_ip else trace.client_ip
     helo = _comment_safe(trace.client_helo) or "unknown"
-    tcp_info = f"{trace.client_name} [{ip}]" if trace.client_name else f"[{ip}]"
+    name = _comment_safe(trace.client_name).replace(" ", "")
+    tcp_info = f"{name} [{ip}]" if name else f"[{ip}]"
     lines = [
         f"Received: from {helo} ({tcp_info})",
         f"\tby {hostname} (mailgate {trace.service} port {trace.port})",
