@@ -89,6 +89,7 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line too long"
 AUTH_NOT_OFFERED = Reply(503, "5.5.1", "AUTH not available on this service")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_TEMPORARILY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+CLIENT_LOCKED_OUT = Reply(421, "4.7.0", "Too many authentication failures, try again later")
 TOO_MANY_AUTH_FAILURES = Reply(454, "4.7.0", "Too many authentication failures, try again later")
 SMUGGLING = Reply(
     554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)"

@@ -161,3 +161,17 @@ def test_memory_is_bounded() -> None:
     snap = g.snapshot(top=100)
     assert len(snap["clients"]) == 5 and len(snap["logins"]) == 5
     assert snap["clients"][0] == {"key": "192.0.2.45", "failures": 1, "state": "counting"}
+
+
+def test_a_refused_client_is_known_at_connect_time() -> None:
+    clock = Clock()
+    g = guard(clock, exempt_networks=(ipaddress.ip_network("198.51.100.0/24"),))
+    fail(g, 9)
+    assert not g.is_client_refused(IP)
+    fail(g, 1)
+    assert g.is_client_refused(IP)
+    assert not g.is_client_refused("192.0.2.8")  # another client
+    fail(g, 10, ip="198.51.100.5", login="bob")
+    assert not g.is_client_refused("198.51.100.5")  # exempt networks are never locked out
+    clock.advance(901)
+    assert not g.is_client_refused(IP)  # the window passed

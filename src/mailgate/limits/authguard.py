@@ -98,6 +98,15 @@ class AuthGuard:
         """The client an address is counted as: itself for IPv4, its /ipv6_prefix for IPv6."""
         return network_key(ip, 32, self.cfg.ipv6_prefix)
 
+    def is_client_refused(self, ip: str) -> bool:
+        """The client has reached auth_refuse_after: the session may end at connect time,
+        before a TLS handshake costs us anything (the AUTH answer would be 454 anyway)."""
+        with self._lock:
+            if self._is_exempt(ip):
+                return False
+            n_client = self._count(self._clients, self.client_key(ip), self._now())
+            return n_client >= self.cfg.auth_refuse_after
+
     def before_attempt(self, ip: str, login: str) -> AuthDecision:
         """Call before verifying the password of `login` from `ip`."""
         with self._lock:
