@@ -24,14 +24,16 @@ delivery-time question (the engine resolves them); that check is not made here.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mailgate import replies
-from mailgate.directory import Directory, User
+from mailgate.directory import Directory, Domain, User
 from mailgate.errors import Rejected
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DOMAIN_TTL = 5.0  # seconds a domain look-up is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Policy:
         self._directory = directory
         self._networks = tuple(smarthost_networks)
         self._internal = tuple(internal_networks)
+        self._domains: dict[str, tuple[float, Domain | None]] = {}
 
     # --- relay -------------------------------------------------------------------
     def may_relay(self, client_ip: str) -> bool:
@@ -130,11 +133,24 @@ class Policy:
         """Smart-host mail is signed only when the From: domain lists the client's network."""
         if len(addresses) != 1:
             return None
-        domain = self._directory.get_domain(domain_of(addresses[0]))
+        domain = self._domain(domain_of(addresses[0]))
         if domain is None or not domain.smarthost_networks:
             return None
         nets = [ipaddress.ip_network(n, strict=False) for n in domain.smarthost_networks]
         return domain.name if _in_networks(sender.client_ip, nets) else None
+
+    def _domain(self, name: str) -> Domain | None:
+        """get_domain with a few seconds of memory: the smart host asks it for every message,
+        and `mailgate domain` changes reach a running server within _DOMAIN_TTL anyway."""
+        now = time.monotonic()
+        hit = self._domains.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        domain = self._directory.get_domain(name)
+        if len(self._domains) > 10_000:
+            self._domains.clear()
+        self._domains[name] = (now + _DOMAIN_TTL, domain)
+        return domain
 
     def _user(self, login: str) -> User:
         user = self._directory.get_user(login)

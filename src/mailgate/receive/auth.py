@@ -6,6 +6,10 @@ argon2 each time. The cache key is an HMAC (with a per-process random key) of lo
 the password itself is never stored. Entries die after `ttl` seconds, and all of them when the
 directory's generation changes (passwd, disable, remove, suspend). Failures are never cached, so
 a wrong password always costs a full verification (no timing oracle for "exists" vs "cached").
+Two more things keep argon2 affordable: identical verifications that overlap share one
+computation (a client that opens 20 connections at once pays argon2 once, not 20 times), and
+verifications run on a small dedicated pool, so at most `parallel` argon2 buffers (19 MiB each)
+exist at a time and malloc keeps few per-thread arenas alive afterwards.
 Must not: log passwords.
 """
 
@@ -17,6 +21,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from mailgate.directory import Directory, User
 
@@ -24,12 +29,14 @@ _MAX_ENTRIES = 100_000
 
 
 class Authenticator:
-    def __init__(self, directory: Directory, *, ttl: float = 300.0) -> None:
+    def __init__(self, directory: Directory, *, ttl: float = 300.0, parallel: int = 2) -> None:
         self._directory = directory
         self._ttl = ttl
         self._key = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[float, User]] = OrderedDict()
         self._generation: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="argon2")
+        self._inflight: dict[bytes, asyncio.Future[User | None]] = {}
 
     async def verify(self, login: str, password: str) -> User | None:
         """The user when the credentials are valid and the account usable, else None."""
@@ -44,7 +51,15 @@ class Authenticator:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        user = await asyncio.to_thread(self._directory.verify_password, login, password)
+        pending = self._inflight.get(token)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(
+                self._pool, self._directory.verify_password, login, password
+            )
+            self._inflight[token] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(token, None))
+        # shield: one waiter's timeout or disconnect must not cancel the others' answer.
+        user = await asyncio.shield(pending)
         if user is not None:
             self._cache[token] = (now + self._ttl, user)
             if len(self._cache) > _MAX_ENTRIES:
