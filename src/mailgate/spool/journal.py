@@ -867,19 +867,7 @@ class JournalStore(Store):
         entry. One entry's failure (its write hit a full disk) fails only that entry; a
         failed fdatasync is shared, so it fails every entry of the batch and leaves nothing.
         """
-        results: list[Envelope | Exception] = [UsageError("not committed")] * len(items)
-        claimed: list[tuple[int, Incoming, Envelope, bytes]] = []
-        for index, (incoming, envelope, prefix) in enumerate(items):
-            try:
-                if incoming._state == "open":
-                    self.prepare_commit(incoming, envelope)
-                elif incoming._state != "claimed":
-                    raise UsageError(f"qid={incoming.qid}: already committed or aborted")
-            except UsageError as e:
-                results[index] = e
-                continue
-            incoming._state = "done"  # whatever happens next, it cannot be committed twice
-            claimed.append((index, incoming, envelope, prefix))
+        results, claimed = self._claim_batch(items)
         if not claimed:
             return results
         sources: list[int] = []

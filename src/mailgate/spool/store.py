@@ -458,15 +458,12 @@ class Store:
             raise result
         return result
 
-    def commit_batch(
+    def _claim_batch(
         self, items: Sequence[tuple[Incoming, Envelope, bytes]]
-    ) -> list[Envelope | Exception]:
-        """Commit several entries, fsyncing each file but each directory only once.
-
-        Returns one result per item, in order: the stored envelope or the exception for that
-        entry. A failure of one entry's files fails only that entry; a failure to fsync a
-        directory is shared, so it fails (and removes) every entry of the batch.
-        """
+    ) -> tuple[list[Envelope | Exception], list[tuple[int, Incoming, Envelope, bytes]]]:
+        """Claim each item's Incoming for this batch (so it cannot be committed twice): the
+        results list (a UsageError for an item that cannot be claimed) and the claimed items
+        with their index. Shared by both backends' commit_batch."""
         results: list[Envelope | Exception] = [UsageError("not committed")] * len(items)
         claimed: list[tuple[int, Incoming, Envelope, bytes]] = []
         for index, (incoming, envelope, prefix) in enumerate(items):
@@ -480,6 +477,18 @@ class Store:
                 continue
             incoming._state = "done"  # whatever happens next, it cannot be committed twice
             claimed.append((index, incoming, envelope, prefix))
+        return results, claimed
+
+    def commit_batch(
+        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
+    ) -> list[Envelope | Exception]:
+        """Commit several entries, fsyncing each file but each directory only once.
+
+        Returns one result per item, in order: the stored envelope or the exception for that
+        entry. A failure of one entry's files fails only that entry; a failure to fsync a
+        directory is shared, so it fails (and removes) every entry of the batch.
+        """
+        results, claimed = self._claim_batch(items)
 
         # 1. Write both files of every entry in tmp/, then fsync them all. Concurrently: a
         # journaling file system folds overlapping fsyncs into one journal commit, which is what
