@@ -85,6 +85,7 @@ from mailgate.spool.store import (
     NotFound,
     RecoveryReport,
     Store,
+    _make_spool_dirs,
     _spool_error,
 )
 
@@ -464,18 +465,9 @@ class JournalStore(Store):
         self.wakeup_path = self.path / "wakeup"
         self.lock_path = self.path / "journal.lock"
         self.segment_size = segment_size
-        try:
-            for d in (self.path, self.tmp_dir, self.journal_dir, self.corrupt_dir):
-                if not d.is_dir():
-                    d.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-                    os.chmod(d, _DIR_MODE)  # mkdir's mode is filtered by the umask
-            st = os.stat(self.path)
-        except OSError as e:
-            raise _spool_error(e, f"spool {self.path}") from None
-        # As in Store: `mailgate queue` run as root gives new files the spool's owner.
-        self._owner: tuple[int, int] | None = None
-        if os.geteuid() == 0 and st.st_uid != 0:
-            self._owner = (st.st_uid, st.st_gid)
+        self._owner = _make_spool_dirs(
+            self.path, (self.tmp_dir, self.journal_dir, self.corrupt_dir)
+        )
         # Guards the index and the segment table. Order: a flock first, then this, never the
         # other way round (a thread waiting in flock must not hold it).
         self._mutex = threading.RLock()

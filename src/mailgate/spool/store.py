@@ -112,6 +112,25 @@ def _unlink_quietly(path: Path) -> None:
 # --- a message being received --------------------------------------------------
 
 
+def _make_spool_dirs(path: Path, dirs: Sequence[Path]) -> tuple[int, int] | None:
+    """Create the spool folders (0700) and return the owner new files must get.
+
+    `mailgate queue` run as root must not leave root-owned 0600 files that a server running as
+    an unprivileged user could no longer read: new files then take the spool's owner.
+    """
+    try:
+        for d in (path, *dirs):
+            if not d.is_dir():
+                d.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+                os.chmod(d, _DIR_MODE)  # mkdir's mode is filtered by the umask
+        st = os.stat(path)
+    except OSError as e:
+        raise _spool_error(e, f"spool {path}") from None
+    if os.geteuid() == 0 and st.st_uid != 0:
+        return (st.st_uid, st.st_gid)
+    return None
+
+
 class Incoming:
     """A message being received: kept in memory up to MEMORY_LIMIT, then spilled to spool/tmp/.
 
@@ -331,19 +350,9 @@ class Store:
         self.env_dir = self.path / "env"
         self.corrupt_dir = self.path / "corrupt"
         self.wakeup_path = self.path / "wakeup"
-        try:
-            for d in (self.path, self.tmp_dir, self.msg_dir, self.env_dir, self.corrupt_dir):
-                if not d.is_dir():
-                    d.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-                    os.chmod(d, _DIR_MODE)  # mkdir's mode is filtered by the umask
-            st = os.stat(self.path)
-        except OSError as e:
-            raise _spool_error(e, f"spool {self.path}") from None
-        # `mailgate queue` run as root must not leave root-owned 0600 files that a server
-        # running as an unprivileged user could no longer read: new files take the spool's owner.
-        self._owner: tuple[int, int] | None = None
-        if os.geteuid() == 0 and st.st_uid != 0:
-            self._owner = (st.st_uid, st.st_gid)
+        self._owner = _make_spool_dirs(
+            self.path, (self.tmp_dir, self.msg_dir, self.env_dir, self.corrupt_dir)
+        )
 
     # -- paths ----------------------------------------------------------------------
 
