@@ -94,7 +94,6 @@ log = logging.getLogger(__name__)
 SEGMENT_SIZE = 64 * 1024 * 1024  # a soft limit: a batch may end past it, the next one rotates
 _CHUNK = 1024 * 1024  # read/copy block: bounded memory for 50 MB messages
 _FILE_MODE = 0o600
-_DIR_MODE = 0o700
 
 _SEGMENT_MAGIC = b"MAILGATE-JRNL-1\n"
 _SEGMENT_HEADER = struct.Struct(">16sQ8sI")  # magic, seq, record magic, CRC-32 of the rest
