@@ -107,7 +107,7 @@ class Engine:
         self.store = store
         self.now = now
         self.rng = rng or random.Random()
-        self.router = Router(self.dcfg, rng=self.rng)
+        self.router = Router(self.dcfg, rng=self.rng, bad_nets=cfg.smarthost.bad_nets)
         self.postmaster = self.dcfg.postmaster or f"postmaster@{cfg.directory.default_domain}"
         self._tls = _client_tls_context()
         self._slots = asyncio.Semaphore(self.dcfg.max_connections)

@@ -20,7 +20,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -46,6 +46,7 @@ NO_ADDRESS = Reply(550, "5.4.4", "Unable to route: no MX or address records for 
 DNS_TEMPFAIL = Reply(451, "4.4.3", "Temporary DNS failure, will retry")
 MX_HOSTS_UNRESOLVED = Reply(451, "4.4.3", "No address found for any MX host, will retry")
 BAD_DOMAIN = Reply(550, "5.1.2", "Bad destination domain")
+MX_IN_BAD_NETS = Reply(550, "5.4.4", "Unable to route: the MX hosts are in internal networks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,12 @@ class Router:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        bad_nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     ) -> None:
         self.cfg = cfg
+        # [smarthost] bad_nets: MX hosts there are never connected to (a domain whose MX
+        # points inside the organisation would make the gateway relay into it, or loop).
+        self.bad_nets = tuple(bad_nets)
         self.rng = rng or random.Random()
         self.clock = clock
         self.relay = cfg.relay_host_port
@@ -213,12 +218,24 @@ class Router:
         lookups = await asyncio.gather(*(self._addresses(name) for _, name in ordered))
         hosts: list[Host] = []
         temporary: list[str] = []
+        refused: list[str] = []
         for (pref, name), (addresses, ttl, error) in zip(ordered, lookups, strict=True):
             if error:
                 temporary.append(error)
             if ttl is not None:
                 ttls.append(ttl)
-            hosts.extend(Host(name, a, port, pref) for a in addresses)
+            for a in addresses:
+                if self._is_bad(a):
+                    refused.append(f"{name}[{a}]")
+                else:
+                    hosts.append(Host(name, a, port, pref))
+        if refused:
+            log.warning("route %s: MX addresses inside smarthost.bad_nets skipped: %s",
+                        domain, ", ".join(refused))  # fmt: skip
+        if not hosts and refused and not temporary:
+            raise RouteError(
+                MX_IN_BAD_NETS, f"{domain}: MX hosts in bad_nets: {', '.join(refused)}"
+            )
         if not hosts:
             if temporary:
                 raise RouteError(DNS_TEMPFAIL, "; ".join(temporary))
@@ -227,6 +244,15 @@ class Router:
             raise RouteError(MX_HOSTS_UNRESOLVED, f"{domain}: no MX host has an address")
         ttl = max(MIN_CACHE_TTL, min([MAX_CACHE_TTL, *ttls]))
         return Route(domain, tuple(hosts)), ttl
+
+    def _is_bad(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.bad_nets)
 
     async def _addresses(self, name: str) -> tuple[list[str], float | None, str]:
         """A then AAAA addresses of `name` (IPv4 first, as most MTAs prefer for reputation),
