@@ -253,6 +253,8 @@ def test_auth_brute_force_is_slowed_then_refused_and_others_are_unaffected(
         with connect(port, source="127.0.0.2", tls=tls) as c:
             assert c.greeting == line(replies.CLIENT_LOCKED_OUT)
             assert c.rest() == b"", "the connection must be closed"
+    # A flood of reconnects costs one log line a minute per client, not one per connection.
+    assert guarded.log_text().count("refused connection client=[127.0.0.2]") == 1
     # Honest clients elsewhere log in at once: alice from her usual client (her login is under
     # attack, but that client is trusted), and bob, whose login was never tried.
     for source, creds in [("127.0.0.3", ALICE), ("127.0.0.30", BOB)]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 
 from mailgate import replies
@@ -18,9 +19,11 @@ from mailgate.config import Listen
 from mailgate.receive.channel import Channel
 from mailgate.receive.reuseport import steer_by_client_address
 from mailgate.receive.session import Services, Session
+from mailgate.replies import Reply
 from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
 
 log = logging.getLogger(__name__)
+_REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
 
 
 class Listeners:
@@ -32,6 +35,7 @@ class Listeners:
         self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
+        self._refusal_logged: dict[str, float] = {}  # ip -> when its next refusal is logged
 
     async def start(self) -> None:
         cfg = self.services.cfg
@@ -78,10 +82,13 @@ class Listeners:
         if len(self.sessions) >= limits.max_connections or (
             self.per_ip[ip] >= limits.max_connections_per_ip
         ):
-            log.warning("refused connection client=[%s] service=%s: too many connections",
-                        ip, profile.name)  # fmt: skip
-            channel.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
-            channel.close()
+            self._refuse(channel, ip, profile, replies.TOO_MANY_CONNECTIONS, "too many connections")
+            return
+        guard = self.services.auth_guard
+        if profile.offers_auth and guard is not None and guard.is_client_refused(ip):
+            # A password guesser that reached auth_refuse_after: refused before any session,
+            # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
+            self._refuse(channel, ip, profile, replies.CLIENT_LOCKED_OUT, "too many AUTH failures")
             return
         self.per_ip[ip] += 1
         task = asyncio.get_running_loop().create_task(
@@ -96,6 +103,19 @@ class Listeners:
                 del self.per_ip[ip]
 
         task.add_done_callback(done)
+
+    def _refuse(self, channel: Channel, ip: str, profile: Profile, reply: Reply,
+                why: str) -> None:  # fmt: skip
+        """Answer `reply` instead of a greeting and close; one log line per client a minute."""
+        now = time.monotonic()
+        if self._refusal_logged.get(ip, 0.0) <= now:
+            if len(self._refusal_logged) > 10_000:
+                self._refusal_logged.clear()
+            self._refusal_logged[ip] = now + _REFUSAL_LOG_INTERVAL
+            log.warning("refused connection client=[%s] service=%s: %s (logged once a minute)",
+                        ip, profile.name, why)  # fmt: skip
+        channel.write(reply.to_bytes())
+        channel.close()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening, let sessions finish for `grace` seconds, then cancel the rest."""

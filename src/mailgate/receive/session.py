@@ -192,18 +192,8 @@ class Session:
 
     # --- before the greeting (smart host) ------------------------------------------------
     async def _before_greeting(self) -> bool:
-        """The AUTH lock-out, the greeting delay and the rDNS check. False: end without a 220."""
-        guard = self.s.auth_guard
-        if (
-            self.profile.offers_auth
-            and guard is not None
-            and guard.is_client_refused(self.client_ip)
-        ):
-            # Refused at connect: no STARTTLS handshake for a client that only guesses.
-            log.info("sid=%s refused at connect: too many AUTH failures client=[%s]",
-                     self.sid, self.client_ip)  # fmt: skip
-            self.channel.write(replies.CLIENT_LOCKED_OUT.to_bytes())
-            return False
+        """The greeting delay and the rDNS check, side by side. False: end without a 220.
+        (A client locked out by the AUTH guard never gets here: receive.serve refuses it.)"""
         if self.profile.name != SMARTHOST.name:
             return True
         cfg = self.s.cfg
