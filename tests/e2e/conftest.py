@@ -32,8 +32,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])  # shown by pytest only when the test failed
+        gw.finish()
 
 
 def submission(gw: Gateway, login: tuple[str, str] | None = ALICE) -> smtplib.SMTP:

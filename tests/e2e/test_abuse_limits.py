@@ -58,8 +58,7 @@ def stopping() -> Iterator[list[Gateway]]:
     started: list[Gateway] = []
     yield started
     for gw in started:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def plain(login: str, password: str) -> bytes:
@@ -137,8 +136,7 @@ def rated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def test_messages_per_hour_per_network_gets_450_with_a_sentence(rated: Gateway) -> None:
@@ -215,8 +213,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def auth_once(
@@ -388,8 +385,7 @@ def hygienic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def test_early_talker_is_refused_before_the_greeting(hygienic: Gateway) -> None:
@@ -472,8 +468,7 @@ def rdns_gw(tmp_path_factory: pytest.TempPathFactory, zone: ZoneWithPtr) -> Iter
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def test_confirmed_client_relays_and_is_named_in_received(rdns_gw: Gateway) -> None:

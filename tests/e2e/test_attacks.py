@@ -127,8 +127,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gateway
     finally:
-        gateway.stop()
-        print(gateway.log_text()[-6000:])  # shown by pytest only when a test failed
+        gateway.finish()
 
 
 def open_data(client: Client) -> None:

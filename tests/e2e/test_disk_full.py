@@ -65,5 +65,4 @@ def test_full_spool_answers_452_and_recovers(tmp_path: Path, small_disk: Path) -
         assert smarthost_send(gw, "after\r\n")[0] == 250  # the server kept running
         assert len(gw.queued()) == 2
     finally:
-        gw.stop()
-        print(gw.log_text()[-4000:])
+        gw.finish()

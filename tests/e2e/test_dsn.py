@@ -27,8 +27,7 @@ def gateway(tmp_path: Path, sink: SmtpSink) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-4000:])
+        gw.finish()
 
 
 def send_with_dsn(gw: Gateway) -> None:

@@ -44,8 +44,7 @@ def gateway(tmp_path: Path, sink: SmtpSink, clamd: ClamdHandle) -> Iterator[Gate
     try:
         yield gw
     finally:
-        gw.stop()
-        print(gw.log_text()[-6000:])
+        gw.finish()
 
 
 def attachment_message(filename: str, payload: bytes, frm: str = "alice@example.org") -> bytes:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +151,11 @@ class Gateway:
                 self.proc.wait(timeout=10)
         self.proc = None
 
+    def finish(self) -> None:
+        """Stop, then print the end of the log: pytest shows it only when the test failed."""
+        self.stop()
+        print(self.log_text()[-6000:])
+
     def kill(self) -> None:
         """SIGKILL the supervisor and every worker at once (its own process group)."""
         if self.proc is not None:
@@ -180,12 +184,3 @@ class Gateway:
 
     def message(self, qid: str) -> bytes:
         return self.store().read_message(qid)
-
-
-@contextlib.contextmanager
-def running(root: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Iterator[Gateway]:
-    gw = Gateway(root, overrides)
-    try:
-        yield gw
-    finally:
-        gw.stop()
