@@ -19,6 +19,7 @@ from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
 from mailgate.message import stamp
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
+from mailgate.scan import Verdict
 from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.store import Incoming
@@ -31,7 +32,7 @@ class Committer(Protocol):
 
 
 class ScannerLike(Protocol):
-    async def check(self, message: bytes, log_prefix: str = "") -> object: ...
+    async def check(self, message: bytes, log_prefix: str = "") -> Verdict: ...
 
 
 class SignerLike(Protocol):
@@ -127,7 +128,7 @@ class Acceptor:
         verdict_header = b""
         if self._scanner is not None:
             verdict = await self._scanner.check(message, log_prefix=ctx)
-            verdict_header = stamp.scanned_by(str(getattr(verdict, "header", "mailgate")))
+            verdict_header = stamp.scanned_by(verdict.header)
 
         rcpts = [r.address for r in txn.rcpts]
         prefix = stamp.received(facts.trace, hostname=self._hostname, qid=incoming.qid,

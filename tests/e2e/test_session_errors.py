@@ -20,6 +20,7 @@ from mailgate.policy import Policy, Sender
 from mailgate.receive.auth import Authenticator
 from mailgate.receive.serve import Listeners
 from mailgate.receive.session import Services
+from mailgate.scan import Verdict
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.store import Store
 from tests.support.gateway import free_port
@@ -30,10 +31,10 @@ class FailingScanner:
     def __init__(self) -> None:
         self.fail = True
 
-    async def check(self, message: bytes, log_prefix: str = "") -> object:
+    async def check(self, message: bytes, log_prefix: str = "") -> Verdict:
         if self.fail:
             raise RuntimeError("scanner exploded: secret detail")
-        return type("Verdict", (), {"header": "test ; clean"})()
+        return Verdict(header="test ; clean")
 
 
 class FailingPolicy(Policy):
