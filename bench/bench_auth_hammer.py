@@ -118,9 +118,19 @@ def summary(latencies: list[float], errors: Counter[str], wanted: int) -> dict[s
 
 
 def attacker(
-    port: int, threads: int, stop: Any, refused: Any, results: Any, deadline: float
+    port: int,
+    threads: int,
+    connect_timeout: float,
+    stop: Any,
+    refused: Any,
+    results: Any,
+    deadline: float,
 ) -> None:
-    """Process target: hammer AUTH from ATTACKER_IP until `stop` is set or `deadline`."""
+    """Process target: hammer AUTH from ATTACKER_IP until `stop` is set or `deadline`.
+
+    Outcomes counted: the AUTH reply code ("535" counted, "454" refused), "421" (refused at
+    connect, the lock-out), "dropped" (connect() timed out: the kernel ban drops the SYNs; the
+    attacker then reconnects at once, as a bot would), or an exception's name."""
     ctx = tls_context()
     counts: Counter[str] = Counter()
     lock = threading.Lock()
@@ -130,12 +140,19 @@ def attacker(
         token = base64.b64encode(f"\0{login}\0{secrets.token_hex(6)}".encode()).decode()
         client: smtplib.SMTP | None = None
         try:
-            client = smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(ATTACKER_IP, 0))
+            client = smtplib.SMTP(
+                "127.0.0.1", port, timeout=connect_timeout, source_address=(ATTACKER_IP, 0)
+            )
+            client.sock.settimeout(30)  # type: ignore[union-attr]  # connected: replies may be slow
             client.ehlo("attacker.test")
             client.starttls(context=ctx)
             client.ehlo("attacker.test")
             code, _ = client.docmd("AUTH", "PLAIN " + token)
             return str(code)
+        except smtplib.SMTPConnectError as e:
+            return str(e.smtp_code)
+        except TimeoutError:
+            return "dropped" if client is None else "TimeoutError"
         except (OSError, smtplib.SMTPException) as e:
             return type(e).__name__
         finally:
@@ -150,7 +167,7 @@ def attacker(
             outcome = one_try()
             with lock:
                 counts[outcome] += 1
-            if outcome == "454":
+            if outcome in ("454", "421", "dropped"):
                 with refused.get_lock():
                     refused.value += 1
 
@@ -168,9 +185,16 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=200, help="honest messages per phase")
     ap.add_argument("--clients", type=int, default=2, help="honest clients in parallel")
     ap.add_argument("--attackers", type=int, default=8, help="attacker connections in parallel")
+    ap.add_argument(
+        "--attacker-timeout",
+        type=float,
+        default=1.0,
+        help="seconds the attacker waits for a connection before trying again",
+    )
     ap.add_argument("--warmup", type=float, default=60.0,
                     help="at most this many seconds of attack before honest users are measured:"
-                         " measuring starts once the attacker is being refused (454)")  # fmt: skip
+                         " measuring starts once the attacker is being refused (454, 421) or"
+                         " dropped")  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=240.0, help="bound on the whole run")
     ap.add_argument("--workers", type=int, default=0,
                     help="[server] workers when this tree has it (0: one process)")  # fmt: skip
@@ -202,7 +226,9 @@ def main() -> int:
 
             ctx = multiprocessing.get_context("fork")
             stop, refused, results = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
-            hammer_args = (port, args.attackers, stop, refused, results, deadline)
+            hammer_args = (
+                port, args.attackers, args.attacker_timeout, stop, refused, results, deadline
+            )  # fmt: skip
             proc = ctx.Process(target=attacker, args=hammer_args)
             proc.start()
             if pin and proc.pid is not None:
@@ -223,6 +249,7 @@ def main() -> int:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+            bans = gw.log_text().count("client banned in the kernel")
         finally:
             gw.stop()
 
@@ -242,6 +269,7 @@ def main() -> int:
             "replies": hammer["replies"],
             # while the honest users were measured (the warm-up has slow, delayed answers)
             "refused_per_second_measured": round(measured[0] / measured[1], 1),
+            "kernel_bans_logged": bans,
         },
         "p99_ratio": round(ratio, 2) if ratio is not None else None,
         # An attack that made no attempts measured nothing: never report it as a pass.

@@ -175,6 +175,8 @@ class RateLimitsConfig:
     auth_refuse_after: int = 10  # failures from one client before 454 4.7.0
     auth_login_refuse_after: int = 10  # failures for one login before 454 4.7.0
     auth_trust_period: float = 7 * 86400.0  # a client that logged in is exempt from login locks
+    auth_ban_after: int = 20  # refused reconnects of a locked-out client before a ban; 0: never
+    auth_ban_period: float = 900.0  # seconds a banned client's packets are dropped in the kernel
     snapshot_interval: float = 10.0  # seconds between <spool>/limits.json snapshots
     submission: ServiceRateLimits = field(default_factory=ServiceRateLimits)
     submissions: ServiceRateLimits = field(default_factory=ServiceRateLimits)
@@ -411,6 +413,8 @@ _KINDS = {
     "auth_refuse_after": "posint",
     "auth_login_refuse_after": "posint",
     "auth_trust_period": "seconds",
+    "auth_ban_after": "nonnegint",
+    "auth_ban_period": "seconds",
     "snapshot_interval": "seconds",
 }
 _KINDS_FULL = {

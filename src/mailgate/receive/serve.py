@@ -1,13 +1,16 @@
 """Listeners: one asyncio server per configured address, each bound to a service profile.
 
 Owns: binding the sockets (SO_REUSEPORT, so several worker processes can share the ports),
-implicit TLS for `submissions`, connection limits overall and per client IP, and graceful stop.
+implicit TLS for `submissions`, connection limits overall and per client IP, refusing a client
+the AUTH guard locked out (421 at connect, then a kernel ban if it keeps reconnecting), and
+graceful stop.
 Must not: interpret SMTP or deliver mail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -17,6 +20,7 @@ from collections import Counter
 from mailgate import replies
 from mailgate.config import Listen
 from mailgate.receive.channel import Channel
+from mailgate.receive.kernelban import KernelBan
 from mailgate.receive.reuseport import steer_by_client_address
 from mailgate.receive.session import Services, Session
 from mailgate.replies import Reply
@@ -36,6 +40,9 @@ class Listeners:
         self.sessions: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
         self._refusal_logged: dict[str, float] = {}  # ip -> when its next refusal is logged
+        self._lockout_refusals: Counter[str] = Counter()  # client key -> refused reconnects
+        self.kernel_ban = KernelBan()
+        self._ban_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         cfg = self.services.cfg
@@ -67,6 +74,7 @@ class Listeners:
             # the kernel's 4-tuple hash: its clients are few busy internal hosts (a web server
             # sending a mailing), which must be able to use every core.
             steer_by_client_address(sock, self.workers)  # after listen(): the group exists
+            self.kernel_ban.add_socket(sock)
         sock.setblocking(False)
         return await loop.create_server(
             lambda: Channel(lambda ch: self._connected(ch, profile)),
@@ -89,6 +97,7 @@ class Listeners:
             # A password guesser that reached auth_refuse_after: refused before any session,
             # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
             self._refuse(channel, ip, profile, replies.CLIENT_LOCKED_OUT, "too many AUTH failures")
+            self._count_lockout_refusal(ip)
             return
         self.per_ip[ip] += 1
         task = asyncio.get_running_loop().create_task(
@@ -117,10 +126,45 @@ class Listeners:
         channel.write(reply.to_bytes())
         channel.close()
 
+    def _count_lockout_refusal(self, ip: str) -> None:
+        """A locked-out client that keeps reconnecting is banned in the kernel (receive.kernelban):
+        its next SYNs are dropped before they cost this process anything."""
+        limits = self.services.cfg.ratelimits
+        guard = self.services.auth_guard
+        if limits.auth_ban_after == 0 or guard is None:
+            return
+        key = guard.client_key(ip)
+        if len(self._lockout_refusals) > 10_000:
+            self._lockout_refusals.clear()
+        self._lockout_refusals[key] += 1
+        if self._lockout_refusals[key] < limits.auth_ban_after:
+            return
+        del self._lockout_refusals[key]
+        try:
+            network = ipaddress.ip_network(key, strict=False)
+        except ValueError:
+            return  # not an IP client (a Unix socket peer): nothing to filter on
+        if self.kernel_ban.ban(network, limits.auth_ban_period):
+            log.warning("client banned in the kernel client=[%s] seconds=%g: %d connections "
+                        "refused after too many AUTH failures", key, limits.auth_ban_period,
+                        limits.auth_ban_after)  # fmt: skip
+            self._schedule_ban_expiry()
+
+    def _schedule_ban_expiry(self) -> None:
+        if self._ban_timer is not None:
+            self._ban_timer.cancel()
+            self._ban_timer = None
+        wait = self.kernel_ban.expire()
+        if wait is not None:
+            loop = asyncio.get_running_loop()
+            self._ban_timer = loop.call_later(wait + 0.05, self._schedule_ban_expiry)
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening, let sessions finish for `grace` seconds, then cancel the rest."""
         for server in self.servers:
             server.close()
+        if self._ban_timer is not None:
+            self._ban_timer.cancel()
         if self.sessions:
             _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
             for task in pending:
