@@ -591,3 +591,61 @@ def test_fuzz_mime_like_input_never_raises_unhandled(data: bytes) -> None:
 @given(st.binary(max_size=2000))
 def test_fuzz_random_bytes_never_raise_unhandled(data: bytes) -> None:
     _fuzz_once(data)
+
+
+# --- the fast path for messages without MIME fields ----------------------------------------
+
+_FIELD = st.sampled_from([
+    b"From: a@b.test", b"To: c@d.test", b"Subject: hi", b"X-Mailer: cron", b"  folded line",
+    b"MIME-Version: 1.0", b"Content-Type: text/plain", b"Content-Transfer-Encoding: base64",
+    b"content-disposition: attachment; filename=a.exe", b"not a field", b"From nobody", b"\tx",
+    b"Subject: =?utf-8?q?caf=C3=A9?=",
+])  # fmt: skip
+_BODY_LINE = st.sampled_from([
+    b"hello", b"MZ", b"MZ\x90\x00", b"\x7fELF\x02\x01", b"begin 644 a.exe", b"", b".",
+    b"begin 644 notes.txt", b"begin-base64 644 run.bat ", b"\xcf\xfa\xed\xfe",
+    b"TVqQAAMAAAAEAAAA", b"M9V]O9&)Y90``",
+])  # fmt: skip
+
+
+def _outcome(message: bytes) -> object:
+    try:
+        return find_blocked(message, DEFAULT_BLOCKED_EXTENSIONS)
+    except Rejected as e:
+        return ("rejected", e.reply)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FIELD, max_size=6), st.lists(_BODY_LINE, max_size=6), st.booleans())
+def test_fast_path_answers_as_the_mime_walk_does(
+    fields: list[bytes], body: list[bytes], separator: bool
+) -> None:
+    import mailgate.scan.attachments as attachments
+
+    message = b"".join(f + b"\r\n" for f in fields)
+    message += (b"\r\n" if separator else b"") + b"".join(line + b"\r\n" for line in body)
+    fast = _outcome(message)
+    original = attachments._plain_body
+    attachments._plain_body = lambda message: None  # the walk only
+    try:
+        walked = _outcome(message)
+    finally:
+        attachments._plain_body = original
+    assert fast == walked
+
+
+def test_fast_path_is_taken_only_without_mime_fields() -> None:
+    import mailgate.scan.attachments as attachments
+
+    assert attachments._plain_body(b"From: a@b.test\r\nSubject: x\r\n\r\nbody\r\n") == b"body\r\n"
+    assert (
+        attachments._plain_body(b"From: a@b.test\r\ncontent-TYPE: text/plain\r\n\r\nb\r\n") is None
+    )
+    assert attachments._plain_body(b"From a@b.test Mon\r\nSubject: x\r\n\r\nbody\r\n") is None
+    assert attachments._plain_body(b"Subject: x\r\n") is None
+    found = find_blocked(
+        b"From: a@b.test\r\n\r\nhi\r\nbegin 644 a.exe\r\n", DEFAULT_BLOCKED_EXTENSIONS
+    )
+    assert found is not None and found.name == "a.exe"
+    found = find_blocked(b"From: a@b.test\r\n\r\n\x7fELF\x02\x01\r\n", DEFAULT_BLOCKED_EXTENSIONS)
+    assert found is not None and found.name == "part 1 (text/plain)"

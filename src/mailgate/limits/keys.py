@@ -2,17 +2,20 @@
 
 Owns: turning a client IP into the network it is counted as (an IPv4 /24 or an IPv6 /64 by
 default: one host rarely has one address, and IPv6 hands a whole /64 to a single site) and
-normalising a login. Must not: keep state or read the clock.
+normalising a login. Must not: keep state or read the clock (the cache below only remembers
+answers of a pure function).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 # An attacker chooses the login string; a bounded length keeps counters' memory bounded.
 MAX_LOGIN_KEY = 256
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per message; parsing an IP is not cheap
 def network_key(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The network `ip` is counted as: '192.0.2.0/24', '2001:db8:1:2::/64' ('192.0.2.7' for /32).
 

@@ -1,13 +1,18 @@
 """A byte channel between the event loop and one session coroutine.
 
 Owns: the asyncio Protocol of every accepted connection: buffering received bytes, flow
-control both ways, and the STARTTLS upgrade. Must not: interpret SMTP.
+control both ways, read deadlines, and the STARTTLS upgrade. Must not: interpret SMTP.
 
 Why not asyncio streams: `StreamWriter.start_tls()` keeps whatever plaintext the StreamReader had
 already buffered and hands it to the reader after the handshake, which is exactly the STARTTLS
 injection of CVE-2011-0411. Here the session sees every received byte, and `start_tls()` refuses
 to upgrade while any unread byte is buffered; `loop.start_tls()` pauses reading synchronously, so
 nothing can slip in between the check and the upgrade.
+
+Why a deadline on read() instead of asyncio.wait_for(): a session reads a dozen times per
+message, and each wait_for() wraps the read in a new Task with its own timer. The channel keeps
+one timer per connection instead, moved forward lazily: when it fires early (the session made
+progress and asked for a later deadline meanwhile) it is set again for the current deadline.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class Channel(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._closed = asyncio.get_running_loop().create_future()
+        self._deadline = 0.0  # loop time after which a waiting read() raises TimeoutError
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # --- protocol callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,6 +68,7 @@ class Channel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._wake()
+        self._stop_timer()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if not self._closed.done():
@@ -78,10 +87,24 @@ class Channel(asyncio.Protocol):
     def has_unread(self) -> bool:
         return self._buffered > 0
 
-    async def read(self) -> bytes:
-        """Every byte received so far (b"" at end of stream)."""
+    @property
+    def is_writable(self) -> bool:
+        """False while the transport's write buffer is over its high-water mark."""
+        return self._writable is None or self._writable.done()
+
+    async def read(self, deadline: float | None = None) -> bytes:
+        """Every byte received so far (b"" at end of stream).
+
+        With a `deadline` (loop time), raises TimeoutError once it has passed, even if bytes
+        are buffered: bytes that arrive without completing anything do not buy time.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is not None and loop.time() >= deadline:
+            raise TimeoutError
         while not self._chunks and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = loop.create_future()
+            if deadline is not None:
+                self._arm(loop, deadline)
             try:
                 await self._waiter
             finally:
@@ -128,6 +151,7 @@ class Channel(asyncio.Protocol):
         return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def close(self) -> None:
+        self._stop_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -137,6 +161,30 @@ class Channel(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await self._closed
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._deadline = deadline
+        if self._timer is not None and self._timer_at <= deadline:
+            return  # fires no later than needed; _expire() sets it again if it is early
+        self._stop_timer()
+        self._timer = loop.call_at(deadline, self._expire)
+        self._timer_at = deadline
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no read is waiting: the next read() checks its deadline itself
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._arm(loop, self._deadline)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

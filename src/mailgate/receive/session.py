@@ -125,9 +125,7 @@ class Session:
             deadline = loop.time() + self._timeout()
             while not self.closing:
                 try:
-                    data = await asyncio.wait_for(
-                        self.channel.read(), max(deadline - loop.time(), 0.0)
-                    )
+                    data = await self.channel.read(deadline)
                 except TimeoutError:
                     log.info("sid=%s timeout after %.0fs without progress",
                              self.sid, self._timeout())  # fmt: skip
@@ -160,8 +158,9 @@ class Session:
         data = self.conn.data_to_send()
         if data:
             self.channel.write(data)
-            # A client that never reads our replies must not hold the session forever.
-            await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
+            if not self.channel.is_writable:
+                # A client that never reads our replies must not hold the session forever.
+                await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
         return bool(data)
 
     async def _process_events(self) -> int:
@@ -214,7 +213,7 @@ class Session:
         """Wait `delay` seconds for silence. True when the client sent bytes (refused with
         554 5.7.0: RFC 5321 §4.3.1 has the client wait for the greeting) or went away."""
         try:
-            data = await asyncio.wait_for(self.channel.read(), delay)
+            data = await self.channel.read(asyncio.get_running_loop().time() + delay)
         except TimeoutError:
             return False
         if data:

@@ -122,6 +122,9 @@ def find_blocked(
     inspected: past ``max_depth`` or ``max_parts``, ambiguous, or making the parser fail.
     """
     blocked = frozenset(ext.strip(". ").casefold() for ext in blocked_extensions)
+    body = _plain_body(message)
+    if body is not None:  # one text/plain part: what the walk would check, without the parser
+        return _check_text(body, "part 1 (text/plain)", blocked)
     root = _parse_bounded(message, max_depth=max_depth, max_parts=max_parts)
     try:
         for path, part, facts in _walk(root):
@@ -394,17 +397,45 @@ def _check_part(path: str, part: Message, facts: _Facts, blocked: frozenset[str]
         return None  # message/rfc822: its inner parts are walked next
     is_text = facts.maintype == "text"
     payload = _decoded(part, facts.cte, whole=is_text)
-    kind = executable_kind(payload, is_text=is_text)
-    if kind is not None:
-        label = facts.names[0] if facts.names else f"part {path or '1'} ({facts.ctype})"
-        return Blocked(name=_printable(label), reason=f"content is {kind}")
+    label = facts.names[0] if facts.names else f"part {path or '1'} ({facts.ctype})"
     if is_text:
-        for match in _UUENCODE_BEGIN.finditer(payload):
-            name = match.group(1).decode("utf-8", "replace")
-            ext = extension_of(name)
-            if ext and ext in blocked:
-                return Blocked(name=_printable(name), reason=f"uuencoded, extension .{ext}")
+        return _check_text(payload, label, blocked)
+    kind = executable_kind(payload)
+    if kind is not None:
+        return Blocked(name=_printable(label), reason=f"content is {kind}")
     return None
+
+
+def _check_text(payload: bytes, label: str, blocked: frozenset[str]) -> Blocked | None:
+    """A decoded text part: executable content, then uuencoded files with blocked names."""
+    kind = executable_kind(payload, is_text=True)
+    if kind is not None:
+        return Blocked(name=_printable(label), reason=f"content is {kind}")
+    for match in _UUENCODE_BEGIN.finditer(payload):
+        name = match.group(1).decode("utf-8", "replace")
+        ext = extension_of(name)
+        if ext and ext in blocked:
+            return Blocked(name=_printable(name), reason=f"uuencoded, extension .{ext}")
+    return None
+
+
+# A header section of well-formed fields (RFC 5322 §2.2: name, colon; or a folded line) none
+# of which is a MIME Content-* field: the message is one text/plain part in 7bit
+# (RFC 2045 §5.2), the body is its content as it stands, and there is nothing to parse.
+_FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n|[ \t][^\r\n]*\r\n)*")
+_MIME_FIELD = re.compile(rb"(?:^|\n)content-", re.IGNORECASE)
+
+
+def _plain_body(message: bytes) -> bytes | None:
+    """The body of a message whose header has no MIME fields; None when the parser must look
+    (any Content-* field, a line that is not a field, or no empty line ending the header)."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    header = message[: end + 2]
+    if _MIME_FIELD.search(header) or not _FIELD_LINES.fullmatch(header):
+        return None
+    return message[end + 4 :]
 
 
 def _decoded(part: Message, cte: str, *, whole: bool) -> bytes:

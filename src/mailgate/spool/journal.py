@@ -503,7 +503,7 @@ class JournalStore(Store):
         with self._mutex:
             if qid in self._index:
                 return True
-        return (self.tmp_dir / f"{qid}.data").exists()
+        return os.path.exists(os.path.join(self.tmp_dir, qid + ".data"))  # per message: no pathlib
 
     # -- locking and tailing ----------------------------------------------------------------
 
