@@ -349,7 +349,7 @@ def test_other_errors_are_spool_error_not_spool_full(
     assert size(store) == before
 
 
-def test_update_and_remove_that_cannot_sync_change_nothing(
+def test_an_update_that_cannot_sync_changes_nothing(
     store: JournalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stored = commit(store)
@@ -361,12 +361,25 @@ def test_update_and_remove_that_cannot_sync_change_nothing(
     monkeypatch.setattr(os, "fdatasync", full)
     with pytest.raises(SpoolFull):
         store.update(stored.id, bump)
-    with pytest.raises(SpoolFull):
-        store.remove(stored.id)
     monkeypatch.undo()
     assert size(store) == before
     assert store.load(stored.id) == stored
     assert JournalStore(store.path).load(stored.id) == stored
+
+
+def test_a_removal_is_written_for_every_process_without_its_own_fdatasync(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored, other = commit(store), commit(store)
+    calls = Counting(monkeypatch, "write", "fdatasync", "fsync")
+    store.remove(stored.id)
+    assert calls.calls == {"write": 1, "fdatasync": 0, "fsync": 0}
+    monkeypatch.undo()
+    assert stored.id not in JournalStore(store.path).ids()  # another process sees it gone
+    # an update in the same batch (or the next commit) fdatasyncs the removal with it
+    calls = Counting(monkeypatch, "fdatasync")
+    store.update(other.id, bump)
+    assert calls.calls == {"fdatasync": 1}
 
 
 def test_a_directory_fsync_failure_fails_the_batch_that_made_the_segment(

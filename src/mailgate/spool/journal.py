@@ -30,13 +30,20 @@ Durability contract (RFC 5321 §6.1: once "250" is sent, the message must not be
 is given only after the message bytes and its envelope are durable. commit_batch() appends the
 COMMIT records of the whole batch, fdatasyncs the segment (and fsyncs spool/journal/ when it
 created the segment) and only then returns. kill -9 at any instant loses no acknowledged
-message nor its per-recipient progress (update() and remove() are fdatasynced before they
-return) and never makes a half-written message deliverable: a record counts only when it is
+message nor its per-recipient progress (update() is fdatasynced before it returns) and never
+makes a half-written message deliverable: a record counts only when it is
 whole and its CRC matches. A torn record at the tail (an interrupted append, never
 acknowledged) is cut away by the next writer or by recover(); a bad record followed by good
 ones is skipped, and recover() copies its segment to corrupt/ and logs it. ENOSPC, EDQUOT and
 EFBIG raise SpoolFull (452 4.3.1), other OS errors SpoolError; a failed write or fdatasync
-truncates the segment back, so a failed commit leaves nothing. Commits also answer SpoolFull
+truncates the segment back, so a failed commit leaves nothing.
+A removal (the engine's record of a delivered message) is written under the lock but not
+fdatasynced: a killed process loses nothing (the bytes are in the kernel), and the next
+fdatasync of the segment, which the next commit makes anyway, makes it durable. Only a power cut
+in between can bring the entry back, and then the message is delivered twice rather than lost,
+as RFC 5321 §6.1 prefers; Postfix likewise unlinks a delivered queue file without syncing its
+directory. The lock is then held for a write, not for a disk flush, so commits (whose 250
+waits for them) do not queue behind the engine's removals. Commits also answer SpoolFull
 when they would leave less than RESERVE (8 MiB, at most 1% of the file system) free: in a log
 even a removal appends, so the engine must always have room to record its progress and remove
 delivered entries, which is what lets compaction give space back.
@@ -499,11 +506,12 @@ class JournalStore(Store):
         raise UsageError("the journal spool keeps no file per envelope; use load()")
 
     def _taken(self, qid: str) -> bool:
-        # Store.begin() asks; commit_batch() checks again under the lock, after tailing.
+        # Store.begin() asks; commit_batch() checks again under the lock, after tailing. No
+        # stat of spool/tmp/ per message: an in-flight message of another process with the
+        # same id (36**-5 per pair in one millisecond) could only clash by spilling there,
+        # and Incoming creates its spill file with O_EXCL, so that session gets a 451.
         with self._mutex:
-            if qid in self._index:
-                return True
-        return os.path.exists(os.path.join(self.tmp_dir, qid + ".data"))  # per message: no pathlib
+            return qid in self._index
 
     # -- locking and tailing ----------------------------------------------------------------
 
@@ -1041,8 +1049,9 @@ class JournalStore(Store):
         return new
 
     def remove(self, qid: str) -> None:
-        """Delete an entry: a REMOVE record, fdatasynced before returning (batched with
-        concurrent updates and removals, like update())."""
+        """Delete an entry: a REMOVE record, batched with concurrent updates and removals; it is
+        fdatasynced with them when the batch has an update, else by the next commit's
+        fdatasync (see the module docstring)."""
         self._checked(qid)
         self._change(_Change(qid, None))
         log.debug("qid=%s removed", qid)
@@ -1128,7 +1137,8 @@ class JournalStore(Store):
         if failed is not None:
             self._truncate(head, start)  # all or nothing: the changes may depend on each other
             raise failed
-        self._sync(head, start)
+        if head.needs_dir_sync or any(request.change is not None for request, _ in planned):
+            self._sync(head, start)
         with self._mutex:
             for request, raw in planned:
                 entry = self._index.get(request.qid)
