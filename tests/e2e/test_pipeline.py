@@ -105,11 +105,11 @@ def test_blocked_extension_refused_with_zip_advice(gateway: Gateway) -> None:
 
 
 def test_zipped_executable_is_accepted_and_delivered(gateway: Gateway, sink: SmtpSink) -> None:
-    exe = b"MZ" + b"\0" * 200
-    code, text = send_data(gateway, attachment_message("tool.zip", zipped("tool.exe", exe)))
+    archive = zipped("tool.exe", b"MZ" + b"\0" * 200)  # once: a zip records the time
+    code, text = send_data(gateway, attachment_message("tool.zip", archive))
     assert code == 250, text
     [t] = sink.wait_for(1, timeout=20)
-    assert base64.b64encode(zipped("tool.exe", exe))[:40] in t.message.replace(b"\r\n", b"")
+    assert base64.b64encode(archive)[:40] in t.message.replace(b"\r\n", b"")
 
 
 def test_clamd_down_gives_451_471(gateway: Gateway, clamd: ClamdHandle) -> None:

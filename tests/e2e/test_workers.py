@@ -27,6 +27,10 @@ def send_from(gw: Gateway, source_ip: str, service: str = "smarthost") -> None:
     client.quit()
 
 
+def listening(log: str, service: str) -> set[str]:
+    return set(re.findall(rf"mailgate\[(\d+)\] \S+: listening service={service} ", log))
+
+
 def worker_of(log: str, ip: str, service: str = "smarthost") -> set[str]:
     return set(re.findall(rf"mailgate\[(\d+)\] \S+: sid=\w+ connect service={service} "
                           rf"client=\[{re.escape(ip)}\]", log))  # fmt: skip
@@ -36,6 +40,9 @@ def test_each_client_address_sticks_to_one_worker_on_submission(tmp_path: Path) 
     gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
     gw.start("--no-delivery")
     try:
+        # Until the second worker has joined the port's group, the kernel cannot steer to it.
+        wait_for(lambda: len(listening(gw.log_text(), "submission")) == 2, timeout=15,
+                 what="both workers listening")  # fmt: skip
         for _ in range(6):
             send_from(gw, "127.0.0.10", "submission")
             send_from(gw, "127.0.0.11", "submission")

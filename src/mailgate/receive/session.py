@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import random
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,7 +78,9 @@ class Services:
 
 
 def new_session_id() -> str:
-    return secrets.token_hex(5).upper()
+    # A name for log lines, not a secret: no getrandom() system call per connection. (The
+    # random module reseeds itself in every forked worker.)
+    return f"{random.getrandbits(40):010X}"
 
 
 class Session:

@@ -7,7 +7,7 @@ All datetimes are aware UTC and serialised as ISO-8601.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -102,9 +102,12 @@ class Envelope:
         )
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        # Written once per commit and per delivery: no dataclasses.asdict() (a deep copy) and
+        # no indent (json's C encoder only runs without one).
+        data: dict[str, Any] = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [_recipient_data(r) for r in self.recipients]
         data["version"] = SCHEMA_VERSION
-        return json.dumps(data, default=_encode, indent=1, sort_keys=True).encode() + b"\n"
+        return json.dumps(data, default=_encode, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -117,6 +120,17 @@ class Envelope:
             if data.get(key) is not None:
                 data[key] = _parse_dt(data[key])
         return cls(recipients=recipients, **data)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+_ATTEMPT_FIELDS = tuple(f.name for f in fields(Attempt))
+
+
+def _recipient_data(r: Recipient) -> dict[str, Any]:
+    data = {name: getattr(r, name) for name in _RECIPIENT_FIELDS}
+    data["history"] = [{name: getattr(h, name) for name in _ATTEMPT_FIELDS} for h in r.history]
+    return data
 
 
 def _recipient(data: dict[str, Any]) -> Recipient:

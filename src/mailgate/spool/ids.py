@@ -13,8 +13,8 @@ file name on every file system and need no quoting in logs or in `mailgate queue
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 import threading
 import time
 
@@ -44,7 +44,7 @@ def new_queue_id() -> str:
             ms = _last_ms
             rnd = (_last_random + 1) % _RANDOM_SPACE
         else:
-            rnd = secrets.randbelow(_RANDOM_SPACE)
+            rnd = random.randrange(_RANDOM_SPACE)  # reseeded in each forked worker
         _last_ms, _last_random = ms, rnd
     return _base36(ms, _TIME_CHARS) + _base36(rnd, _RANDOM_CHARS)
 
