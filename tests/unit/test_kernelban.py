@@ -81,30 +81,20 @@ def test_no_bans_keeps_everything() -> None:
     assert run(kernelban.program(socket.AF_INET6, []), ipv6_header("2001:db8::1")) == KEEP
 
 
-@given(
-    st.lists(st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128)), max_size=20),
-    st.integers(0, 2**128 - 1),
-)
-def test_ipv6_program_drops_exactly_the_banned_sources(
-    banned: list[tuple[int, int]], source: int
-) -> None:
-    networks = nets(*(f"{ipaddress.IPv6Address(a)}/{p}" for a, p in banned))
-    address = ipaddress.IPv6Address(source)
+@given(st.data(), st.sampled_from([4, 6]))
+def test_program_drops_exactly_the_banned_sources(data: st.DataObject, version: int) -> None:
+    bits = 32 if version == 4 else 128
+    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    banned = data.draw(
+        st.lists(st.tuples(st.integers(0, 2**bits - 1), st.integers(0, bits)), max_size=30)
+    )
+    address = make(data.draw(st.integers(0, 2**bits - 1)))
+    networks = nets(*(f"{make(a)}/{p}" for a, p in banned))
     expected = 0 if any(address in n for n in networks) else KEEP
-    assert run(kernelban.program(socket.AF_INET6, networks), ipv6_header(str(address))) == expected
-
-
-@given(
-    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)), max_size=40),
-    st.integers(0, 2**32 - 1),
-)
-def test_ipv4_program_drops_exactly_the_banned_sources(
-    banned: list[tuple[int, int]], source: int
-) -> None:
-    networks = nets(*(f"{ipaddress.IPv4Address(a)}/{p}" for a, p in banned))
-    address = ipaddress.IPv4Address(source)
-    expected = 0 if any(address in n for n in networks) else KEEP
-    assert run(kernelban.program(socket.AF_INET, networks), ipv4_header(str(address))) == expected
+    family, header = (
+        (socket.AF_INET, ipv4_header) if version == 4 else (socket.AF_INET6, ipv6_header)
+    )
+    assert run(kernelban.program(family, networks), header(str(address))) == expected
 
 
 def test_a_full_table_of_ipv6_networks_fits_in_one_program() -> None:
