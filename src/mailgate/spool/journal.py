@@ -92,6 +92,7 @@ from mailgate.spool.store import (
     NotFound,
     RecoveryReport,
     Store,
+    _empty_tmp,
     _make_spool_dirs,
     _spool_error,
 )
@@ -1246,13 +1247,7 @@ class JournalStore(Store):
         and msg/) are moved into the journal; then the journal is compacted.
         """
         try:
-            tmp_removed = 0
-            for p in sorted(self.tmp_dir.iterdir()):
-                if p.is_dir() and not p.is_symlink():
-                    log.warning("spool recovery: leaving unexpected directory %s", p)
-                    continue
-                p.unlink()
-                tmp_removed += 1
+            tmp_removed = _empty_tmp(self.tmp_dir)
             findings = _Findings()
             corrupt: list[str] = []
             with self._flock(fcntl.LOCK_EX):

@@ -112,6 +112,18 @@ def _unlink_quietly(path: Path) -> None:
 # --- a message being received --------------------------------------------------
 
 
+def _empty_tmp(tmp_dir: Path) -> int:
+    """Recovery: remove what was being received when the server stopped; how many files."""
+    removed = 0
+    for p in sorted(tmp_dir.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            log.warning("spool recovery: leaving unexpected directory %s", p)
+            continue
+        p.unlink()
+        removed += 1
+    return removed
+
+
 def _make_spool_dirs(path: Path, dirs: Sequence[Path]) -> tuple[int, int] | None:
     """Create the spool folders (0700) and return the owner new files must get.
 
@@ -379,13 +391,7 @@ class Store:
         finished, so its sender never got 250 and still owns the message).
         """
         try:
-            tmp_removed = 0
-            for p in sorted(self.tmp_dir.iterdir()):
-                if p.is_dir() and not p.is_symlink():
-                    log.warning("spool recovery: leaving unexpected directory %s", p)
-                    continue
-                p.unlink()
-                tmp_removed += 1
+            tmp_removed = _empty_tmp(self.tmp_dir)
             corrupt: list[str] = []
             entries = 0
             for qid in self.ids():
