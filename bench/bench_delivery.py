@@ -25,7 +25,6 @@ import cProfile
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,13 +43,8 @@ from mailgate.deliver.route import Host  # noqa: E402
 from mailgate.spool.entry import Envelope, Recipient  # noqa: E402
 from mailgate.spool.ids import new_queue_id  # noqa: E402
 from mailgate.spool.store import Store  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.smtpsink import Behaviour, SmtpSink  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def message(size: int, n: int) -> bytes:

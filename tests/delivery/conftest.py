@@ -27,6 +27,7 @@ from mailgate.spool.ids import new_queue_id
 from mailgate.spool.store import Store
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import Behaviour, SmtpSink, self_signed_context
+from tests.support.waiting import wait_for_async
 
 HOSTNAME = "mail.example.org"
 SENDER_DOMAIN = "sender.test"
@@ -123,13 +124,7 @@ class Harness:
 
     async def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Poll `predicate` (bounded) while the engine runs."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-        raise TimeoutError("condition not reached")
+        await wait_for_async(predicate, timeout)
 
     async def until_gone(self, qid: str, timeout: float = 10.0) -> None:
         await self.until(lambda: qid not in self.store.ids(), timeout)

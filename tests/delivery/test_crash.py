@@ -10,15 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.delivery.conftest import Harness, SinkFactory, make_message, route
 from tests.support.dnsserver import DnsServer
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,15 +60,6 @@ def engine_process(harness: Harness) -> Iterator[EngineProcess]:
     process.stop()
 
 
-def wait(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise TimeoutError("condition not reached")
-
-
 def test_kill_while_a_transaction_is_open(
     harness: Harness, dns: DnsServer, sinks: SinkFactory, engine_process: EngineProcess
 ) -> None:
@@ -82,14 +73,16 @@ def test_kill_while_a_transaction_is_open(
     ]
     engine_process.start()
     # Every fast recipient delivered and recorded; the slow server holds one message open.
-    wait(lambda: len(fast.accepted()) == 3)
-    wait(lambda: all(harness.load(q).recipients[0].state == "delivered" for q in qids))
-    wait(lambda: len(slow.transactions) == 1)
+    wait_for(lambda: len(fast.accepted()) == 3, timeout=15)
+    wait_for(
+        lambda: all(harness.load(q).recipients[0].state == "delivered" for q in qids), timeout=15
+    )
+    wait_for(lambda: len(slow.transactions) == 1, timeout=15)
     engine_process.kill()
 
     slow.behaviour.hold_end_of_data = False
     engine_process.start()
-    wait(lambda: harness.store.ids() == [])
+    wait_for(lambda: harness.store.ids() == [], timeout=15)
     engine_process.stop()
     # Nothing twice for the server that accepted; nothing lost for the one that did not.
     assert len(fast.accepted()) == 3
@@ -106,11 +99,11 @@ def test_kill_in_the_middle_of_a_burst_loses_nothing(
     for n in range(count):
         harness.enqueue([f"r{n}@dest.test"], message=make_message(f"m{n}"))
     engine_process.start()
-    wait(lambda: len(dest.accepted()) >= 10)
+    wait_for(lambda: len(dest.accepted()) >= 10, timeout=15)
     engine_process.kill()
     assert len(harness.store.ids()) > 0  # killed mid-way indeed
     engine_process.start()
-    wait(lambda: harness.store.ids() == [])
+    wait_for(lambda: harness.store.ids() == [], timeout=15)
     engine_process.stop()
     got = Counter(t.rcpt_to[0] for t in dest.accepted())
     assert set(got) == {f"r{n}@dest.test" for n in range(count)}

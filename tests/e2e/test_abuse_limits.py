@@ -30,7 +30,8 @@ from mailgate.message import stamp
 from tests.e2e.conftest import ALICE, BOB
 from tests.e2e.test_attacks import Client, connect, line
 from tests.support.dnsserver import DnsServer
-from tests.support.gateway import HOSTNAME, Gateway, wait_for
+from tests.support.gateway import HOSTNAME, Gateway
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

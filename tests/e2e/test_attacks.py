@@ -23,7 +23,8 @@ from mailgate import replies
 from mailgate.message import stamp
 from mailgate.replies import Reply
 from tests.e2e.conftest import ALICE, client_tls
-from tests.support.gateway import HOSTNAME, Gateway, wait_for
+from tests.support.gateway import HOSTNAME, Gateway
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 
 from tests.e2e.conftest import message
-from tests.support.gateway import Gateway, wait_for
+from tests.support.gateway import Gateway
+from tests.support.waiting import wait_for
 
 CLIENTS = 20
 PER_CLIENT = 40  # bounded: the server is killed long before every client is done

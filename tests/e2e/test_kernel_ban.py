@@ -22,7 +22,7 @@ from mailgate.receive.kernelban import KernelBan
 from tests.e2e.conftest import BOB
 from tests.e2e.test_abuse_limits import auth_once, start
 from tests.e2e.test_attacks import Client, connect, line
-from tests.support.gateway import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from mailgate.receive.session import Services
 from mailgate.scan import Verdict
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.store import Store
-from tests.support.gateway import free_port
 from tests.support.memdir import MemoryDirectory
+from tests.support.ports import free_port
 
 
 class FailingScanner:

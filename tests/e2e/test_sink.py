@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.gateway import free_port, wait_for
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 def test_sink_saves_each_transaction(tmp_path: Path) -> None:

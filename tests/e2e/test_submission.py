@@ -10,7 +10,8 @@ import pytest
 
 from mailgate.spool.entry import Envelope
 from tests.e2e.conftest import ALICE, client_tls, message, submission, submissions
-from tests.support.gateway import Gateway, wait_for
+from tests.support.gateway import Gateway
+from tests.support.waiting import wait_for
 
 
 def raw_session(port: int) -> socket.socket:

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from tests.e2e.conftest import message
-from tests.support.gateway import Gateway, free_port, toml_dumps, wait_for
+from tests.support.gateway import Gateway, toml_dumps
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 def send_from(gw: Gateway, source_ip: str, service: str = "smarthost") -> None:

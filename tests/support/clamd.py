@@ -29,10 +29,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 # The 68-byte EICAR anti-virus test file (https://www.eicar.org), in two halves.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -111,13 +113,6 @@ def write_database(directory: Path) -> None:
     (directory / "mailgate-test.hdb").write_text(f"{md5}:{len(EICAR)}:{EICAR_SIGNATURE}\n")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _config(workdir: Path, socket_path: Path, port: int, stream_max_length: int) -> str:
     return "\n".join(
         [
@@ -168,7 +163,7 @@ def _ping_tcp(port: int) -> bool:
 
 
 def _start(workdir: Path, socket_path: Path, stream_max_length: int) -> ClamdHandle:
-    port = _free_port()
+    port = free_port()
     conf = workdir / "clamd.conf"
     conf.write_text(_config(workdir, socket_path, port, stream_max_length))
     log_path = workdir / "clamd.log"
@@ -183,13 +178,19 @@ def _start(workdir: Path, socket_path: Path, stream_max_length: int) -> ClamdHan
     finally:
         stderr.close()
     handle = ClamdHandle(process.pid, port, socket_path, log_path, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        if _ping_unix(socket_path) and _ping_tcp(port):
+    try:
+        # Stop waiting as soon as clamd exits: it will never answer then.
+        wait_for(
+            lambda: process.poll() is not None or (_ping_unix(socket_path) and _ping_tcp(port)),
+            timeout=START_TIMEOUT,
+            interval=0.02,
+            what="clamd to answer PING",
+        )
+    except TimeoutError:
+        pass
+    else:
+        if process.poll() is None:
             return handle
-        time.sleep(0.02)  # poll interval of a bounded wait, not a synchronisation
     handle.stop()
     detail = (workdir / "clamd.stderr").read_text(errors="replace")[-2000:]
     raise RuntimeError(

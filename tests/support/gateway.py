@@ -13,8 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +22,11 @@ from mailgate import config
 from mailgate.spool import open_store
 from mailgate.spool.entry import Envelope
 from mailgate.spool.store import Store
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 HOSTNAME = "mail.example.org"
 DEFAULT_DOMAIN = "example.org"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll `condition()` until it returns a truthy value or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or condition}")
-        time.sleep(interval)
 
 
 def toml_dumps(data: dict[str, Any]) -> str:
@@ -129,7 +113,7 @@ class Gateway:
         )  # fmt: skip
         log.close()
         for port in self.ports.values():
-            wait_for(lambda p=port: self._greets(p), timeout=20, what=f"listener on {port}")
+            wait_for(partial(self._greets, port), timeout=20, what=f"listener on {port}")
 
     def _greets(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -31,10 +31,11 @@ import ipaddress
 import signal
 import ssl
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.waiting import wait_for, wait_for_async
 
 # Addresses tried, in order, when a sink is asked for "any free loopback address": on Linux the
 # whole 127.0.0.0/8 is local, so each sink can own port 25 on its own address.
@@ -224,24 +225,27 @@ class SmtpSink:
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Transaction]:
         """Block until `count` transactions were accepted; raise TimeoutError after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = self.accepted()
-            if len(done) >= count:
-                return done
-            time.sleep(0.01)
-        raise TimeoutError(f"{self.host}: {len(self.accepted())} of {count} transactions")
+        try:
+            [done] = wait_for(lambda: self._accepted_at_least(count), timeout)
+            return done
+        except TimeoutError:
+            raise TimeoutError(self._short_of(count)) from None
 
     async def wait_for_async(self, count: int, timeout: float = 10.0) -> list[Transaction]:
         """Like wait_for, for a test whose event loop must keep running meanwhile."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            done = self.accepted()
-            if len(done) >= count:
-                return done
-            await asyncio.sleep(0.01)
-        raise TimeoutError(f"{self.host}: {len(self.accepted())} of {count} transactions")
+        try:
+            [done] = await wait_for_async(lambda: self._accepted_at_least(count), timeout)
+            return done
+        except TimeoutError:
+            raise TimeoutError(self._short_of(count)) from None
+
+    def _accepted_at_least(self, count: int) -> tuple[list[Transaction]] | None:
+        # Wrapped in a tuple: an empty list is an answer too (count 0), not "not yet".
+        done = self.accepted()
+        return (done,) if len(done) >= count else None
+
+    def _short_of(self, count: int) -> str:
+        return f"{self.host}: {len(self.accepted())} of {count} transactions"
 
     # --- the protocol ---------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from mailgate.spool import open_store, spool_exists
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.journal import UPDATE, JournalStore, _encode, _scan, segment_name
 from mailgate.spool.store import MEMORY_LIMIT, Incoming, NotFound, RecoveryReport, Store
+from tests.support.waiting import wait_for
 
 RECEIVED_AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 PREFIX = b"Received: from client.test by mail.example.ac.uk\r\n"
@@ -607,14 +607,6 @@ def _lock_waiters() -> int:
     """Lock requests waiting in the kernel (lines marked '->' in /proc/locks)."""
     with open("/proc/locks") as f:
         return sum(1 for line in f if "->" in line)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.001)  # polling a condition with a bounded timeout, not synchronising by time
 
 
 def test_concurrent_changes_share_one_write_and_one_fdatasync(
