@@ -194,6 +194,35 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
+AUTH_BACKENDS = ("directory", "ldap")
+
+
+@dataclass(frozen=True, slots=True)
+class LdapConfig:
+    """[auth.ldap]: search the user's entry, then bind as it (auth/ldap.py)."""
+
+    url: str = "ldap://127.0.0.1:389"  # ldap:// or ldaps:// (implicit TLS)
+    starttls: bool = False
+    ca_file: Path | None = None  # trust anchors for the server's certificate; None: system CAs
+    bind_dn: str = ""  # account used to search; "": anonymous search
+    bind_password_file: Path | None = None
+    base: str = ""
+    filter: str = "(uid={login})"  # {login} is escaped (RFC 4515)
+    address_attribute: str = "mail"
+    alias_attributes: tuple[str, ...] = ()
+    timeout: float = 5.0  # seconds for connecting and for each operation
+    pool_size: int = 4  # connections (and threads) per process
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """[auth]: where passwords are checked. "directory" is part 1's behaviour."""
+
+    backend: str = "directory"
+    cache_ttl: float = 60.0  # seconds a successful verification is remembered; 0: never
+    ldap: LdapConfig = field(default_factory=LdapConfig)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the configuration file itself
@@ -209,6 +238,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -264,6 +294,11 @@ _SECTIONS = {
     "limits": LimitsConfig,
     "ratelimits": RateLimitsConfig,
     "server": ServerConfig,
+    "auth": AuthConfig,
+}
+# Tables inside a section ([auth.ldap]): section -> key -> dataclass.
+_SUBSECTIONS: dict[str, dict[str, type]] = {
+    "auth": {"ldap": LdapConfig},
 }
 
 
@@ -283,21 +318,29 @@ def _build(raw: dict[str, Any], path: Path) -> Config:
     for name, cls in _SECTIONS.items():
         if name not in top:
             top[name] = _section(name, cls, {}, base)
-    return Config(**top)
+    cfg = Config(**top)
+    _check_auth(cfg.auth)
+    return cfg
 
 
 def _section(name: str, cls: type, raw: dict[str, Any], base: Path) -> Any:
     known = {f.name for f in fields(cls)}
+    tables = _SUBSECTIONS.get(name, {})
     values: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{name}.{key}"
         if key not in known:
             raise ConfigError(f"{full}: unknown key")
-        values[key] = _convert(full, value, base)
+        if key in tables:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a table [{full}]")
+            values[key] = _section(full, tables[key], value, base)
+        else:
+            values[key] = _convert(full, value, base)
     # Defaults of path-like keys are relative to the configuration file, not to the cwd.
     for f in fields(cls):
         full = f"{name}.{f.name}"
-        if f.name not in values and _kind(full) in ("path", "sqlite_url"):
+        if f.name not in values and f.name not in tables and _kind(full) in ("path", "sqlite_url"):
             values[f.name] = _convert(full, str(f.default), base)
     return cls(**values)
 
@@ -358,6 +401,30 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _prefix(key, value, 128)
     if kind == "ratelimit_service":
         return _ratelimit_service(key, value)
+    if kind == "path_or_empty":
+        return None if value == "" else _path(key, value, base)
+    if kind == "text":
+        if not isinstance(value, str) or any(not c.isprintable() for c in value):
+            raise ConfigError(f"{key}: expected a string")
+        return value
+    if kind == "attributes":
+        return tuple(_attribute(key, v) for v in _list(key, value))
+    if kind == "attribute":
+        return _attribute(key, value)
+    if kind == "auth_backend":
+        if value not in AUTH_BACKENDS:
+            raise ConfigError(f'{key}: expected "directory" or "ldap"')
+        return value
+    if kind == "ldap_url":
+        if not isinstance(value, str) or not value.startswith(("ldap://", "ldaps://")):
+            raise ConfigError(f'{key}: expected "ldap://HOST:PORT" or "ldaps://HOST:PORT"')
+        return value
+    if kind == "ldap_filter":
+        if not isinstance(value, str) or "{login}" not in value or not value.startswith("("):
+            raise ConfigError(
+                f'{key}: expected an LDAP filter with {{login}}, e.g. "(uid={{login}})"'
+            )
+        return value
     if kind == "spool_format":
         if value not in SPOOL_FORMATS:
             raise ConfigError(f'{key}: expected "files" or "journal"')
@@ -424,6 +491,19 @@ _KINDS_FULL = {
     "ratelimits.submission": "ratelimit_service",
     "ratelimits.submissions": "ratelimit_service",
     "ratelimits.smarthost": "ratelimit_service",
+    "auth.backend": "auth_backend",
+    "auth.cache_ttl": "seconds_or_zero",
+    "auth.ldap.url": "ldap_url",
+    "auth.ldap.starttls": "bool",
+    "auth.ldap.ca_file": "path_or_empty",
+    "auth.ldap.bind_dn": "text",
+    "auth.ldap.bind_password_file": "path_or_empty",
+    "auth.ldap.base": "text",
+    "auth.ldap.filter": "ldap_filter",
+    "auth.ldap.address_attribute": "attribute",
+    "auth.ldap.alias_attributes": "attributes",
+    "auth.ldap.timeout": "seconds",
+    "auth.ldap.pool_size": "posint",
 }
 
 
@@ -599,6 +679,29 @@ def _ratelimit_service(key: str, value: Any) -> ServiceRateLimits:
     return ServiceRateLimits(**values)
 
 
+def _attribute(key: str, value: Any) -> str:
+    # RFC 4512 §1.4: an attribute description is a keystring (letter, then letters, digits, -).
+    if (
+        not isinstance(value, str)
+        or not value[:1].isalpha()
+        or not value.isascii()
+        or not all(c.isalnum() or c == "-" for c in value)
+    ):
+        raise ConfigError(f"{key}: {value!r} is not an LDAP attribute name")
+    return value
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    """Keys that the chosen backend cannot do without."""
+    if auth.backend == "ldap":
+        if not auth.ldap.base:
+            raise ConfigError('auth.ldap.base: required when auth.backend = "ldap"')
+        if auth.ldap.bind_dn and auth.ldap.bind_password_file is None:
+            raise ConfigError("auth.ldap.bind_password_file: required when bind_dn is set")
+        if auth.ldap.starttls and auth.ldap.url.startswith("ldaps://"):
+            raise ConfigError("auth.ldap.starttls: not with an ldaps:// URL (already TLS)")
+
+
 def _check_files(cfg: Config) -> None:
     """Files that must exist for `serve` (certificate, key) are checked at load time."""
     has_tls = bool(cfg.submission.listen or cfg.submissions.listen)
@@ -606,5 +709,11 @@ def _check_files(cfg: Config) -> None:
         for key, p in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
             if not p.is_file():
                 raise ConfigError(f"{key}: file not found: {p}")
+    ldap = cfg.auth.ldap
+    if cfg.auth.backend == "ldap":
+        for key, maybe in (("auth.ldap.ca_file", ldap.ca_file),
+                           ("auth.ldap.bind_password_file", ldap.bind_password_file)):  # fmt: skip
+            if maybe is not None and not maybe.is_file():
+                raise ConfigError(f"{key}: file not found: {maybe}")
     if not (cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen):
         raise ConfigError("submission.listen: no listener configured in any service")

@@ -43,6 +43,11 @@ class DirectoryError(MailgateError):
     """A directory operation failed (unknown login, duplicate, bad address). Message is one line."""
 
 
+class AuthUnavailable(MailgateError):
+    """The authentication backend (directory, LDAP server, Dovecot) could not answer: refused
+    connection, timeout, server error. AUTH answers 454 4.7.0, never 535."""
+
+
 class UsageError(MailgateError):
     """Our own code called an API wrongly (a bug), e.g. the SMTP machine in the wrong state."""
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mailgate import replies
-from mailgate.directory import Directory, Domain, User
+from mailgate.directory import Directory, Domain
 from mailgate.errors import Rejected
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,6 +43,10 @@ class Sender:
     service: str  # "submission", "submissions", "smarthost"
     client_ip: str
     login: str | None = None
+    # Addresses the authentication backend vouches for, primary first (auth.Identity): LDAP's
+    # mail and alias attributes, Dovecot's user. Empty for the directory backend, whose users
+    # table has the primary address. Grants (`address add`) count on top, for every backend.
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +100,16 @@ class Policy:
         """The envelope sender to use for MAIL FROM `address`; raise 553 5.7.1 when forbidden."""
         if sender.login is None or address == "":
             return address
-        user = self._user(sender.login)
-        if self._directory.may_send_as(user.login, address):
+        primary = self._primary(sender)
+        if self._may_send_as(sender, address):
             return address
         if self._directory.is_managed(domain_of(address)):
             raise Rejected(
                 replies.SENDER_NOT_ALLOWED,
-                f"login {user.login} may not use {address} (managed domain)",
+                f"login {sender.login} may not use {address} (managed domain)",
             )
         # A foreign address: allowed, but bounces must reach the person who really sent it.
-        return user.address
+        return primary
 
     # --- header sender ----------------------------------------------------------
     def check_from(self, sender: Sender, from_addresses: Iterable[str]) -> FromDecision:
@@ -113,19 +117,19 @@ class Policy:
         addresses = [a for a in from_addresses if "@" in a]
         if sender.login is None:
             return FromDecision(None, self._smarthost_sign_domain(sender, addresses))
-        user = self._user(sender.login)
+        primary = self._primary(sender)
         foreign = False
         for address in addresses:
-            if self._directory.may_send_as(user.login, address):
+            if self._may_send_as(sender, address):
                 continue
             if self._directory.is_managed(domain_of(address)):
                 raise Rejected(
                     replies.SENDER_NOT_ALLOWED,
-                    f"login {user.login} may not use From: {address} (managed domain)",
+                    f"login {sender.login} may not use From: {address} (managed domain)",
                 )
             foreign = True
         if foreign or not addresses:
-            return FromDecision(user.address, None)
+            return FromDecision(primary, None)
         # Sign for the first author's domain (RFC 6376 §3.5: d= should align with From:).
         return FromDecision(None, domain_of(addresses[0]))
 
@@ -152,11 +156,24 @@ class Policy:
         self._domains[name] = (now + _DOMAIN_TTL, domain)
         return domain
 
-    def _user(self, login: str) -> User:
-        user = self._directory.get_user(login)
+    def _primary(self, sender: Sender) -> str:
+        """The primary address: the backend's first address, else the directory user's."""
+        assert sender.login is not None
+        if sender.addresses:
+            return sender.addresses[0]
+        user = self._directory.get_user(sender.login)
         if user is None:  # removed while the session was open
-            raise Rejected(replies.AUTH_REQUIRED, f"login {login} no longer exists")
-        return user
+            raise Rejected(replies.AUTH_REQUIRED, f"login {sender.login} no longer exists")
+        return user.address
+
+    def _may_send_as(self, sender: Sender, address: str) -> bool:
+        """One of the backend's addresses (ASCII case ignored, as the directory does), the
+        directory user's primary address, or a grant."""
+        assert sender.login is not None
+        folded = address.lower()
+        if any(folded == mine.lower() for mine in sender.addresses):
+            return True
+        return self._directory.may_send_as(sender.login, address)
 
 
 def literal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

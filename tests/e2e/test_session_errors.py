@@ -16,8 +16,9 @@ import pytest
 
 from mailgate import config
 from mailgate.accept import Acceptor
+from mailgate.auth.authenticator import Authenticator
+from mailgate.auth.directory import DirectoryBackend
 from mailgate.policy import Policy, Sender
-from mailgate.receive.auth import Authenticator
 from mailgate.receive.serve import Listeners
 from mailgate.receive.session import Services
 from mailgate.scan import Verdict
@@ -73,8 +74,9 @@ def test_exceptions_become_451_430_and_the_session_goes_on(
     async def main() -> list[tuple[int, bytes]]:
         acceptor = Acceptor(hostname="mail.test", policy=policy, committer=GroupCommitter(store),
                             scanner=scanner, signer=None, hop_limit=50)  # fmt: skip
+        authenticator = Authenticator(DirectoryBackend(directory), directory)
         services = Services(cfg=cfg, store=store, policy=policy, acceptor=acceptor,
-                            directory=directory, authenticator=Authenticator(directory),
+                            directory=directory, authenticator=authenticator,
                             tls=None)  # fmt: skip
         listeners = Listeners(services)
         await listeners.start()

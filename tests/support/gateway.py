@@ -43,12 +43,14 @@ def toml_dumps(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(type(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    def tables(prefix: str, table: dict[str, Any]) -> list[str]:
+        out = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+        for name, inner in table.items():
+            if isinstance(inner, dict):  # [section] or [section.table]
+                out += [f"\n[{prefix}{name}]", *tables(f"{prefix}{name}.", inner)]
+        return out
+
+    return "\n".join(tables("", data)) + "\n"
 
 
 def run_cli(config: Path, *args: str, stdin: str | None = None,

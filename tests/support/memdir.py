@@ -23,6 +23,12 @@ class MemoryDirectory:
         self.gen += 1
         return user
 
+    def ensure_account(self, login: str, address: str) -> bool:
+        if login in self.users:
+            return False
+        self.add_user(login, address, "!external")
+        return True
+
     def set_password(self, login: str, password: str) -> None:
         self.passwords[login] = password
         self.gen += 1

@@ -81,3 +81,25 @@ def test_smarthost_sender_is_not_rewritten(policy: Policy) -> None:
     assert policy.check_sender(lab, "bob@example.org") == "bob@example.org"
     decision = policy.check_from(lab, ["bursar@college.example.org"])
     assert decision.sign_domain is None  # the domain lists no smart-host network
+
+
+def test_backend_addresses_count_like_grants_and_the_first_is_primary(policy: Policy) -> None:
+    # An LDAP login: mail and mailAlternateAddress from its entry, no users row of its own.
+    carol = Sender("submission", "192.0.2.1", "carol",
+                   addresses=("carol@example.org", "Dean@College.example.org"))  # fmt: skip
+    assert policy.check_sender(carol, "dean@college.example.org") == "dean@college.example.org"
+    assert policy.check_sender(carol, "carol@gmail.test") == "carol@example.org"
+    assert policy.check_from(carol, ["dean@college.example.org"]).sender_header is None
+    assert policy.check_from(carol, ["carol@gmail.test"]).sender_header == "carol@example.org"
+    for address in ("alice@example.org", "bursar@college.example.org"):
+        with pytest.raises(Rejected) as e:
+            policy.check_sender(carol, address)
+        assert e.value.reply == replies.SENDER_NOT_ALLOWED
+
+
+def test_grants_add_to_backend_addresses(policy: Policy) -> None:
+    # alice's users row and grants still count when a backend vouches for other addresses.
+    alice = Sender("submission", "192.0.2.1", "alice", addresses=("a.smith@example.org",))
+    assert policy.check_sender(alice, "bursar@college.example.org") == "bursar@college.example.org"
+    assert policy.check_sender(alice, "a.smith@example.org") == "a.smith@example.org"
+    assert policy.check_sender(alice, "x@gmail.test") == "a.smith@example.org"

@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mailgate.cli.common import CommandError, load_config, open_directory, print_json
+from mailgate.cli.common import (
+    CommandError,
+    ensure_account,
+    load_config,
+    open_directory,
+    print_json,
+)
 
 
 def register(sub: Any) -> None:
@@ -36,7 +42,9 @@ def register(sub: Any) -> None:
 
 
 def _add(args: argparse.Namespace) -> int:
-    with open_directory(load_config(args)) as directory:
+    cfg = load_config(args)
+    with open_directory(cfg) as directory:
+        ensure_account(cfg, directory, args.owner)  # an LDAP or Dovecot login
         # The directory refuses an unknown login and a domain that is not managed.
         directory.grant(args.address, args.owner)
     print(f"granted {args.address} to {args.owner}")

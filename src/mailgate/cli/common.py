@@ -33,6 +33,13 @@ def open_directory(cfg: Config) -> Any:
                            data_dir=cfg.base_dir)  # fmt: skip
 
 
+def ensure_account(cfg: Config, directory: Any, login: str) -> None:
+    """With an external [auth] backend (LDAP, Dovecot), a login mailgate keeps something for
+    (a grant, an app password) gets a users row without a password on first use."""
+    if cfg.auth.backend != "directory":
+        directory.ensure_account(login, f"{login}@{cfg.directory.default_domain}")
+
+
 def read_password(args: argparse.Namespace) -> str:
     """--password-stdin: one line; its line ending is not part of the password."""
     line = sys.stdin.readline()

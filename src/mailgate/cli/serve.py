@@ -103,10 +103,11 @@ class Receiver:
     def __init__(self, cfg: Config, *, workers: int, index: int,
                  on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
         from mailgate.accept import Acceptor
+        from mailgate.auth import open_backend
+        from mailgate.auth.authenticator import Authenticator
         from mailgate.limits import AuthGuard, Limits
         from mailgate.message.dkim import Signer
         from mailgate.policy import Policy
-        from mailgate.receive.auth import Authenticator
         from mailgate.receive.serve import Listeners
         from mailgate.receive.session import Services
         from mailgate.receive.tls import ReloadingContext
@@ -132,7 +133,9 @@ class Receiver:
         self.auth_guard = AuthGuard(cfg.ratelimits)
         services = Services(
             cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
-            authenticator=Authenticator(directory), tls=self.tls.context if self.tls else None,
+            authenticator=Authenticator(open_backend(cfg, directory), directory,
+                                        ttl=cfg.auth.cache_ttl),
+            tls=self.tls.context if self.tls else None,
             limits=self.limits, auth_guard=self.auth_guard,
         )  # fmt: skip
         self.listeners = Listeners(services, workers=max(1, workers))

@@ -45,6 +45,9 @@ MAX_PASSWORD_LENGTH = 1024
 DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 WILDCARD_LOCAL = "*"  # "*@domain": every address of the domain (a domain-wide grant)
 _MAX_RENAME_ATTEMPTS = 1000
+# password_hash of an account whose password another [auth] backend checks: not a PHC string,
+# so passwords.verify_password() is False for every password.
+EXTERNAL_PASSWORD = "!external"  # noqa: S105 - a marker, not a password
 _SET_FLAG = {
     "enabled": "UPDATE users SET enabled = ? WHERE login = ?",
     "suspended": "UPDATE users SET suspended = ? WHERE login = ?",
@@ -299,6 +302,19 @@ class SqliteDirectory:
             )
         return User(login=login, address=primary)
 
+    def ensure_account(self, login: str, address: str) -> bool:
+        """A users row without a password (EXTERNAL_PASSWORD) for a login that another
+        [auth] backend (LDAP, Dovecot) authenticates: it holds the login's grants, app
+        passwords and enabled/suspended flags. False when the login already has a row."""
+        check_login(login)
+        primary = normalize_address(address)
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO users (login, address, password_hash) VALUES (?, ?, ?)",
+                (login, primary, EXTERNAL_PASSWORD),
+            )
+            return cur.rowcount > 0
+
     def set_password(self, login: str, password: str) -> None:
         password_hash = passwords.hash_password(check_password(password))
         with self._write() as db:
@@ -349,8 +365,8 @@ class SqliteDirectory:
             "SELECT login, address, enabled, suspended, password_hash FROM users WHERE login = ?",
             (login,),
         )
-        if row is None:
-            passwords.verify_dummy(password)
+        if row is None or row["password_hash"] == EXTERNAL_PASSWORD:
+            passwords.verify_dummy(password)  # an account without a password here: no login
             return None
         stored_hash: str = row["password_hash"]
         if not passwords.verify_password(stored_hash, password):

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 
 from mailgate import replies
 from mailgate.accept import Acceptor, SessionFacts, Transaction
+from mailgate.auth.authenticator import Authenticator
 from mailgate.config import Config
 from mailgate.directory import Directory
-from mailgate.errors import Rejected, SpoolError, SpoolFull
+from mailgate.errors import AuthUnavailable, Rejected, SpoolError, SpoolFull
 from mailgate.message import stamp
 from mailgate.policy import Policy, Sender, check_destination
-from mailgate.receive.auth import Authenticator
 from mailgate.receive.channel import Channel, PlaintextAfterStartTls
 from mailgate.receive.rdns import ReverseDns
 from mailgate.smtp.events import (
@@ -107,6 +107,7 @@ class Session:
         self.write_error: Exception | None = None
         self.extended = True
         self.login: str | None = None
+        self.addresses: tuple[str, ...] = ()  # what the auth backend vouches for (auth.Identity)
         self.mechanism: str | None = None
         self.in_data = False
         self.closing = False
@@ -298,7 +299,14 @@ class Session:
                 return
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
-        user = await self.s.authenticator.verify(event.login, event.password)
+        try:
+            user = await self.s.authenticator.verify(event.login, event.password)
+        except AuthUnavailable as e:  # the backend is down or slow: temporary, never 535
+            log.warning("sid=%s auth unavailable mech=%s login=%s backend=%s error=%s",
+                        self.sid, event.mechanism, _safe(event.login),
+                        self.s.authenticator.backend.name, _safe(str(e)))  # fmt: skip
+            self.conn.send(replies.AUTH_TEMPORARILY_UNAVAILABLE)
+            return
         if user is None:
             if guard is not None:
                 guard.record_failure(self.client_ip, event.login)
@@ -309,12 +317,15 @@ class Session:
         if guard is not None:
             guard.record_success(self.client_ip, event.login)
         self.login = user.login
+        self.addresses = user.addresses
         self.mechanism = event.mechanism
-        log.info("sid=%s auth ok mech=%s login=%s", self.sid, event.mechanism, user.login)
+        app = f" app_password={_safe(user.app_password)}" if user.app_password else ""
+        log.info("sid=%s auth ok mech=%s login=%s%s", self.sid, event.mechanism, user.login, app)
         self.conn.send(replies.AUTH_SUCCEEDED)
 
     def _sender(self) -> Sender:
-        return Sender(service=self.profile.name, client_ip=self.client_ip, login=self.login)
+        return Sender(service=self.profile.name, client_ip=self.client_ip, login=self.login,
+                      addresses=self.addresses)  # fmt: skip
 
     def _mail(self, event: MailFrom) -> replies.Reply:
         if self.rdns_refusal is not None:

@@ -1,0 +1,100 @@
+"""Password checks for AUTH, in front of every backend, with a credential cache like Dovecot's
+auth_cache.
+
+Owns: asking the configured `Backend`; refusing accounts the directory has disabled or
+suspended, whatever the backend (an LDAP login gets a users row with its first grant, and
+`mailgate user disable` then refuses it too); and remembering successful checks for
+`[auth] cache_ttl` seconds (60 by default), so that a client that reconnects for every message
+does not cost an argon2 hash or an LDAP bind each time. A password changed in LDAP therefore
+takes effect within cache_ttl; a change in mailgate's own directory (passwd, disable, remove,
+suspend) empties the cache at once (the directory's generation moves).
+
+The cache key is an HMAC (with a per-process random key) of login and password: the password
+itself is never stored. Failures and `AuthUnavailable` are never cached, so a wrong password
+always costs a full check (no timing oracle for "exists" vs "cached") and a backend that comes
+back is used at once. Identical checks that overlap share one computation: a client that opens
+20 connections at once costs one check, not 20. An empty password never succeeds (RFC 4513
+§5.1.2: an LDAP simple bind with one is an unauthenticated bind, which servers accept).
+Must not: log passwords, or decide replies (the session maps the outcome).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+from mailgate.auth import Backend, Identity
+from mailgate.directory import Directory
+from mailgate.errors import AuthUnavailable, DirectoryError
+
+_MAX_ENTRIES = 100_000
+T = TypeVar("T")
+
+
+class Authenticator:
+    def __init__(self, backend: Backend, directory: Directory, *, ttl: float = 60.0) -> None:
+        self.backend = backend
+        self._directory = directory
+        self._ttl = ttl
+        self._key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+        self._generation: int | None = None
+        self._inflight: dict[bytes, asyncio.Future[Identity | None]] = {}
+
+    async def verify(self, login: str, password: str) -> Identity | None:
+        """The identity when the credentials are valid and the account usable, else None.
+        Raises AuthUnavailable when the backend (or the directory) cannot answer."""
+        token = hmac.new(
+            self._key, login.encode() + b"\0" + password.encode(), hashlib.sha256
+        ).digest()
+        generation = _directory_call(self._directory.generation)  # one indexed read: cheap
+        if generation != self._generation:
+            self._cache.clear()
+            self._generation = generation
+        hit = self._cache.get(token)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        pending = self._inflight.get(token)
+        if pending is None:
+            pending = asyncio.ensure_future(self._check(login, password))
+            self._inflight[token] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(token, None))
+        # shield: one waiter's timeout or disconnect must not cancel the others' answer.
+        identity = await asyncio.shield(pending)
+        if identity is not None and self._ttl > 0:
+            self._cache[token] = (now + self._ttl, identity)
+            if len(self._cache) > _MAX_ENTRIES:
+                self._cache.popitem(last=False)
+        return identity
+
+    async def _check(self, login: str, password: str) -> Identity | None:
+        if not password:
+            return None
+        identity = await self.backend.verify(login, password)
+        if identity is None or not self._is_usable(identity.login):
+            return None
+        return identity
+
+    def _is_usable(self, login: str) -> bool:
+        """False when the directory has the login disabled or suspended. A login the
+        directory does not know (an LDAP or Dovecot account) is usable."""
+        user = _directory_call(self._directory.get_user, login)
+        return user is None or (user.enabled and not user.suspended)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _directory_call(function: Callable[..., T], *args: object) -> T:
+    """A directory read on the AUTH path: a database that cannot be read is AuthUnavailable."""
+    try:
+        return function(*args)
+    except DirectoryError as e:
+        raise AuthUnavailable(str(e)) from None
