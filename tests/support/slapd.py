@@ -18,8 +18,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.gateway import free_port, wait_for
+from tests.support.ports import free_port
 from tests.support.testca import TestCA
+from tests.support.waiting import wait_for
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
