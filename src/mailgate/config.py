@@ -194,7 +194,7 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
-AUTH_BACKENDS = ("directory", "ldap")
+AUTH_BACKENDS = ("directory", "ldap", "dovecot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +215,21 @@ class LdapConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DovecotConfig:
+    """[auth.dovecot]: Dovecot's authentication protocol 1.x (auth/dovecot.py)."""
+
+    socket: str = ""  # "unix:/path/to/auth-client" or "tcp:HOST:PORT"
+    timeout: float = 5.0  # seconds for the whole exchange
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """[auth]: where passwords are checked. "directory" is part 1's behaviour."""
 
     backend: str = "directory"
     cache_ttl: float = 60.0  # seconds a successful verification is remembered; 0: never
     ldap: LdapConfig = field(default_factory=LdapConfig)
+    dovecot: DovecotConfig = field(default_factory=DovecotConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +307,7 @@ _SECTIONS = {
 }
 # Tables inside a section ([auth.ldap]): section -> key -> dataclass.
 _SUBSECTIONS: dict[str, dict[str, type]] = {
-    "auth": {"ldap": LdapConfig},
+    "auth": {"ldap": LdapConfig, "dovecot": DovecotConfig},
 }
 
 
@@ -413,7 +422,7 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _attribute(key, value)
     if kind == "auth_backend":
         if value not in AUTH_BACKENDS:
-            raise ConfigError(f'{key}: expected "directory" or "ldap"')
+            raise ConfigError(f'{key}: expected "directory", "ldap" or "dovecot"')
         return value
     if kind == "ldap_url":
         if not isinstance(value, str) or not value.startswith(("ldap://", "ldaps://")):
@@ -425,6 +434,8 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
                 f'{key}: expected an LDAP filter with {{login}}, e.g. "(uid={{login}})"'
             )
         return value
+    if kind == "auth_socket":
+        return _auth_socket(key, value, base)
     if kind == "spool_format":
         if value not in SPOOL_FORMATS:
             raise ConfigError(f'{key}: expected "files" or "journal"')
@@ -504,6 +515,8 @@ _KINDS_FULL = {
     "auth.ldap.alias_attributes": "attributes",
     "auth.ldap.timeout": "seconds",
     "auth.ldap.pool_size": "posint",
+    "auth.dovecot.socket": "auth_socket",
+    "auth.dovecot.timeout": "seconds",
 }
 
 
@@ -691,6 +704,17 @@ def _attribute(key: str, value: Any) -> str:
     return value
 
 
+def _auth_socket(key: str, value: Any, base: Path) -> str:
+    if value == "":
+        return ""
+    if isinstance(value, str) and value.startswith("tcp:"):
+        host, port = _split_host_port(key, value.removeprefix("tcp:"))
+        return f"tcp:{_host(key, host)}:{port}"
+    if isinstance(value, str) and value.startswith("unix:") and len(value) > 5:
+        return "unix:" + str(_path(key, value.removeprefix("unix:"), base))
+    raise ConfigError(f'{key}: expected "unix:/path" or "tcp:HOST:PORT", got {value!r}')
+
+
 def _check_auth(auth: AuthConfig) -> None:
     """Keys that the chosen backend cannot do without."""
     if auth.backend == "ldap":
@@ -700,6 +724,8 @@ def _check_auth(auth: AuthConfig) -> None:
             raise ConfigError("auth.ldap.bind_password_file: required when bind_dn is set")
         if auth.ldap.starttls and auth.ldap.url.startswith("ldaps://"):
             raise ConfigError("auth.ldap.starttls: not with an ldaps:// URL (already TLS)")
+    if auth.backend == "dovecot" and not auth.dovecot.socket:
+        raise ConfigError('auth.dovecot.socket: required when auth.backend = "dovecot"')
 
 
 def _check_files(cfg: Config) -> None:

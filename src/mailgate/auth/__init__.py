@@ -1,7 +1,7 @@
 """Authentication: checking an AUTH login and password against the institution's accounts.
 
 Owns: the `Backend` interface that every password source implements (the directory's own
-argon2 hashes, an LDAP server), the `Identity` a successful check
+argon2 hashes, an LDAP server, Dovecot's auth service), the `Identity` a successful check
 yields, and `open_backend()`, which builds the backend `[auth] backend` names. The credential
 cache and app passwords, common to every backend, are in auth/authenticator.py.
 Must not: know about SMTP (the session calls `Authenticator.verify` and maps the outcome to a
@@ -68,6 +68,10 @@ def open_backend(cfg: Config, directory: Directory) -> Backend:
         from mailgate.auth.ldap import LdapBackend
 
         return LdapBackend(cfg.auth.ldap, default_domain=cfg.directory.default_domain)
+    if cfg.auth.backend == "dovecot":
+        from mailgate.auth.dovecot import DovecotBackend
+
+        return DovecotBackend(cfg.auth.dovecot, default_domain=cfg.directory.default_domain)
     from mailgate.auth.directory import DirectoryBackend
 
     return DirectoryBackend(directory)
