@@ -40,9 +40,10 @@ from mailgate.config import Config, DeliveryConfig, SpoolConfig  # noqa: E402
 from mailgate.deliver.attempt import Connection, Transfer  # noqa: E402
 from mailgate.deliver.engine import Engine  # noqa: E402
 from mailgate.deliver.route import Host  # noqa: E402
+from mailgate.spool.api import SpoolStore  # noqa: E402
 from mailgate.spool.entry import Envelope, Recipient  # noqa: E402
 from mailgate.spool.ids import new_queue_id  # noqa: E402
-from mailgate.spool.store import Store  # noqa: E402
+from mailgate.spool.journal import JournalStore  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.smtpsink import Behaviour, SmtpSink  # noqa: E402
 
@@ -57,7 +58,7 @@ def message(size: int, n: int) -> bytes:
     return head + body
 
 
-def fill(store: Store, count: int, size: int) -> None:
+def fill(store: SpoolStore, count: int, size: int) -> None:
     for n in range(count):
         data = message(size, n)
         env = Envelope(
@@ -69,7 +70,7 @@ def fill(store: Store, count: int, size: int) -> None:
         store.enqueue(env, data)
 
 
-async def deliver(cfg: Config, store: Store, count: int, max_seconds: float) -> float:
+async def deliver(cfg: Config, store: SpoolStore, count: int, max_seconds: float) -> float:
     engine = Engine(cfg, store)
     started = time.perf_counter()
     task = asyncio.get_running_loop().create_task(engine.run())
@@ -128,7 +129,7 @@ def run_engine(args: argparse.Namespace, port: int) -> tuple[float, float, int, 
                 max_per_destination=args.max_per_destination,
             ),
         )
-        store = Store(cfg.spool.path)
+        store = JournalStore(cfg.spool.path)
         t0 = time.perf_counter()
         fill(store, args.messages, args.size)
         fill_seconds = time.perf_counter() - t0

@@ -4,10 +4,10 @@ Owns: nothing the server uses. Run it on the file system that will hold the spoo
 fsync costs are the whole point (on tmpfs both figures are meaningless):
 
     python bench/bench_spool.py --dir /var/spool/mailgate-bench --count 400 --rounds 5
-    python bench/bench_spool.py --format journal ...     # the journal backend (journal.py)
-    python bench/bench_spool.py --format both ...        # both, rounds interleaved
 
-Prints one JSON object per format: commits per second for sequential `commit()` calls and for
+The spool is the journal (spool/journal.py); the one-file-per-entry layout that earlier runs
+compared it with is no longer written (figures in PERFORMANCE.md). Prints one JSON object:
+commits per second for sequential `commit()` calls and for
 `GroupCommitter.commit()` from N concurrent asyncio sessions (medians over alternating rounds,
 and each round's figure), with the mean batch size; and, with --lifecycle, the rate of the
 engine's side (load, read_message, one update, remove per entry) over the committed entries.
@@ -25,12 +25,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.journal import JournalStore
-from mailgate.spool.store import Store
 
-BACKENDS: dict[str, type[Store]] = {"files": Store, "journal": JournalStore}
+BACKENDS: dict[str, type[JournalStore]] = {"journal": JournalStore}
 
 PREFIX = b"Received: from client.test by mail.example.ac.uk with ESMTPSA\r\n"
 
@@ -45,7 +45,7 @@ def envelope(qid: str) -> Envelope:
     return Envelope(id=qid, mail_from="alice@example.ac.uk", recipients=(Recipient("b@x.org"),))
 
 
-def sequential(store: Store, count: int, body: bytes) -> float:
+def sequential(store: SpoolStore, count: int, body: bytes) -> float:
     start = time.perf_counter()
     for _ in range(count):
         incoming = store.begin()
@@ -54,7 +54,7 @@ def sequential(store: Store, count: int, body: bytes) -> float:
     return count / (time.perf_counter() - start)
 
 
-def grouped(store: Store, count: int, body: bytes, sessions: int) -> tuple[float, int]:
+def grouped(store: SpoolStore, count: int, body: bytes, sessions: int) -> tuple[float, int]:
     committer = GroupCommitter(store)
 
     async def session(n: int) -> None:
@@ -72,7 +72,7 @@ def grouped(store: Store, count: int, body: bytes, sessions: int) -> tuple[float
     return count / (time.perf_counter() - start), committer.batches
 
 
-def lifecycle(store: Store) -> float:
+def lifecycle(store: SpoolStore) -> float:
     """Entries per second through the engine's calls: load, read, record a try, remove."""
     ids = store.ids()
     start = time.perf_counter()
@@ -132,13 +132,13 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20, help="concurrent committers")
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians reported")
-    parser.add_argument("--format", choices=["files", "journal", "both"], default="files",
-                        help="spool backend (both: interleaved rounds)")  # fmt: skip
+    parser.add_argument("--format", choices=sorted(BACKENDS), default="journal",
+                        help="spool format (only the journal is left)")  # fmt: skip
     parser.add_argument("--lifecycle", action="store_true",
                         help="also time load, read, update, remove of each entry")  # fmt: skip
     args = parser.parse_args()
 
-    formats = ["files", "journal"] if args.format == "both" else [args.format]
+    formats = [args.format]
     results = run_rounds(args, formats, message(args.size))
     print(json.dumps(results[formats[0]] if len(formats) == 1 else results, indent=2))
 

@@ -22,7 +22,7 @@ from mailgate.replies import Reply
 from mailgate.scan import Verdict
 from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.entry import Envelope, Recipient
-from mailgate.spool.store import Incoming
+from mailgate.spool.incoming import Incoming
 
 log = logging.getLogger(__name__)
 

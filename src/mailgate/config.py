@@ -45,16 +45,15 @@ class DirectoryConfig:
         return Path(self.url.removeprefix("sqlite:///"))
 
 
-SPOOL_FORMATS = ("files", "journal")
+SPOOL_FORMATS = ("journal",)
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = Path("spool")
-    # "journal" (spool/journal.py): records appended to log segments, one fdatasync per
-    # group of commits; "files" (spool/store.py): one msg and one env file per entry.
-    # The journal is the default: on disks where creating files is the cost (issue #7) it
-    # commits several times faster; switching to it imports a files-format spool at startup.
+    # The spool is a journal (spool/journal.py); "journal" is the only format. "files", the
+    # older one-file-per-entry layout, is no longer written: such a spool is imported into the
+    # journal at startup (spool/files_import.py), so the key is refused with that advice.
     format: str = "journal"
 
 
@@ -437,8 +436,13 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
     if kind == "auth_socket":
         return _auth_socket(key, value, base)
     if kind == "spool_format":
+        if value == "files":
+            raise ConfigError(
+                f'{key}: "files" is no longer supported; remove the key (a spool of the files '
+                "layout is imported into the journal at startup)"
+            )
         if value not in SPOOL_FORMATS:
-            raise ConfigError(f'{key}: expected "files" or "journal"')
+            raise ConfigError(f'{key}: expected "journal"')
         return value
     raise AssertionError(kind)  # pragma: no cover - table is complete
 

@@ -24,7 +24,7 @@ from mailgate.config import Config, DeliveryConfig, DirectoryConfig, SpoolConfig
 from mailgate.deliver.engine import Engine
 from mailgate.spool.entry import Envelope, Recipient, utcnow
 from mailgate.spool.ids import new_queue_id
-from mailgate.spool.store import Store
+from mailgate.spool.journal import JournalStore
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import Behaviour, SmtpSink, self_signed_context
 from tests.support.waiting import wait_for_async
@@ -47,7 +47,7 @@ def make_message(subject: str = "Hello", body: bytes = b"Hello, world.\r\n") -> 
 
 class Clock:
     """Real time plus an offset the test advances (never behind the real clock, so that
-    `Store.flush()`, which stamps real time, makes entries due)."""
+    `SpoolStore.flush()`, which stamps real time, makes entries due)."""
 
     def __init__(self) -> None:
         self.offset = timedelta(0)
@@ -82,7 +82,7 @@ class Harness:
             spool=SpoolConfig(tmp_path / "spool"),
             delivery=DeliveryConfig(**settings),
         )
-        self.store = Store(self.cfg.spool.path)
+        self.store = JournalStore(self.cfg.spool.path)
         self.engine: Engine | None = None
 
     def reconfigure(self, **delivery: Any) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mailgate.config import Config, DeliveryConfig, SpoolConfig
 from mailgate.deliver.engine import Engine
-from mailgate.spool.store import Store
+from mailgate.spool.journal import JournalStore
 
 
 async def main(spool: Path, nameserver: str, per_destination: int) -> None:
@@ -32,7 +32,7 @@ async def main(spool: Path, nameserver: str, per_destination: int) -> None:
             max_per_destination=per_destination,
         ),
     )
-    store = Store(spool)
+    store = JournalStore(spool)
     store.recover()
     engine = Engine(cfg, store)
     stop = asyncio.Event()

@@ -23,7 +23,7 @@ from mailgate.receive.serve import Listeners
 from mailgate.receive.session import Services
 from mailgate.scan import Verdict
 from mailgate.spool.group import GroupCommitter
-from mailgate.spool.store import Store
+from mailgate.spool.journal import JournalStore
 from tests.support.memdir import MemoryDirectory
 from tests.support.ports import free_port
 
@@ -67,7 +67,7 @@ def test_exceptions_become_451_430_and_the_session_goes_on(
     cfg = config.parse(f'[smarthost]\nlisten = ["127.0.0.1:{port}"]\nnetworks = ["127.0.0.0/8"]\n',
                        tmp_path / "mailgate.toml")  # fmt: skip
     directory = MemoryDirectory()
-    store = Store(tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     policy = FailingPolicy(directory, smarthost_networks=[ipaddress.ip_network("127.0.0.0/8")])
     scanner = FailingScanner()
 

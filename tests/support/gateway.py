@@ -20,8 +20,8 @@ from typing import Any
 
 from mailgate import config
 from mailgate.spool import open_store
+from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope
-from mailgate.spool.store import Store
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
@@ -157,7 +157,7 @@ class Gateway:
                              capture_output=True, text=True, check=False).stdout  # fmt: skip
         return {int(p) for p in out.split()}
 
-    def store(self) -> Store:
+    def store(self) -> SpoolStore:
         """The spool, through the same API the server and the CLI use (any backend)."""
         return open_store(config.load(self.config, check_files=False).spool)
 

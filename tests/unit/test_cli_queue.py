@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from mailgate.cli import main
+from mailgate.spool.api import NotFound
 from mailgate.spool.entry import Attempt, Envelope, Recipient
-from mailgate.spool.journal import UPDATE, JournalStore, _encode
-from mailgate.spool.store import NotFound, Store
+from mailgate.spool.journal import JournalStore
+from tests.support.spool import break_envelope
 
 A = "0000000001AAAA"
 B = "0000000002BBBB"
@@ -26,7 +27,7 @@ T2 = datetime(2026, 3, 1, 12, 35, tzinfo=UTC)
 @dataclass
 class Queue:
     config: Path
-    store: Store
+    store: JournalStore
     now: datetime
 
     def run(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -35,29 +36,18 @@ class Queue:
         return status, out, err
 
 
-@pytest.fixture(params=["files", "journal"])
-def queue(tmp_path: Path, request: pytest.FixtureRequest) -> Queue:
-    """A config and a spool of each format; the test's store is another instance than the
-    command's (another process, in real life)."""
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    """A config and a spool; the test's store is another instance than the command's (another
+    process, in real life)."""
     config = tmp_path / "mailgate.toml"
     config.write_text(
         'hostname = "mail.example.ac.uk"\n'
-        f'[spool]\npath = "spool"\nformat = "{request.param}"\n'
+        '[spool]\npath = "spool"\n'
         '[smarthost]\nlisten = ["127.0.0.1:10025"]\n'
     )
-    kind = JournalStore if request.param == "journal" else Store
-    return Queue(config, kind(tmp_path / "spool"), datetime.now(UTC).replace(microsecond=0))
-
-
-def break_envelope(store: Store, qid: str) -> None:
-    """Make the stored envelope of `qid` unparsable, as a disk or a bug might."""
-    if isinstance(store, JournalStore):
-        with store._writing():
-            magic = store._segments[max(store._segments)].magic
-            assert magic is not None
-            store._append_one(_encode(magic, UPDATE, qid, b"{broken"))
-    else:
-        (store.env_dir / f"{qid}.json").write_bytes(b"{broken")
+    store = JournalStore(tmp_path / "spool")
+    return Queue(config, store, datetime.now(UTC).replace(microsecond=0))
 
 
 def fill(q: Queue) -> tuple[Envelope, Envelope]:

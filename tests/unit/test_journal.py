@@ -4,7 +4,6 @@ between instances and processes, rotation, compaction (with crash points), forma
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import multiprocessing
 import os
@@ -20,10 +19,13 @@ import pytest
 
 from mailgate import config
 from mailgate.errors import ConfigError, SpoolError, SpoolFull, UsageError
-from mailgate.spool import open_store, spool_exists
+from mailgate.spool import compaction, open_store, spool_exists
+from mailgate.spool.api import NotFound, RecoveryReport, SpoolStore
 from mailgate.spool.entry import Envelope, Recipient
-from mailgate.spool.journal import UPDATE, JournalStore, _encode, _scan, segment_name
-from mailgate.spool.store import MEMORY_LIMIT, Incoming, NotFound, RecoveryReport, Store
+from mailgate.spool.incoming import MEMORY_LIMIT, Incoming
+from mailgate.spool.journal import JournalStore
+from mailgate.spool.record import scan, segment_name
+from tests.support.spool import break_envelope, write_files_entry
 from tests.support.waiting import wait_for
 
 RECEIVED_AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -44,13 +46,13 @@ def envelope(qid: str = "", *rcpts: str) -> Envelope:
     )
 
 
-def commit(store: Store, body: bytes = BODY, prefix: bytes = PREFIX) -> Envelope:
+def commit(store: SpoolStore, body: bytes = BODY, prefix: bytes = PREFIX) -> Envelope:
     incoming = store.begin()
     incoming.write(body)
     return store.commit(incoming, envelope(incoming.qid), prefix)
 
 
-def staged(store: Store, bodies: list[bytes]) -> list[tuple[Incoming, Envelope, bytes]]:
+def staged(store: SpoolStore, bodies: list[bytes]) -> list[tuple[Incoming, Envelope, bytes]]:
     items = []
     for body in bodies:
         incoming = store.begin()
@@ -75,7 +77,7 @@ def size(store: JournalStore, name: str = FIRST) -> int:
     return os.stat(store.journal_dir / name).st_size
 
 
-def state(store: Store) -> dict[str, tuple[Envelope, bytes]]:
+def state(store: SpoolStore) -> dict[str, tuple[Envelope, bytes]]:
     """Everything a user of the store can see."""
     return {q: (store.load(q), store.read_message(q)) for q in store.ids()}
 
@@ -133,11 +135,10 @@ def test_ids_oldest_first_and_unknown_ids_not_found(store: JournalStore) -> None
 
 
 def test_no_file_per_entry(store: JournalStore) -> None:
-    stored = commit(store)
-    with pytest.raises(UsageError):
-        store.message_path(stored.id)
-    with pytest.raises(UsageError):
-        store.envelope_path(stored.id)
+    commit(store)
+    commit(store, body=b"x" * (MEMORY_LIMIT + 1))  # spilled to tmp/, then copied in
+    assert sorted(os.listdir(store.path)) == ["corrupt", "journal", "journal.lock", "tmp"]
+    assert segments(store) == [FIRST] and os.listdir(store.tmp_dir) == []
 
 
 def test_large_message_is_copied_from_its_spill_file(store: JournalStore) -> None:
@@ -559,10 +560,7 @@ def test_a_damaged_segment_header_is_never_overwritten(tmp_path: Path) -> None:
 
 def test_an_unparsable_envelope_moves_to_corrupt_at_recovery(store: JournalStore) -> None:
     a, b = commit(store), commit(store)
-    seg = store._segments[1]
-    assert seg.magic is not None
-    with store._writing():
-        store._append_one(_encode(seg.magic, UPDATE, a.id, b'{"version": 1, "trunc'))
+    break_envelope(store, a.id, b'{"version": 1, "trunc')
     fresh = JournalStore(store.path)
     with pytest.raises(SpoolError, match="unreadable envelope") as info:
         fresh.load(a.id)
@@ -737,7 +735,7 @@ def test_compaction_survives_a_crash_after_every_step(
 ) -> None:
     spool = tmp_path / "spool"
     s = JournalStore(spool, segment_size=8192)
-    monkeypatch.setattr(JournalStore, "_maybe_compact", lambda self: None)  # compact by hand
+    monkeypatch.setattr(compaction, "compact_quietly", lambda store: None)  # compact by hand
     made = [commit(s, body=bytes([65 + n]) * 500) for n in range(27)]
     for n, e in enumerate(made):
         if n % 9 == 0:
@@ -763,9 +761,9 @@ def test_compaction_survives_a_crash_after_every_step(
     assert state(c) == expected
     head_after = (c.journal_dir / head).read_bytes()
     c.close()
-    fd = os.open(spool / "journal" / head, os.O_RDONLY)
-    copies = _scan(fd, head_after[24:32], head_before, len(head_after)).records
-    os.close(fd)
+    copies = scan(
+        lambda n, at: head_after[at : at + n], head_after[24:32], head_before, len(head_after)
+    ).records
     assert len(copies) == 3
 
     # A crash after deleting k old segments (so the first k copies were durable), with the
@@ -809,62 +807,58 @@ def test_a_reader_that_missed_compacted_segments_starts_over(tmp_path: Path) -> 
 
 
 def test_recover_imports_a_files_format_spool(tmp_path: Path) -> None:
-    files = Store(tmp_path / "spool")
-    a, b = commit(files), commit(files, body=b"b" * (MEMORY_LIMIT + 10))
-    files.update(a.id, bump)
-    files.hold(b.id)
-    expected = state(files)
-    j = JournalStore(tmp_path / "spool")
+    spool = tmp_path / "spool"
+    env_dir, msg_dir = spool / "env", spool / "msg"
+    a = bump(replace(envelope("0000000001AAAA"), size=len(PREFIX + BODY)))
+    b = replace(envelope("0000000002BBBB"), size=MEMORY_LIMIT + 10, held=True)
+    expected = {a.id: (a, PREFIX + BODY), b.id: (b, b"b" * (MEMORY_LIMIT + 10))}
+    for env, message in expected.values():
+        write_files_entry(spool, env, message)
+    j = JournalStore(spool)
     assert j.recover().entries == 2
     assert state(j) == expected
-    assert os.listdir(files.env_dir) == [] and os.listdir(files.msg_dir) == []
-    assert state(JournalStore(tmp_path / "spool")) == expected
+    assert os.listdir(env_dir) == [] and os.listdir(msg_dir) == []
+    assert state(JournalStore(spool)) == expected
     # A crash after the journal got an entry but before its files went: not imported twice,
     # and the journal (maybe changed since) stays the truth.
     j.update(a.id, bump)
-    (files.env_dir / f"{a.id}.json").write_bytes(expected[a.id][0].to_json())
-    (files.msg_dir / f"{a.id}.eml").write_bytes(expected[a.id][1])
+    write_files_entry(spool, expected[a.id][0], expected[a.id][1])
     j.recover()
     assert j.load(a.id).recipients[0].attempts == 2
-    assert os.listdir(files.env_dir) == []
+    assert os.listdir(env_dir) == []
 
 
-def test_open_store_picks_the_backend(tmp_path: Path) -> None:
-    journal = config.SpoolConfig(tmp_path / "spool", format="journal")
-    files = config.SpoolConfig(tmp_path / "spool", format="files")
-    assert not spool_exists(journal)
-    s = open_store(journal)
+def test_open_store_opens_the_journal_and_spool_exists_knows_both_layouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config.SpoolConfig(tmp_path / "spool")
+    assert not spool_exists(cfg)
+    s = open_store(cfg)
     assert isinstance(s, JournalStore)
-    assert spool_exists(journal) and spool_exists(files)
-    assert type(open_store(files)) is Store  # an empty journal does not stand in the way
-    commit(s)
-    with pytest.raises(SpoolError, match=r'^spool.format: .* set format = "journal"$'):
-        open_store(files)
+    assert spool_exists(cfg)
+    old = config.SpoolConfig(tmp_path / "old")
+    write_files_entry(old.path, envelope("0000000001AAAA"), BODY)
+    assert spool_exists(old)  # `mailgate queue` may open it; `serve` imports it at startup
+    with caplog.at_level(logging.WARNING, logger="mailgate.spool"):
+        assert open_store(old).ids() == []
+    assert "moves them into the journal at startup" in caplog.text
 
 
 def test_spool_format_defaults_to_journal(tmp_path: Path) -> None:
     assert config.parse("", tmp_path / "mailgate.toml").spool.format == "journal"
 
 
-@pytest.mark.parametrize("value", ['"journal"', '"files"'])
-def test_spool_format_config(tmp_path: Path, value: str) -> None:
-    cfg = config.parse(f"[spool]\nformat = {value}\n", tmp_path / "mailgate.toml")
-    assert cfg.spool.format == value.strip('"')
+def test_spool_format_config(tmp_path: Path) -> None:
+    cfg = config.parse('[spool]\nformat = "journal"\n', tmp_path / "mailgate.toml")
+    assert cfg.spool.format == "journal"
 
 
 @pytest.mark.parametrize("value", ['"log"', "1", '""'])
 def test_spool_format_config_names_the_key(tmp_path: Path, value: str) -> None:
-    with pytest.raises(ConfigError, match=r'^spool.format: expected "files" or "journal"$'):
+    with pytest.raises(ConfigError, match=r'^spool.format: expected "journal"$'):
         config.parse(f"[spool]\nformat = {value}\n", tmp_path / "mailgate.toml")
 
 
-def test_every_public_store_method_is_overridden_or_layout_free() -> None:
-    # Inherited methods work only through the overridden ones; a new Store method that
-    # touches files must be overridden here too, and this test says so.
-    inherited_on_purpose = {
-        "begin", "commit", "enqueue", "prepare_commit", "hold", "release", "delete", "flush",
-        "poke", "wakeup_mtime",
-    }  # fmt: skip
-    public = {n for n, _ in inspect.getmembers(Store, callable) if not n.startswith("_")}
-    overridden = {n for n in public if n in vars(JournalStore)}
-    assert public - overridden == inherited_on_purpose
+def test_spool_format_files_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r'^spool.format: "files" is no longer supported; remove'):
+        config.parse('[spool]\nformat = "files"\n', tmp_path / "mailgate.toml")

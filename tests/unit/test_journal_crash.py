@@ -20,7 +20,7 @@ import random, sys
 from pathlib import Path
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.journal import JournalStore
-from mailgate.spool.store import MEMORY_LIMIT
+from mailgate.spool.incoming import MEMORY_LIMIT
 
 def body(qid, lines):
     return (qid.encode() + b"\r\n") * lines

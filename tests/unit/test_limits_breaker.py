@@ -13,8 +13,9 @@ from mailgate.directory.store import SqliteDirectory
 from mailgate.errors import Rejected
 from mailgate.limits import Limits, suspend_account
 from mailgate.limits.breaker import Suspension
+from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope, Recipient, RecipientState
-from mailgate.spool.store import Store
+from mailgate.spool.journal import JournalStore
 from tests.unit.test_limits import Clock, ratelimits, wall
 
 
@@ -28,7 +29,7 @@ def directory(tmp_path: Path) -> Iterator[SqliteDirectory]:
         yield d
 
 
-def spool(store: Store, login: str, *states: str, held: bool = False) -> str:
+def spool(store: SpoolStore, login: str, *states: str, held: bool = False) -> str:
     envelope = Envelope(
         id="",
         mail_from=f"{login}@example.ac.uk",
@@ -46,7 +47,7 @@ def spool(store: Store, login: str, *states: str, held: bool = False) -> str:
 def test_suspends_the_login_and_holds_its_pending_mail(
     tmp_path: Path, directory: SqliteDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = Store(tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     pending = spool(store, "alice", "pending", "delivered")
     pending_upper = spool(store, "Alice", "pending")
     already_held = spool(store, "alice", "pending", held=True)
@@ -82,7 +83,7 @@ def test_suspends_the_login_and_holds_its_pending_mail(
 def test_holds_mail_even_when_the_directory_refuses(
     tmp_path: Path, directory: SqliteDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = Store(tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     qid = spool(store, "ghost", "pending")
     with caplog.at_level(logging.WARNING, logger="mailgate.limits.breaker"):
         result = suspend_account(directory, store, "ghost", "test")
@@ -96,11 +97,11 @@ def test_holds_mail_even_when_the_directory_refuses(
 def test_entries_that_vanish_during_the_walk_are_skipped(
     tmp_path: Path, directory: SqliteDirectory
 ) -> None:
-    store = Store(tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     gone = spool(store, "alice", "pending")
     kept = spool(store, "alice", "pending")
 
-    class DeliveredMeanwhile(Store):
+    class DeliveredMeanwhile(JournalStore):
         """The delivery engine removes `gone` between ids() and load()."""
 
         def ids(self) -> list[str]:
@@ -114,7 +115,7 @@ def test_entries_that_vanish_during_the_walk_are_skipped(
 
 def test_breaker_trip_to_suspension_end_to_end(tmp_path: Path, directory: SqliteDirectory) -> None:
     """What the session does: check, spool, record; on the one trip, suspend and hold."""
-    store = Store(tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     limits = Limits(ratelimits(breaker_recipients_per_hour=5), now=Clock(), wall=wall)
     trips, refused = [], []
     for _ in range(4):

@@ -1,12 +1,10 @@
-"""The spool store as plain functions in tmp_path: commit, modes, recovery, full disks, locks.
-
-Tests of the Store API run against both backends (the `store` fixture); tests of the files
-layout use `files_store`. The journal's own layout is tested in test_journal.py."""
+"""The spool interface (`SpoolStore`) as plain functions in tmp_path: commit, spilling, batches,
+recovery, full disks while receiving, changes, locks. It runs against the journal, the one
+implementation; the journal's own format, damage and compaction are in test_journal.py."""
 
 from __future__ import annotations
 
 import errno
-import json
 import multiprocessing
 import os
 import re
@@ -20,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from mailgate.errors import SpoolError, SpoolFull, UsageError
-from mailgate.spool.entry import Attempt, Envelope, Recipient
+from mailgate.spool.api import NotFound, RecoveryReport
+from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.ids import QUEUE_ID_LENGTH, is_queue_id, new_queue_id
+from mailgate.spool.incoming import MEMORY_LIMIT
 from mailgate.spool.journal import JournalStore
-from mailgate.spool.store import MEMORY_LIMIT, Incoming, NotFound, RecoveryReport, Store
+from tests.support.spool import break_envelope
 from tests.support.waiting import wait_for
 
 RECEIVED_AT = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -50,24 +50,17 @@ def listing(path: Path) -> list[str]:
     return sorted(os.listdir(path))
 
 
-def commit(store: Store, body: bytes = BODY, prefix: bytes = PREFIX) -> Envelope:
+def commit(store: JournalStore, body: bytes = BODY, prefix: bytes = PREFIX) -> Envelope:
     incoming = store.begin()
     incoming.write(body)
     return store.commit(incoming, envelope(incoming.qid), prefix)
 
 
-@pytest.fixture(params=["files", "journal"])
-def store(tmp_path: Path, request: pytest.FixtureRequest) -> Store:
-    """Each backend, for the tests of the Store API (both keep the same contract)."""
-    if request.param == "journal":
-        return JournalStore(tmp_path / "spool")
-    return Store(tmp_path / "spool")
-
-
 @pytest.fixture
-def files_store(tmp_path: Path) -> Store:
-    """The files backend, for the tests of its layout (msg/, env/, renames, fsync order)."""
-    return Store(tmp_path / "spool")
+def store(tmp_path: Path) -> Iterator[JournalStore]:
+    s = JournalStore(tmp_path / "spool")
+    yield s
+    s.close()
 
 
 # --- queue ids -------------------------------------------------------------------------
@@ -95,53 +88,7 @@ def test_is_queue_id_rejects_what_cannot_be_a_spool_file_name(text: str) -> None
 # --- commit and load --------------------------------------------------------------------
 
 
-def test_store_creates_its_directories_0700_whatever_the_umask(tmp_path: Path) -> None:
-    old = os.umask(0)
-    try:
-        s = Store(tmp_path / "a" / "spool")
-    finally:
-        os.umask(old)
-    for d in (s.path, s.tmp_dir, s.msg_dir, s.env_dir, s.corrupt_dir):
-        assert d.is_dir()
-        assert mode(d) == 0o700
-
-
-def test_commit_then_load(files_store: Store) -> None:
-    store = files_store
-    incoming = store.begin()
-    assert is_queue_id(incoming.qid)
-    incoming.write(BODY[:10])
-    incoming.write(BODY[10:])
-    assert incoming.size == len(BODY)
-    assert incoming.getvalue() == BODY
-    stored = store.commit(incoming, envelope(incoming.qid), PREFIX)
-
-    assert stored == replace(envelope(incoming.qid), size=len(PREFIX) + len(BODY))
-    assert store.load(incoming.qid) == stored
-    assert store.read_message(incoming.qid) == PREFIX + BODY
-    assert store.message_path(incoming.qid) == store.msg_dir / f"{incoming.qid}.eml"
-    assert store.ids() == [incoming.qid]
-    assert listing(store.tmp_dir) == []
-    raw = json.loads((store.env_dir / f"{incoming.qid}.json").read_bytes())
-    assert raw["version"] == 1
-    assert raw["held"] is False
-    assert raw["recipients"][0]["state"] == "pending"
-
-
-def test_committed_files_are_0600_whatever_the_umask(files_store: Store) -> None:
-    store = files_store
-    old = os.umask(0)
-    try:
-        stored = commit(store)
-        big = commit(store, body=b"x" * (MEMORY_LIMIT + 1), prefix=b"")
-    finally:
-        os.umask(old)
-    for qid in (stored.id, big.id):
-        assert mode(store.message_path(qid)) == 0o600
-        assert mode(store.env_dir / f"{qid}.json") == 0o600
-
-
-def test_commit_fills_in_an_empty_envelope_id(store: Store) -> None:
+def test_commit_fills_in_an_empty_envelope_id(store: JournalStore) -> None:
     incoming = store.begin()
     incoming.write(BODY)
     stored = store.commit(incoming, envelope(""))
@@ -149,7 +96,7 @@ def test_commit_fills_in_an_empty_envelope_id(store: Store) -> None:
     assert store.load(incoming.qid).id == incoming.qid
 
 
-def test_commit_refuses_a_foreign_id_and_a_second_commit(store: Store) -> None:
+def test_commit_refuses_a_foreign_id_and_a_second_commit(store: JournalStore) -> None:
     incoming = store.begin()
     incoming.write(BODY)
     with pytest.raises(UsageError):
@@ -161,7 +108,7 @@ def test_commit_refuses_a_foreign_id_and_a_second_commit(store: Store) -> None:
         incoming.write(b"more")
 
 
-def test_abort_after_handing_over_to_a_commit_is_a_no_op(store: Store) -> None:
+def test_abort_after_handing_over_to_a_commit_is_a_no_op(store: JournalStore) -> None:
     incoming = store.begin()
     incoming.write(b"q" * (MEMORY_LIMIT + 1))
     store.prepare_commit(incoming, envelope(incoming.qid))
@@ -178,15 +125,7 @@ def test_abort_after_handing_over_to_a_commit_is_a_no_op(store: Store) -> None:
         store.commit(incoming, envelope(incoming.qid))
 
 
-def test_ids_are_oldest_first_and_ignore_strangers(files_store: Store) -> None:
-    store = files_store
-    made = [commit(store).id for _ in range(5)]
-    (store.env_dir / "README.txt").write_text("not an entry")
-    (store.env_dir / "lower.json").write_text("{}")
-    assert store.ids() == made
-
-
-def test_large_message_spills_to_tmp_and_memory_stays_bounded(store: Store) -> None:
+def test_large_message_spills_to_tmp_and_memory_stays_bounded(store: JournalStore) -> None:
     incoming = store.begin()
     chunk = b"0123456789abcde\r\n" * 1024  # 17 KiB
     for _ in range(MEMORY_LIMIT // len(chunk)):
@@ -207,21 +146,9 @@ def test_large_message_spills_to_tmp_and_memory_stays_bounded(store: Store) -> N
     assert listing(store.tmp_dir) == []
 
 
-def test_spilled_message_without_prefix_is_renamed_into_place(files_store: Store) -> None:
-    store = files_store
-    body = b"y" * (MEMORY_LIMIT + 10)
-    incoming = store.begin()
-    incoming.write(body)
-    inode = os.stat(incoming.spill_path).st_ino
-    stored = store.commit(incoming, envelope(incoming.qid))
-    assert os.stat(store.message_path(stored.id)).st_ino == inode
-    assert store.read_message(stored.id) == body
-    assert listing(store.tmp_dir) == []
-
-
 @pytest.mark.parametrize("first", [1000, MEMORY_LIMIT + 1])
 @pytest.mark.parametrize("second", [500, MEMORY_LIMIT + 2])
-def test_replace_discards_what_was_written(store: Store, first: int, second: int) -> None:
+def test_replace_discards_what_was_written(store: JournalStore, first: int, second: int) -> None:
     incoming = store.begin()
     incoming.write(b"1" * first)
     incoming.replace(b"2" * second)
@@ -235,7 +162,7 @@ def test_replace_discards_what_was_written(store: Store, first: int, second: int
     assert listing(store.tmp_dir) == []
 
 
-def test_open_reader_streams_a_message_held_in_memory(store: Store) -> None:
+def test_open_reader_streams_a_message_held_in_memory(store: JournalStore) -> None:
     incoming = store.begin()
     incoming.write(BODY)
     with incoming.open_reader() as reader:
@@ -243,7 +170,7 @@ def test_open_reader_streams_a_message_held_in_memory(store: Store) -> None:
     incoming.abort()
 
 
-def test_abort_discards_and_is_idempotent(store: Store) -> None:
+def test_abort_discards_and_is_idempotent(store: JournalStore) -> None:
     incoming = store.begin()
     incoming.write(b"z" * (MEMORY_LIMIT + 1))
     assert listing(store.tmp_dir) == [f"{incoming.qid}.data"]
@@ -256,7 +183,7 @@ def test_abort_discards_and_is_idempotent(store: Store) -> None:
     assert listing(store.tmp_dir) == []
 
 
-def test_enqueue_allocates_an_id_or_uses_the_given_one(store: Store) -> None:
+def test_enqueue_allocates_an_id_or_uses_the_given_one(store: JournalStore) -> None:
     stored = store.enqueue(envelope(""), b"bounce\r\n")
     assert is_queue_id(stored.id)
     assert store.read_message(stored.id) == b"bounce\r\n"
@@ -268,8 +195,7 @@ def test_enqueue_allocates_an_id_or_uses_the_given_one(store: Store) -> None:
     assert store.read_message(qid) == b"dsn\r\n"
 
 
-def test_load_unknown_invalid_and_corrupt(files_store: Store) -> None:
-    store = files_store
+def test_load_unknown_invalid_and_corrupt(store: JournalStore) -> None:
     with pytest.raises(NotFound, match=r"^no such queue entry: 0000000000AAAA$"):
         store.load("0000000000AAAA")
     with pytest.raises(NotFound, match=r"^no such queue entry: \.\./\.\./etc/passwd$"):
@@ -277,13 +203,13 @@ def test_load_unknown_invalid_and_corrupt(files_store: Store) -> None:
     with pytest.raises(NotFound):
         store.read_message("0000000000AAAA")
     stored = commit(store)
-    (store.env_dir / f"{stored.id}.json").write_bytes(b"{not json")
+    break_envelope(store, stored.id, b"{not json")
     with pytest.raises(SpoolError, match="unreadable envelope") as info:
         store.load(stored.id)
     assert not isinstance(info.value, NotFound)
 
 
-def test_read_headers_stops_at_the_empty_line(store: Store) -> None:
+def test_read_headers_stops_at_the_empty_line(store: JournalStore) -> None:
     stored = commit(store)
     assert store.read_headers(stored.id) == PREFIX + b"From: alice@example.ac.uk\r\nSubject: hi\r\n"
     no_body = commit(store, body=b"Subject: x\r\n", prefix=b"")
@@ -293,67 +219,9 @@ def test_read_headers_stops_at_the_empty_line(store: Store) -> None:
 # --- recovery: each interrupted step of commit() ----------------------------------------
 
 
-def test_recover_on_a_clean_spool(store: Store) -> None:
+def test_recover_on_a_clean_spool(store: JournalStore) -> None:
     commit(store)
     assert store.recover() == RecoveryReport(entries=1)
-
-
-def test_recover_each_interrupted_commit_step(files_store: Store) -> None:
-    store = files_store
-    kept = commit(store)
-
-    # 1. receiving: a spilled file in tmp/.  2. msg written to tmp/, not renamed.
-    # 3. env written to tmp/, not renamed (msg already in msg/).  4. an update's tmp file.
-    (store.tmp_dir / "0000000000AAAA.data").write_bytes(b"partial")
-    (store.tmp_dir / "0000000000BBBB.msg").write_bytes(b"whole")
-    (store.tmp_dir / "0000000000CCCC.env").write_bytes(b"{}")
-    (store.tmp_dir / "0000000000DDDD.0123abcd.update").write_bytes(b"{}")
-    (store.msg_dir / "0000000000CCCC.eml").write_bytes(b"renamed but no env")
-    # 5. env without msg (msg rename lost in a crash, env's survived).
-    (store.env_dir / "0000000000EEEE.json").write_bytes(envelope("0000000000EEEE").to_json())
-    # 6. an env that does not parse, and one that names another id.
-    (store.env_dir / "0000000000FFFF.json").write_bytes(b'{"version": 1, "trunc')
-    (store.msg_dir / "0000000000FFFF.eml").write_bytes(b"message")
-    (store.env_dir / "0000000000GGGG.json").write_bytes(envelope("0000000000ZZZZ").to_json())
-    (store.msg_dir / "0000000000GGGG.eml").write_bytes(b"message")
-    (store.env_dir / "0000000000HHHH.json").write_bytes(b"[]")
-    (store.msg_dir / "0000000000HHHH.eml").write_bytes(b"message")
-
-    report = store.recover()
-
-    assert report == RecoveryReport(
-        entries=1,
-        tmp_removed=4,
-        orphans_removed=("0000000000CCCC",),
-        moved_to_corrupt=("0000000000EEEE", "0000000000FFFF", "0000000000GGGG", "0000000000HHHH"),
-    )
-    assert str(report) == (
-        "entries=1 tmp_removed=4 orphans_removed=1"
-        " moved_to_corrupt=0000000000EEEE,0000000000FFFF,0000000000GGGG,0000000000HHHH"
-    )
-    assert listing(store.tmp_dir) == []
-    assert store.ids() == [kept.id]
-    assert listing(store.msg_dir) == [f"{kept.id}.eml"]
-    assert listing(store.corrupt_dir) == [
-        "0000000000EEEE.json",
-        "0000000000FFFF.eml",
-        "0000000000FFFF.json",
-        "0000000000GGGG.eml",
-        "0000000000GGGG.json",
-        "0000000000HHHH.eml",
-        "0000000000HHHH.json",
-    ]
-    assert (store.corrupt_dir / "0000000000FFFF.eml").read_bytes() == b"message"
-    assert store.load(kept.id) == kept
-
-
-def test_recover_never_overwrites_what_is_in_corrupt(files_store: Store) -> None:
-    store = files_store
-    (store.corrupt_dir / "0000000000EEEE.json").write_bytes(b"older")
-    (store.env_dir / "0000000000EEEE.json").write_bytes(b"newer")
-    store.recover()
-    assert (store.corrupt_dir / "0000000000EEEE.json").read_bytes() == b"older"
-    assert (store.corrupt_dir / "0000000000EEEE.json.1").read_bytes() == b"newer"
 
 
 # --- a full disk ----------------------------------------------------------------------------
@@ -376,76 +244,15 @@ def failing_after(
     return fake
 
 
-def assert_nothing_left(store: Store) -> None:
-    if isinstance(store, JournalStore):  # no file per entry: ask the store, and a fresh one
-        assert JournalStore(store.path).ids() == []
-    else:
-        assert listing(store.msg_dir) == []
-        assert listing(store.env_dir) == []
+def assert_nothing_left(store: JournalStore) -> None:
+    assert JournalStore(store.path).ids() == []  # a fresh instance reads it back from disk
     assert listing(store.tmp_dir) == []
     assert store.ids() == []
 
 
-@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
-def test_full_disk_on_the_message_write_is_spool_full(
-    files_store: Store, monkeypatch: pytest.MonkeyPatch, err: int
-) -> None:
-    store = files_store
-    incoming = store.begin()
-    incoming.write(BODY)
-    monkeypatch.setattr(os, "write", failing_after(os.write, 0, err))
-    with pytest.raises(SpoolFull):
-        store.commit(incoming, envelope(incoming.qid), PREFIX)
-    monkeypatch.undo()
-    assert_nothing_left(store)
-
-
-@pytest.mark.parametrize("good_writes", [1, 2])
-def test_full_disk_after_some_writes_leaves_nothing(
-    files_store: Store, monkeypatch: pytest.MonkeyPatch, good_writes: int
-) -> None:
-    store = files_store
-    # The message file takes two writes (prefix, body), the envelope the third: fail the body
-    # (a half-written message file) or the envelope (the message is already in msg/).
-    incoming = store.begin()
-    incoming.write(BODY)
-    monkeypatch.setattr(os, "write", failing_after(os.write, good_writes, errno.ENOSPC))
-    with pytest.raises(SpoolFull):
-        store.commit(incoming, envelope(incoming.qid), PREFIX)
-    monkeypatch.undo()
-    assert_nothing_left(store)
-
-
-def test_full_disk_reported_by_fsync_is_spool_full(
-    files_store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = files_store
-    incoming = store.begin()
-    incoming.write(BODY)
-    monkeypatch.setattr(os, "fsync", failing_after(os.fsync, 1, errno.ENOSPC))
-    with pytest.raises(SpoolFull):
-        store.commit(incoming, envelope(incoming.qid), PREFIX)
-    monkeypatch.undo()
-    assert_nothing_left(store)
-
-
-def test_other_os_errors_are_spool_error_not_spool_full(
-    files_store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = files_store
-    incoming = store.begin()
-    incoming.write(BODY)
-    monkeypatch.setattr(os, "write", failing_after(os.write, 0, errno.EIO))
-    with pytest.raises(SpoolError) as info:
-        store.commit(incoming, envelope(incoming.qid), PREFIX)
-    monkeypatch.undo()
-    assert type(info.value) is SpoolError
-    assert_nothing_left(store)
-
-
 @pytest.mark.parametrize("good_writes", [0, 1])
 def test_full_disk_while_spilling_frees_the_file_and_fails_the_incoming(
-    store: Store, monkeypatch: pytest.MonkeyPatch, good_writes: int
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch, good_writes: int
 ) -> None:
     incoming = store.begin()
     incoming.write(b"a" * MEMORY_LIMIT)
@@ -462,30 +269,7 @@ def test_full_disk_while_spilling_frees_the_file_and_fails_the_incoming(
     incoming.abort()
 
 
-def test_directory_fsync_failure_fails_the_whole_batch(
-    files_store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = files_store
-    ok = commit(store)
-    items: list[tuple[Incoming, Envelope, bytes]] = []
-    for _ in range(3):
-        incoming = store.begin()
-        incoming.write(BODY)
-        items.append((incoming, envelope(incoming.qid), PREFIX))
-
-    def is_dir(fd: int) -> bool:
-        return stat.S_ISDIR(os.fstat(fd).st_mode)
-
-    monkeypatch.setattr(os, "fsync", failing_after(os.fsync, 0, errno.ENOSPC, only=is_dir))
-    results = store.commit_batch(items)
-    monkeypatch.undo()
-    assert [type(r) for r in results] == [SpoolFull, SpoolFull, SpoolFull]
-    assert store.ids() == [ok.id]
-    assert listing(store.msg_dir) == [f"{ok.id}.eml"]
-    assert listing(store.tmp_dir) == []
-
-
-def test_one_failed_entry_does_not_fail_its_batch(store: Store) -> None:
+def test_one_failed_entry_does_not_fail_its_batch(store: JournalStore) -> None:
     good1, bad, good2 = store.begin(), store.begin(), store.begin()
     for incoming in (good1, bad, good2):
         incoming.write(BODY)
@@ -500,32 +284,7 @@ def test_one_failed_entry_does_not_fail_its_batch(store: Store) -> None:
 # --- changing entries ---------------------------------------------------------------------
 
 
-def test_update_is_atomic_and_keeps_modes(files_store: Store) -> None:
-    store = files_store
-    stored = commit(store)
-    when = datetime(2026, 3, 1, 13, 0, tzinfo=UTC)
-    attempt = Attempt(when, "deferred", "mx.example.org[127.0.0.2]", "451 4.7.1 greylisted")
-
-    def deferred(e: Envelope) -> Envelope:
-        r = e.recipients[0]
-        return e.with_recipient(
-            replace(
-                r, attempts=1, next_attempt_at=when, last_reply=attempt.reply, history=(attempt,)
-            )
-        )
-
-    new = store.update(stored.id, deferred)
-    assert store.load(stored.id) == new
-    assert new.recipients[0].history == (attempt,)
-    assert mode(store.env_dir / f"{stored.id}.json") == 0o600
-    assert listing(store.tmp_dir) == []
-    with pytest.raises(UsageError):
-        store.update(stored.id, lambda e: replace(e, id="0000000000OTHER"))
-    with pytest.raises(NotFound):
-        store.update("0000000000AAAA", lambda e: e)
-
-
-def test_hold_release_flush_and_delete_poke_the_engine(store: Store) -> None:
+def test_hold_release_flush_and_delete_poke_the_engine(store: JournalStore) -> None:
     stored = commit(store)
     later = datetime.now(UTC) + timedelta(hours=1)
     store.update(
@@ -554,7 +313,7 @@ def test_hold_release_flush_and_delete_poke_the_engine(store: Store) -> None:
     assert_nothing_left(store)
 
 
-def test_flush_all_touches_only_pending_recipients(store: Store) -> None:
+def test_flush_all_touches_only_pending_recipients(store: JournalStore) -> None:
     a, b = commit(store), commit(store)
     delivered_at = datetime(2026, 3, 1, 12, 5, tzinfo=UTC)
     store.update(
@@ -574,7 +333,7 @@ def test_flush_all_touches_only_pending_recipients(store: Store) -> None:
     assert y.next_attempt_at is not None and y.next_attempt_at > delivered_at
 
 
-def test_poke_steps_the_mtime_even_within_one_clock_tick(store: Store) -> None:
+def test_poke_steps_the_mtime_even_within_one_clock_tick(store: JournalStore) -> None:
     marks = []
     for _ in range(20):
         store.poke()
@@ -582,7 +341,7 @@ def test_poke_steps_the_mtime_even_within_one_clock_tick(store: Store) -> None:
     assert len(set(marks)) == 20
 
 
-def test_remove_deletes_env_then_msg_and_missing_is_not_found(store: Store) -> None:
+def test_remove_deletes_env_then_msg_and_missing_is_not_found(store: JournalStore) -> None:
     stored = commit(store)
     store.remove(stored.id)
     assert_nothing_left(store)
@@ -598,7 +357,7 @@ def _blocked_lock_waiters() -> int:
 
 
 @pytest.fixture
-def held_update(store: Store) -> Iterator[tuple[Envelope, threading.Event, threading.Event]]:
+def held_update(store: JournalStore) -> Iterator[tuple[Envelope, threading.Event, threading.Event]]:
     """An update of a fresh entry that holds the lock until `release` is set."""
     stored = commit(store)
     inside, release = threading.Event(), threading.Event()
@@ -617,7 +376,7 @@ def held_update(store: Store) -> Iterator[tuple[Envelope, threading.Event, threa
 
 
 def test_update_waits_for_the_lock_and_then_sees_the_new_file(
-    store: Store, held_update: tuple[Envelope, threading.Event, threading.Event]
+    store: JournalStore, held_update: tuple[Envelope, threading.Event, threading.Event]
 ) -> None:
     stored, _, release = held_update
     base = _blocked_lock_waiters()
@@ -644,7 +403,7 @@ def test_update_waits_for_the_lock_and_then_sees_the_new_file(
 
 
 def test_remove_waits_for_an_update_and_a_waiting_update_then_finds_nothing(
-    store: Store, held_update: tuple[Envelope, threading.Event, threading.Event]
+    store: JournalStore, held_update: tuple[Envelope, threading.Event, threading.Event]
 ) -> None:
     stored, _, release = held_update
     base = _blocked_lock_waiters()
@@ -671,8 +430,8 @@ def test_remove_waits_for_an_update_and_a_waiting_update_then_finds_nothing(
     assert_nothing_left(store)
 
 
-def _increment_many(kind: type[Store], spool: Path, qid: str, times: int) -> None:
-    s = kind(spool)
+def _increment_many(spool: Path, qid: str, times: int) -> None:
+    s = JournalStore(spool)
     for _ in range(times):
         s.update(
             qid,
@@ -682,11 +441,11 @@ def _increment_many(kind: type[Store], spool: Path, qid: str, times: int) -> Non
         )
 
 
-def test_concurrent_updates_from_two_processes_lose_nothing(store: Store) -> None:
+def test_concurrent_updates_from_two_processes_lose_nothing(store: JournalStore) -> None:
     stored = commit(store)
     ctx = multiprocessing.get_context("fork")
     times = 50
-    args = (type(store), store.path, stored.id, times)
+    args = (store.path, stored.id, times)
     procs = [ctx.Process(target=_increment_many, args=args) for _ in "ab"]
     for p in procs:
         p.start()
@@ -697,7 +456,7 @@ def test_concurrent_updates_from_two_processes_lose_nothing(store: Store) -> Non
     assert listing(store.tmp_dir) == []
 
 
-def test_store_is_usable_from_a_second_instance(store: Store) -> None:
+def test_store_is_usable_from_a_second_instance(store: JournalStore) -> None:
     stored = commit(store)
-    other = type(store)(store.path)
+    other = JournalStore(store.path)
     assert other.load(stored.id) == stored

@@ -1,6 +1,6 @@
 """Group commit: concurrent asyncio sessions share batches; results stay per entry.
 
-Every test runs against both spool backends."""
+Every test runs against the journal, through the SpoolStore interface only."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from mailgate.errors import SpoolFull
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.group import GroupCommitter
+from mailgate.spool.incoming import MEMORY_LIMIT, Incoming
 from mailgate.spool.journal import JournalStore
-from mailgate.spool.store import MEMORY_LIMIT, Incoming, Store
 
 PREFIX = b"Received: by mail.example.ac.uk\r\n"
 
@@ -51,20 +51,6 @@ class Gate:
             assert self.open_gate.wait(5)
 
 
-class GatedStore(Store):
-    """A real Store whose first batch waits for the test."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.gate = Gate()
-
-    def commit_batch(
-        self, items: Sequence[tuple[Incoming, Envelope, bytes]]
-    ) -> list[Envelope | Exception]:
-        self.gate.enter(items)
-        return super().commit_batch(items)
-
-
 class GatedJournalStore(JournalStore):
     """A real JournalStore whose first batch waits for the test."""
 
@@ -79,32 +65,9 @@ class GatedJournalStore(JournalStore):
         return super().commit_batch(items)
 
 
-BACKENDS: dict[str, tuple[type[Store], type[GatedStore | GatedJournalStore]]] = {
-    "files": (Store, GatedStore),
-    "journal": (JournalStore, GatedJournalStore),
-}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> str:
-    """Each spool backend: group commit works through the Store API only."""
-    assert isinstance(request.param, str)
-    return request.param
-
-
-def plain(backend: str, path: Path) -> Store:
-    return BACKENDS[backend][0](path)
-
-
-def gated(backend: str, path: Path) -> GatedStore | GatedJournalStore:
-    return BACKENDS[backend][1](path)
-
-
-def leftovers(store: Store) -> list[str]:
-    """Files that would mean an entry is (partly) still there."""
-    if isinstance(store, JournalStore):
-        return [f"entry {q}" for q in JournalStore(store.path).ids()]
-    return os.listdir(store.msg_dir) + os.listdir(store.env_dir)
+def leftovers(store: JournalStore) -> list[str]:
+    """Entries still there, as a fresh instance reads them back from disk."""
+    return [f"entry {q}" for q in JournalStore(store.path).ids()]
 
 
 def disk_full(fd: int, data: bytes) -> int:
@@ -115,8 +78,8 @@ async def in_thread(event: threading.Event) -> None:
     assert await asyncio.to_thread(event.wait, 5)
 
 
-def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path, backend: str) -> None:
-    store = plain(backend, tmp_path / "spool")
+def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def session(n: int) -> Envelope:
@@ -138,8 +101,8 @@ def test_fifty_concurrent_commits_all_land_in_few_batches(tmp_path: Path, backen
     assert os.listdir(store.tmp_dir) == []
 
 
-def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path, backend: str) -> None:
-    store = gated(backend, tmp_path / "spool")
+def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path) -> None:
+    store = GatedJournalStore(tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def commit(n: int) -> Envelope:
@@ -161,9 +124,9 @@ def test_commits_arriving_during_a_batch_form_the_next_one(tmp_path: Path, backe
 
 
 def test_one_full_entry_does_not_fail_the_rest_of_its_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = plain(backend, tmp_path / "spool")
+    store = JournalStore(tmp_path / "spool")
     committer = GroupCommitter(store)
     real_write = os.write
 
@@ -189,8 +152,8 @@ def test_one_full_entry_does_not_fail_the_rest_of_its_batch(
     assert os.listdir(store.tmp_dir) == []
 
 
-def test_a_cancelled_commit_is_removed_again(tmp_path: Path, backend: str) -> None:
-    store = gated(backend, tmp_path / "spool")
+def test_a_cancelled_commit_is_removed_again(tmp_path: Path) -> None:
+    store = GatedJournalStore(tmp_path / "spool")
     committer = GroupCommitter(store)
 
     async def main() -> tuple[bool, str]:

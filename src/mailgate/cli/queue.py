@@ -1,7 +1,8 @@
 """mailgate queue: list, show, flush, hold, release and delete spooled messages.
 
 Owns: the `queue` command's arguments and output. Must not: touch spool files except through
-`spool.Store` (which locks each entry, so this works beside a running server, or without one).
+`spool.api.SpoolStore` (which locks the journal, so this works beside a running server, or
+without one).
 A running engine notices flush/hold/release/delete through the spool's wakeup file.
 
 Output for people is one entry per line (like Postfix's mailq); `--json` gives the same facts
@@ -21,8 +22,8 @@ from typing import Any
 from mailgate.cli.common import CommandError, load_config, print_json
 from mailgate.errors import SpoolError
 from mailgate.spool import open_store, spool_exists
+from mailgate.spool.api import NotFound, SpoolStore
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
-from mailgate.spool.store import NotFound, Store
 
 
 def register(sub: Any) -> None:
@@ -52,7 +53,7 @@ def register(sub: Any) -> None:
         q.set_defaults(func=func)
 
 
-def _open_store(args: argparse.Namespace) -> Store:
+def _open_store(args: argparse.Namespace) -> SpoolStore:
     cfg = load_config(args)
     path: Path = cfg.spool.path
     # Do not conjure up an empty spool from a mistyped path: that would list "empty" forever.
@@ -197,7 +198,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _envelope_json(envelope: Envelope) -> Any:
-    # The stored form, exactly as in spool/env/<qid>.json.
+    # The stored form, exactly as in the journal's records.
     return json.loads(envelope.to_json())
 
 

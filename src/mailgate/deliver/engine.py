@@ -5,10 +5,10 @@ by destination, the connection pools (a global and a per-destination limit; conn
 reused for further messages to the same destination), recording every try per recipient in
 the spool, retries, expiry, delay warnings, bounces and success notices, and the one-line
 delivery log. Must not: parse SMTP itself (attempt.py), resolve names (route.py), build DSN
-text (bounce.py), do retry maths (schedule.py), or touch spool files except through `Store`.
+text (bounce.py), do retry maths (schedule.py), or touch spool files except through `SpoolStore`.
 
 Durability (STYLE.md §5): the spool is the truth. Every try's outcome is written with
-`Store.update` before the next message is sent on that connection, so after a crash (kill -9
+`SpoolStore.update` before the next message is sent on that connection, so after a crash (kill -9
 at any moment) the engine picks everything up again from the spool, and a recipient whose
 server accepted the message and whose outcome was recorded is never sent it again. An entry
 whose recipients are all final is finished (bounce queued first, then removed), also when the
@@ -47,9 +47,9 @@ from mailgate.deliver.attempt import (
 )
 from mailgate.deliver.route import Route, RouteError, Router
 from mailgate.errors import SpoolError
+from mailgate.spool.api import NotFound, SpoolStore
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
 from mailgate.spool.ids import new_queue_id
-from mailgate.spool.store import NotFound, Store
 
 log = logging.getLogger("mailgate.deliver")
 
@@ -97,7 +97,7 @@ class Engine:
     def __init__(
         self,
         cfg: Config,
-        store: Store,
+        store: SpoolStore,
         *,
         now: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,

@@ -31,7 +31,7 @@ class SuspendingDirectory(Protocol):
 
 
 class HoldingStore(Protocol):
-    """The spool methods the breaker needs (spool.store.Store has them)."""
+    """The spool methods the breaker needs (spool.api.SpoolStore has them)."""
 
     def ids(self) -> Iterable[str]: ...
     def load(self, qid: str) -> Envelope: ...

@@ -19,7 +19,7 @@ SNAPSHOT_NAME = "limits.json"
 
 
 def snapshot_path(spool_path: Path) -> Path:
-    """Where `serve` writes the snapshot: next to the spool's tmp/ msg/ env/ folders."""
+    """Where `serve` writes the snapshot: next to the spool's tmp/ and journal/ folders."""
     return Path(spool_path) / SNAPSHOT_NAME
 
 

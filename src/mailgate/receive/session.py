@@ -50,7 +50,8 @@ from mailgate.smtp.events import (
     StartTls,
 )
 from mailgate.smtp.server import NEED_DATA, ServerConnection
-from mailgate.spool.store import Incoming, Store
+from mailgate.spool.api import SpoolStore
+from mailgate.spool.incoming import Incoming
 
 if TYPE_CHECKING:
     from mailgate.limits import AuthGuard, Limits
@@ -66,7 +67,7 @@ class Services:
     """Everything a session needs, built once by `cli serve`."""
 
     cfg: Config
-    store: Store
+    store: SpoolStore
     policy: Policy
     acceptor: Acceptor
     directory: Directory

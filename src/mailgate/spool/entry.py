@@ -1,4 +1,5 @@
-"""One spooled message's envelope and per-recipient state, as stored in spool/env/<qid>.json.
+"""One spooled message's envelope and per-recipient state, as stored in the journal
+(its COMMIT and UPDATE records).
 
 Owns: the envelope data model and its JSON form (version 1). Must not: touch files.
 All datetimes are aware UTC and serialised as ISO-8601.

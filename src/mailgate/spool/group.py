@@ -1,7 +1,7 @@
 """Group commit: many concurrent sessions share the directory fsyncs of one batch.
 
-Owns: batching `Store.commit_batch()` calls for asyncio sessions. Must not: touch spool files
-itself (store.py does), or block the event loop on disk I/O.
+Owns: batching `SpoolStore.commit_batch()` calls for asyncio sessions. Must not: touch spool
+files itself (journal.py does), or block the event loop on disk I/O.
 
 How it works: the first commit() of an idle committer starts a batch at once (no waiting, so a
 lone session pays no latency). Commits that arrive while a batch is being written, in a worker
@@ -22,8 +22,9 @@ import logging
 from dataclasses import dataclass
 
 from mailgate.errors import SpoolError
+from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope
-from mailgate.spool.store import Incoming, Store
+from mailgate.spool.incoming import Incoming
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,16 @@ class _Request:
 
 
 class GroupCommitter:
-    """Batches commits from concurrent sessions of one event loop onto one Store."""
+    """Batches commits from concurrent sessions of one event loop onto one SpoolStore."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SpoolStore) -> None:
         self.store = store
         self._queue: list[_Request] = []
         self._worker: asyncio.Task[None] | None = None
         self.batches = 0  # batches written so far (for tests and the benchmark)
 
     async def commit(self, incoming: Incoming, envelope: Envelope, prefix: bytes = b"") -> Envelope:
-        """Like `Store.commit()`, but batched with concurrent callers and off the event loop."""
+        """Like `SpoolStore.commit()`, batched with concurrent callers and off the event loop."""
         # Claim it here, in the event loop: a session that is cancelled meanwhile and aborts
         # its incoming message must not touch the files the worker thread is writing.
         self.store.prepare_commit(incoming, envelope)

@@ -1,7 +1,7 @@
 """Queue ids: the names of spool entries, of their files, and of the message in every log line.
 
 Owns: the format of a queue id and its generation. Must not: touch files (whether an id is
-already taken is checked by spool/store.py).
+already taken is checked by spool/journal.py).
 
 A queue id is 14 characters of [0-9A-Z]: 9 for the milliseconds since the Unix epoch in base 36
 (fixed width, so ids sort by time until the year 5138), then 5 random characters. Ids made in one
