@@ -194,6 +194,10 @@ class ServerConfig:
 
 
 AUTH_BACKENDS = ("directory", "ldap", "dovecot")
+# Asymmetric JWS algorithms only (RFC 7518 §3.1): a token signed with a shared secret ("HS256")
+# could be forged by anyone holding the key set, which is public.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                  "ES512", "EdDSA")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +226,20 @@ class DovecotConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthConfig:
+    """[auth.oauth]: OAUTHBEARER/XOAUTH2 with JWT access tokens (auth/oauth.py)."""
+
+    jwks_url: str = ""  # https://... the provider's JWKS; "": token mechanisms not offered
+    issuer: str = ""  # the "iss" every token must carry
+    audience: str = ""  # an "aud" every token must carry
+    login_claim: str = "preferred_username"  # the claim whose value is the login
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    ca_file: Path | None = None  # trust anchors for the JWKS server; None: system CAs
+    jwks_cache: float = 3600.0  # seconds the key set is used before it is fetched again
+    timeout: float = 5.0  # seconds to fetch the key set
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """[auth]: where passwords are checked. "directory" is part 1's behaviour."""
 
@@ -229,6 +247,7 @@ class AuthConfig:
     cache_ttl: float = 60.0  # seconds a successful verification is remembered; 0: never
     ldap: LdapConfig = field(default_factory=LdapConfig)
     dovecot: DovecotConfig = field(default_factory=DovecotConfig)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +325,7 @@ _SECTIONS = {
 }
 # Tables inside a section ([auth.ldap]): section -> key -> dataclass.
 _SUBSECTIONS: dict[str, dict[str, type]] = {
-    "auth": {"ldap": LdapConfig, "dovecot": DovecotConfig},
+    "auth": {"ldap": LdapConfig, "dovecot": DovecotConfig, "oauth": OAuthConfig},
 }
 
 
@@ -433,6 +452,15 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
                 f'{key}: expected an LDAP filter with {{login}}, e.g. "(uid={{login}})"'
             )
         return value
+    if kind == "https_url":
+        if not isinstance(value, str) or (value and not value.startswith("https://")):
+            raise ConfigError(f'{key}: expected "https://..." or ""')
+        return value
+    if kind == "jwt_algorithms":
+        algorithms = tuple(_list(key, value))
+        if not algorithms or any(a not in JWT_ALGORITHMS for a in algorithms):
+            raise ConfigError(f"{key}: expected a list of {', '.join(JWT_ALGORITHMS)}")
+        return algorithms
     if kind == "auth_socket":
         return _auth_socket(key, value, base)
     if kind == "spool_format":
@@ -521,6 +549,14 @@ _KINDS_FULL = {
     "auth.ldap.pool_size": "posint",
     "auth.dovecot.socket": "auth_socket",
     "auth.dovecot.timeout": "seconds",
+    "auth.oauth.jwks_url": "https_url",
+    "auth.oauth.issuer": "text",
+    "auth.oauth.audience": "text",
+    "auth.oauth.login_claim": "text",
+    "auth.oauth.algorithms": "jwt_algorithms",
+    "auth.oauth.ca_file": "path_or_empty",
+    "auth.oauth.jwks_cache": "seconds",
+    "auth.oauth.timeout": "seconds",
 }
 
 
@@ -728,6 +764,10 @@ def _check_auth(auth: AuthConfig) -> None:
             raise ConfigError("auth.ldap.bind_password_file: required when bind_dn is set")
         if auth.ldap.starttls and auth.ldap.url.startswith("ldaps://"):
             raise ConfigError("auth.ldap.starttls: not with an ldaps:// URL (already TLS)")
+    if auth.oauth.jwks_url:
+        for name in ("issuer", "audience", "login_claim"):
+            if not getattr(auth.oauth, name):
+                raise ConfigError(f"auth.oauth.{name}: required when jwks_url is set")
     if auth.backend == "dovecot" and not auth.dovecot.socket:
         raise ConfigError('auth.dovecot.socket: required when auth.backend = "dovecot"')
 
@@ -740,10 +780,12 @@ def _check_files(cfg: Config) -> None:
             if not p.is_file():
                 raise ConfigError(f"{key}: file not found: {p}")
     ldap = cfg.auth.ldap
+    needed = [("auth.oauth.ca_file", cfg.auth.oauth.ca_file)] if cfg.auth.oauth.jwks_url else []
     if cfg.auth.backend == "ldap":
-        for key, maybe in (("auth.ldap.ca_file", ldap.ca_file),
-                           ("auth.ldap.bind_password_file", ldap.bind_password_file)):  # fmt: skip
-            if maybe is not None and not maybe.is_file():
-                raise ConfigError(f"{key}: file not found: {maybe}")
+        needed += [("auth.ldap.ca_file", ldap.ca_file),
+                   ("auth.ldap.bind_password_file", ldap.bind_password_file)]  # fmt: skip
+    for key, maybe in needed:
+        if maybe is not None and not maybe.is_file():
+            raise ConfigError(f"{key}: file not found: {maybe}")
     if not (cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen):
         raise ConfigError("submission.listen: no listener configured in any service")

@@ -39,6 +39,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailgate import replies
 from mailgate.replies import Reply
@@ -263,7 +264,7 @@ def drive(conn: ServerConnection, data: bytes) -> list[Event]:
 
 
 def new_machine(transcript: Transcript) -> ServerConnection:
-    options = {**DEFAULT_OPTIONS, **transcript.options}
+    options: dict[str, Any] = {**DEFAULT_OPTIONS, **transcript.options}
     return ServerConnection(PROFILES[transcript.service], HOSTNAME, **options)
 
 

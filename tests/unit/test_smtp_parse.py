@@ -343,3 +343,47 @@ def test_mail_and_rcpt_arguments_never_raise_anything_else(text: str) -> None:
             call()
         except ProtocolViolation as e:
             assert 500 <= e.reply.code < 600
+
+
+# --- bearer tokens (RFC 7628 OAUTHBEARER, XOAUTH2) ---------------------------------------------
+def test_oauthbearer_and_xoauth2() -> None:
+    bearer = (
+        b"n,a=alice@example.org,\x01host=mail.test\x01port=587\x01auth=Bearer eyJ.a-b_c.d\x01\x01"
+    )
+    assert parse.parse_oauthbearer(b64(bearer)) == ("alice@example.org", "eyJ.a-b_c.d")
+    assert parse.parse_oauthbearer(b64(b"n,,\x01auth=bearer tok\x01\x01")) == ("", "tok")
+    assert parse.parse_oauthbearer(b64(b"y,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01")) == (
+        "a,b=c",
+        "t",
+    )
+    xoauth2 = b"user=alice@example.org\x01auth=Bearer eyJ.x.y\x01\x01"
+    assert parse.parse_xoauth2(b64(xoauth2)) == ("alice@example.org", "eyJ.x.y")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"n,,\x01auth=Bearer tok\x01",  # no final empty pair
+        b"p=tls-unique,,\x01auth=Bearer tok\x01\x01",  # channel binding: not supported
+        b"n,user,\x01auth=Bearer tok\x01\x01",  # authzid without a=
+        b"n,\x01auth=Bearer tok\x01\x01",  # gs2 header too short
+        b"n,,\x01auth=Basic dG9r\x01\x01",  # not a bearer token
+        b"n,,\x01auth=Bearer \x01\x01",  # empty token
+        b"n,,\x01host=x\x01\x01",  # no auth=
+        b"n,,\x01auth=Bearer t\x01auth=Bearer u\x01\x01",  # twice
+        b"n,,\x01auth=Bearer t\xff\x01\x01",  # not UTF-8
+        b"n,,\x00\x01auth=Bearer t\x01\x01",
+    ],
+)
+def test_oauthbearer_refusals(raw: bytes) -> None:
+    with pytest.raises(ProtocolViolation) as exc:
+        parse.parse_oauthbearer(b64(raw))
+    assert reply_of(exc) == refusal(replies.AUTH_BAD_ENCODING)
+
+
+@pytest.mark.parametrize("raw", [b"auth=Bearer t\x01\x01", b"user=\x01auth=Bearer t\x01\x01",
+                                 b"user=a\x01auth=Bearer t"])  # fmt: skip
+def test_xoauth2_refusals(raw: bytes) -> None:
+    with pytest.raises(ProtocolViolation) as exc:
+        parse.parse_xoauth2(b64(raw))
+    assert reply_of(exc) == refusal(replies.AUTH_BAD_ENCODING)

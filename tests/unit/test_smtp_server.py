@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ PLAIN_ALICE = base64.b64encode(b"\0alice\0secret").decode()
 
 
 def machine(profile: Profile = SMARTHOST, **limits: int) -> ServerConnection:
-    options = {"max_message_size": 1000, **limits}
+    options: dict[str, Any] = {"max_message_size": 1000, **limits}
     conn = ServerConnection(profile, HOST, **options)
     conn.start()
     conn.data_to_send()
@@ -893,3 +894,40 @@ def test_fake_answer_is_the_runner_one() -> None:
     assert conn.next_event() == EndOfData(too_big=True)
     fake_answer(conn, EndOfData(too_big=True))
     assert lines(conn)[-1] == "552 5.3.4 Message too big"
+
+
+# --- bearer tokens --------------------------------------------------------------------------
+def test_token_mechanisms_only_when_configured() -> None:
+    plain = machine(SUBMISSIONS)
+    _, out = feed(plain, b"EHLO c.test\r\n")
+    assert out[-1] == "250 AUTH PLAIN LOGIN"
+    _, out = feed(plain, b"AUTH OAUTHBEARER bjosAWF1dGg9QmVhcmVyIHNlY3JldAEB\r\n")
+    assert out == ["504 5.5.4 Unrecognized authentication type"]
+    tokens = machine(SUBMISSIONS, token_auth=True)
+    _, out = feed(tokens, b"EHLO c.test\r\n")
+    assert out[-1] == "250 AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2"
+
+
+def test_oauthbearer_initial_response_and_continuation() -> None:
+    response = base64.b64encode(b"n,a=alice,\x01auth=Bearer secret\x01\x01").decode()
+    conn = greeted(SUBMISSIONS, token_auth=True)
+    events, out = feed(conn, b"AUTH OAUTHBEARER\r\n")
+    assert events == [] and out == ["334 "] and state(conn) is State.SASL
+    events, out = feed(conn, response.encode() + b"\r\n")
+    assert events == [Auth(mechanism="OAUTHBEARER", login="alice", password="secret")]
+    assert out == ["235 2.7.0 Authentication successful"]
+    assert (conn.login, conn.auth_mechanism) == ("alice", "OAUTHBEARER")
+
+
+def test_xoauth2_initial_response() -> None:
+    response = base64.b64encode(b"user=alice\x01auth=Bearer secret\x01\x01").decode()
+    conn = greeted(SUBMISSIONS, token_auth=True)
+    events, out = feed(conn, f"AUTH XOAUTH2 {response}\r\n".encode())
+    assert events == [Auth(mechanism="XOAUTH2", login="alice", password="secret")]
+    assert out == ["235 2.7.0 Authentication successful"]
+
+
+def test_token_mechanisms_not_before_tls() -> None:
+    conn = greeted(SUBMISSION, token_auth=True)
+    _, out = feed(conn, b"AUTH XOAUTH2\r\n")
+    assert out == ["530 5.7.0 Must issue a STARTTLS command first"]

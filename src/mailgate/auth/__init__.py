@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from mailgate.auth.authenticator import Authenticator
     from mailgate.config import Config
     from mailgate.directory import Directory
 
@@ -75,3 +76,17 @@ def open_backend(cfg: Config, directory: Directory) -> Backend:
     from mailgate.auth.directory import DirectoryBackend
 
     return DirectoryBackend(directory)
+
+
+def open_authenticator(cfg: Config, directory: Directory) -> Authenticator:
+    """The authenticator `cli serve` gives the sessions: the backend, the credential cache and,
+    when [auth.oauth] jwks_url is set, the bearer-token verifier."""
+    from mailgate.auth.authenticator import Authenticator
+
+    tokens = None
+    if cfg.auth.oauth.jwks_url:
+        from mailgate.auth.oauth import TokenVerifier
+
+        tokens = TokenVerifier(cfg.auth.oauth)
+    return Authenticator(open_backend(cfg, directory), directory, ttl=cfg.auth.cache_ttl,
+                         tokens=tokens)  # fmt: skip

@@ -30,16 +30,20 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from mailgate.auth import Backend, Identity
+from mailgate.auth.oauth import TokenVerifier
 from mailgate.directory import Directory
 from mailgate.errors import AuthUnavailable, DirectoryError
 
 _MAX_ENTRIES = 100_000
+TOKEN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")  # smtp.parse.TOKEN_MECHANISMS (auth imports no smtp)
 T = TypeVar("T")
 
 
 class Authenticator:
-    def __init__(self, backend: Backend, directory: Directory, *, ttl: float = 60.0) -> None:
+    def __init__(self, backend: Backend, directory: Directory, *, ttl: float = 60.0,
+                 tokens: TokenVerifier | None = None) -> None:  # fmt: skip
         self.backend = backend
+        self.tokens = tokens
         self._directory = directory
         self._ttl = ttl
         self._key = secrets.token_bytes(32)
@@ -47,9 +51,18 @@ class Authenticator:
         self._generation: int | None = None
         self._inflight: dict[bytes, asyncio.Future[Identity | None]] = {}
 
-    async def verify(self, login: str, password: str) -> Identity | None:
+    @property
+    def accepts_tokens(self) -> bool:
+        """OAUTHBEARER and XOAUTH2 are offered ([auth.oauth] jwks_url is set)."""
+        return self.tokens is not None
+
+    async def verify(self, login: str, password: str, mechanism: str = "PLAIN") -> Identity | None:
         """The identity when the credentials are valid and the account usable, else None.
-        Raises AuthUnavailable when the backend (or the directory) cannot answer."""
+        Raises AuthUnavailable when the backend (or the directory) cannot answer. For
+        OAUTHBEARER and XOAUTH2, `password` is the bearer token and `login` what the client
+        said it is ("" or the token's login)."""
+        if mechanism in TOKEN_MECHANISMS:
+            return await self._check_token(login, password)
         token = hmac.new(
             self._key, login.encode() + b"\0" + password.encode(), hashlib.sha256
         ).digest()
@@ -78,6 +91,21 @@ class Authenticator:
         if not password:
             return None
         identity = await self.backend.verify(login, password)
+        if identity is None or not self._is_usable(identity.login):
+            return None
+        return identity
+
+    async def _check_token(self, claimed: str, token: str) -> Identity | None:
+        """A bearer token: verified (signature, issuer, audience, expiry: cheap once the key
+        set is cached, and never cached itself, so an expired token stops at once), then its
+        login must be one the backend knows and the directory has not disabled."""
+        if self.tokens is None:
+            return None
+        login = await self.tokens.login(token)
+        if login is None or (claimed and claimed.lower() != login.lower()):
+            return None
+        _directory_call(self._directory.generation)  # a database that cannot answer: 454
+        identity = await self.backend.lookup(login)
         if identity is None or not self._is_usable(identity.login):
             return None
         return identity

@@ -103,8 +103,7 @@ class Receiver:
     def __init__(self, cfg: Config, *, workers: int, index: int,
                  on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
         from mailgate.accept import Acceptor
-        from mailgate.auth import open_backend
-        from mailgate.auth.authenticator import Authenticator
+        from mailgate.auth import open_authenticator
         from mailgate.limits import AuthGuard, Limits
         from mailgate.message.dkim import Signer
         from mailgate.policy import Policy
@@ -133,8 +132,7 @@ class Receiver:
         self.auth_guard = AuthGuard(cfg.ratelimits)
         services = Services(
             cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
-            authenticator=Authenticator(open_backend(cfg, directory), directory,
-                                        ttl=cfg.auth.cache_ttl),
+            authenticator=open_authenticator(cfg, directory),
             tls=self.tls.context if self.tls else None,
             limits=self.limits, auth_guard=self.auth_guard,
         )  # fmt: skip

@@ -102,6 +102,7 @@ class Session:
             max_message_size=limits.max_message_size,
             max_recipients=limits.max_recipients,
             max_errors=limits.max_errors,
+            token_auth=services.authenticator.accepts_tokens,
         )
         self.txn: Transaction | None = None
         self.incoming: Incoming | None = None
@@ -301,7 +302,7 @@ class Session:
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
         try:
-            user = await self.s.authenticator.verify(event.login, event.password)
+            user = await self.s.authenticator.verify(event.login, event.password, event.mechanism)
         except AuthUnavailable as e:  # the backend is down or slow: temporary, never 535
             log.warning("sid=%s auth unavailable mech=%s login=%s backend=%s error=%s",
                         self.sid, event.mechanism, _safe(event.login),

@@ -65,11 +65,12 @@ class StartTls(Event):
 
 @dataclass(frozen=True, slots=True)
 class Auth(Event):
-    """A complete SASL exchange (PLAIN or LOGIN) was decoded.
+    """A complete SASL exchange (PLAIN, LOGIN, or OAUTHBEARER/XOAUTH2 when offered) was decoded.
 
-    mechanism: "PLAIN" or "LOGIN".
-    login:     the authentication identity (authcid).
-    password:  the password; never log it.
+    mechanism: "PLAIN", "LOGIN", "OAUTHBEARER" or "XOAUTH2".
+    login:     the authentication identity (authcid); for the token mechanisms the identity
+               the client names (authzid or user=), possibly "": the token decides.
+    password:  the password, or the bearer token; never log it.
     Answer replies.AUTH_SUCCEEDED (235) or BAD_CREDENTIALS (535) etc."""
 
     mechanism: str

@@ -11,7 +11,8 @@ RFCs:
   (source routes are accepted and ignored).
 - RFC 1870 (SIZE), RFC 6152 (BODY=8BITMIME), RFC 6531 §3.3 (SMTPUTF8; UTF-8 in addresses),
   RFC 3461 §4 (xtext, RET, ENVID, NOTIFY, ORCPT), RFC 4954 §4-§5 (AUTH, AUTH= parameter),
-  RFC 4616 (SASL PLAIN), draft-murchison-sasl-login (SASL LOGIN).
+  RFC 4616 (SASL PLAIN), draft-murchison-sasl-login (SASL LOGIN), RFC 7628 §3.1 (OAUTHBEARER),
+  Google's XOAUTH2 (the same bearer token in an older framing).
 
 Choices made where the RFCs leave room (documented for operators):
 - A space (or several) after "FROM:" / "TO:" is tolerated; angle brackets are required.
@@ -69,6 +70,9 @@ MAX_DOMAIN_OCTETS: Final = 255  # RFC 5321 §4.5.3.1.2
 MAX_ENVID_CHARS: Final = 100  # RFC 3461 §4.4
 MAX_ORCPT_CHARS: Final = 500  # RFC 3461 §4.2
 SASL_MECHANISMS: Final = ("PLAIN", "LOGIN")
+# Bearer-token mechanisms (RFC 7628 OAUTHBEARER, and Google's XOAUTH2 that preceded it): offered
+# only when the server is configured to verify tokens ([auth.oauth]).
+TOKEN_MECHANISMS: Final = ("OAUTHBEARER", "XOAUTH2")
 
 
 def _fail(reply: replies.Reply) -> ProtocolViolation:
@@ -361,3 +365,58 @@ def parse_sasl_plain(response: str) -> tuple[str, str]:
     if authzid_raw and decode_sasl_text(authzid_raw) != authcid:
         raise _fail(replies.BAD_CREDENTIALS)
     return authcid, password
+
+
+def parse_oauthbearer(response: str) -> tuple[str, str]:
+    """Decode an OAUTHBEARER client response (RFC 7628 §3.1): base64 of
+    gs2-header ^A *(key=value ^A) ^A, e.g. "n,a=user@example.com,^Aauth=Bearer TOKEN^A^A".
+
+    Returns (authzid or "", token). Channel binding ("p=") is not supported (RFC 7628 §3.1:
+    the gs2 flag must be "n" or "y"); anything malformed is 501 5.5.2."""
+    header, pairs = _sasl_pairs(decode_base64(response), header=True)
+    fields = header.split(",")  # gs2-cb-flag, [a=authzid], "" (RFC 5801 §4)
+    if len(fields) != 3 or fields[0] not in ("n", "y") or fields[2]:
+        raise _fail(replies.AUTH_BAD_ENCODING)
+    authzid = fields[1]
+    if authzid and not authzid.startswith("a="):
+        raise _fail(replies.AUTH_BAD_ENCODING)
+    # RFC 5801 §4 saslname: "," and "=" are written =2C and =3D.
+    user = authzid.removeprefix("a=").replace("=2C", ",").replace("=3D", "=")
+    return user, _bearer(pairs)
+
+
+def parse_xoauth2(response: str) -> tuple[str, str]:
+    """Decode an XOAUTH2 client response: base64 of "user=" USER ^A "auth=Bearer " TOKEN ^A ^A.
+    Returns (user, token); anything malformed is 501 5.5.2."""
+    _, pairs = _sasl_pairs(decode_base64(response), header=False)
+    user = pairs.get("user", "")
+    if not user:
+        raise _fail(replies.AUTH_BAD_ENCODING)
+    return user, _bearer(pairs)
+
+
+def _sasl_pairs(raw: bytes, *, header: bool) -> tuple[str, dict[str, str]]:
+    """Split "[header ^A] key=value ^A ... ^A" (RFC 7628 §3.1 kvpairs, ending in an empty one)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(replies.AUTH_BAD_ENCODING) from None
+    items = text.split("\x01")
+    if len(items) < 3 or items[-2:] != ["", ""] or "\0" in text:
+        raise _fail(replies.AUTH_BAD_ENCODING)
+    first = items[0] if header else ""
+    pairs: dict[str, str] = {}
+    for item in items[1 if header else 0 : -2]:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key in pairs:
+            raise _fail(replies.AUTH_BAD_ENCODING)
+        pairs[key] = value
+    return first, pairs
+
+
+def _bearer(pairs: dict[str, str]) -> str:
+    """The token of "auth=Bearer TOKEN" (RFC 6750 §2.1: the scheme is case-insensitive)."""
+    scheme, _, token = pairs.get("auth", "").partition(" ")
+    if scheme.lower() != "bearer" or not token or not token.isascii() or not token.isprintable():
+        raise _fail(replies.AUTH_BAD_ENCODING)
+    return token.strip()

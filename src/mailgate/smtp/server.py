@@ -193,6 +193,8 @@ class ServerConnection:
     max_message_size: SIZE limit (RFC 1870); larger messages end in EndOfData(too_big=True).
     max_recipients:   accepted recipients per transaction; more get 452 4.5.3.
     max_errors:       5xx replies before 421 4.5.0 and Close.
+    token_auth:       also offer OAUTHBEARER and XOAUTH2 (bearer tokens, RFC 7628); the token
+                      arrives as Auth.password.
 
     Public attributes (read them, do not assign): is_tls, login, ehlo_domain,
     auth_mechanism, error_count, state, is_closed.
@@ -206,6 +208,7 @@ class ServerConnection:
         max_message_size: int,
         max_recipients: int = 100,
         max_errors: int = 10,
+        token_auth: bool = False,
     ) -> None:
         if max_message_size < 1 or max_recipients < 1 or max_errors < 1:
             raise UsageError("ServerConnection limits must be positive")
@@ -214,6 +217,7 @@ class ServerConnection:
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
         self.max_errors = max_errors
+        self.mechanisms = parse.SASL_MECHANISMS + (parse.TOKEN_MECHANISMS if token_auth else ())
         self.is_tls = profile.implicit_tls
         self.login: str | None = None
         self.auth_mechanism: str | None = None
@@ -374,7 +378,8 @@ class ServerConnection:
         if self.profile.offers_starttls and not self.is_tls:
             lines.append("STARTTLS")  # RFC 3207
         if self._may_auth():
-            lines.append("AUTH PLAIN LOGIN")  # RFC 4954; never before TLS (RFC 6409 §4.3)
+            # RFC 4954; never before TLS (RFC 6409 §4.3)
+            lines.append("AUTH " + " ".join(self.mechanisms))
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
         return text.encode()
 
@@ -525,14 +530,14 @@ class ServerConnection:
         if not words[0] or len(words) > 2:
             raise ProtocolViolation(replies.BAD_ARGUMENTS)
         mechanism = words[0].upper()
-        if mechanism not in parse.SASL_MECHANISMS:
+        if mechanism not in self.mechanisms:
             raise ProtocolViolation(replies.AUTH_NOT_SUPPORTED)
         initial = words[1] if len(words) == 2 else None
         self._sasl_mechanism = mechanism
         self._sasl_username = None
         if initial is None:
             self._state = State.SASL
-            self._out += _SASL_CONTINUE if mechanism == "PLAIN" else _LOGIN_USERNAME
+            self._out += _LOGIN_USERNAME if mechanism == "LOGIN" else _SASL_CONTINUE
             return
         # RFC 4954 §4: "=" is an initial response of zero length
         self._sasl_response(b"" if initial == "=" else initial.encode("utf-8", "surrogateescape"))
@@ -544,6 +549,10 @@ class ServerConnection:
         text = content.decode("ascii", "replace")
         if self._sasl_mechanism == "PLAIN":
             login, password = parse.parse_sasl_plain(text)
+        elif self._sasl_mechanism == "OAUTHBEARER":
+            login, password = parse.parse_oauthbearer(text)
+        elif self._sasl_mechanism == "XOAUTH2":
+            login, password = parse.parse_xoauth2(text)
         elif self._sasl_username is None:
             self._sasl_username = parse.decode_sasl_text(parse.decode_base64(text))
             self._state = State.SASL
