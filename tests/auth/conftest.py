@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import smtplib
+import subprocess
+from pathlib import Path
 
 from tests.e2e.conftest import client_tls
 from tests.support.gateway import Gateway
@@ -38,3 +40,37 @@ def try_login(gw: Gateway, login: str, password: str) -> tuple[int, bytes]:
 
 def head_of(gw: Gateway, qid: str) -> str:
     return gw.message(qid).split(b"\r\n\r\n", 1)[0].decode()
+
+
+def swaks(gw: Gateway, login: str, password: str, frm: str, *,
+          auth: str = "PLAIN") -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """swaks over STARTTLS on the submission port."""
+    return subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(gw.ports["submission"]), "--tls",
+         "--auth", auth, "--auth-user", login, "--auth-password", password, "--from", frm,
+         "--to", "swaks@remote.test", "--helo", "swaks.test", "--header", f"From: {frm}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def swaks_qid(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "<~  235 2.7.0 Authentication successful" in proc.stdout
+    return proc.stdout.split("<~  250 2.0.0 Ok: queued as ", 1)[1].split()[0]
+
+
+def msmtp(gw: Gateway, folder: Path, login: str, password: str, frm: str, *,
+          auth: str = "plain") -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """msmtp with implicit TLS on the submissions port; `password` may be a bearer token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rc, secret = folder / "msmtprc", folder / "secret"
+    secret.write_text(password)  # passwordeval: a token is longer than an msmtprc line may be
+    rc.write_text(
+        f"account default\nhost 127.0.0.1\nport {gw.ports['submissions']}\ntls on\n"
+        f"tls_starttls off\ntls_certcheck off\nauth {auth}\nuser {login}\n"
+        f"passwordeval cat '{secret}'\nfrom {frm}\n"
+    )
+    rc.chmod(0o600)
+    text = f"From: {frm}\r\nTo: msmtp@remote.test\r\nSubject: hello\r\n\r\nHello.\r\n"
+    return subprocess.run(["msmtp", "-C", str(rc), "msmtp@remote.test"], input=text,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth.conftest import QUIET_GUARD, auth_plain, connect, head_of, try_login
+from tests.auth.conftest import (
+    QUIET_GUARD,
+    auth_plain,
+    connect,
+    head_of,
+    msmtp,
+    swaks,
+    swaks_qid,
+    try_login,
+)
 from tests.e2e.conftest import message
 from tests.support.dovecot import DovecotAuth
 from tests.support.gateway import Gateway
@@ -98,3 +107,16 @@ def test_dovecot_stopped_gives_454(tmp_path: Path) -> None:
     finally:
         gw.finish()
         server.stop()
+
+
+def test_swaks_and_msmtp_with_a_dovecot_login(gateway: Gateway, tmp_path: Path) -> None:
+    qid = swaks_qid(swaks(gateway, "dora", "dora's imap password", "dora@example.org",
+                          auth="LOGIN"))  # fmt: skip
+    assert "(LOGIN:dora)" in head_of(gateway, qid)
+    before = set(gateway.queued())
+    proc = msmtp(gateway, tmp_path, "dora", "dora's imap password", "dora@example.org")
+    assert proc.returncode == 0, proc.stderr
+    [qid] = set(gateway.queued()) - before
+    assert "(PLAIN:dora)" in head_of(gateway, qid)
+    bad = msmtp(gateway, tmp_path / "bad", "dora", "wrong", "dora@example.org")
+    assert bad.returncode != 0 and "535 5.7.8" in bad.stderr

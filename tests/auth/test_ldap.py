@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from tests.auth.conftest import QUIET_GUARD, auth_plain, connect, head_of, try_login
+from tests.auth.conftest import (
+    QUIET_GUARD,
+    auth_plain,
+    connect,
+    head_of,
+    msmtp,
+    swaks,
+    swaks_qid,
+    try_login,
+)
 from tests.e2e.conftest import message
 from tests.support.gateway import Gateway
 from tests.support.slapd import PEOPLE, SERVICE_DN, Person, Slapd
@@ -185,3 +194,17 @@ def test_the_auth_defence_counts_ldap_failures(tmp_path: Path, slapd: Slapd, ca:
         raise AssertionError(f"unexpected {e!r}") from None
     finally:
         gw.finish()
+
+
+def test_swaks_and_msmtp_with_an_ldap_login(gateway: Gateway, tmp_path: Path) -> None:
+    qid = swaks_qid(swaks(gateway, CAROL.uid, CAROL.password, "dean@college.example.org"))
+    head = head_of(gateway, qid)
+    assert "(PLAIN:carol)" in head and "\r\nSender:" not in head
+    before = set(gateway.queued())
+    proc = msmtp(gateway, tmp_path, CAROL.uid, CAROL.password, "carol@example.org")
+    assert proc.returncode == 0, proc.stderr
+    [qid] = set(gateway.queued()) - before
+    assert gateway.envelope(qid).service == "submissions"
+    assert "(PLAIN:carol)" in head_of(gateway, qid)
+    bad = msmtp(gateway, tmp_path / "bad", CAROL.uid, "wrong", "carol@example.org")
+    assert bad.returncode != 0 and "535 5.7.8" in bad.stderr

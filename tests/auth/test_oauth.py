@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.auth.conftest import QUIET_GUARD, connect, head_of
+from tests.auth.conftest import QUIET_GUARD, connect, head_of, msmtp
 from tests.e2e.conftest import client_tls, message
 from tests.support.gateway import Gateway
 from tests.support.jwks import AUDIENCE, ISSUER, Provider
@@ -145,3 +145,19 @@ def test_an_unreachable_key_set_gives_454(tmp_path: Path, ca: TestCA, provider: 
         assert auth(gw, "OAUTHBEARER", oauthbearer(provider.token("alice"))) == UNAVAILABLE
     finally:
         gw.finish()
+
+
+@pytest.mark.parametrize("mechanism", ["oauthbearer", "xoauth2"])
+def test_msmtp_with_a_token(
+    gateway: Gateway, provider: Provider, tmp_path: Path, mechanism: str
+) -> None:
+    # (swaks 20201014, Debian 12's, has no OAUTHBEARER or XOAUTH2.)
+    before = set(gateway.queued())
+    token = provider.token("alice")
+    proc = msmtp(gateway, tmp_path, "alice", token, "alice@example.org", auth=mechanism)
+    assert proc.returncode == 0, proc.stderr
+    [qid] = set(gateway.queued()) - before
+    assert f"({mechanism.upper()}:alice)" in head_of(gateway, qid)
+    expired = provider.token("alice", expires_in=-600)
+    bad = msmtp(gateway, tmp_path / "bad", "alice", expired, "alice@example.org", auth=mechanism)
+    assert bad.returncode != 0 and "535 5.7.8" in bad.stderr

@@ -18,7 +18,9 @@ password is refused before any of this (auth/authenticator.py): it would be an
 unauthenticated bind, which servers accept (RFC 4513 §5.1.2).
 
 Addresses: every value of `address_attribute` (the first is the primary address; without one,
-LOGIN@default_domain), then every value of `alias_attributes`.
+LOGIN@default_domain), then every value of `alias_attributes`; Active Directory's
+proxyAddresses form "smtp:a@b" (any case) counts as a@b, other typed values ("sip:", "X500:")
+are skipped.
 
 TLS: ldaps:// (implicit TLS) or `starttls` (RFC 4513 §3), on every connection, search and bind
 alike; the server's certificate must verify against `ca_file` (or the system's CAs) and match
@@ -155,7 +157,8 @@ class LdapBackend:
         def values(name: str) -> list[str]:
             for key, items in attributes.items():  # attribute names ignore case (RFC 4512)
                 if key.lower() == name.lower():
-                    return [v.decode("utf-8", "replace") for v in items if b"@" in v]
+                    found = (_address(v.decode("utf-8", "replace")) for v in items)
+                    return [a for a in found if a]
             return []
 
         primary = values(self.cfg.address_attribute) or [f"{login}@{self.default_domain}"]
@@ -225,6 +228,15 @@ class LdapBackend:
             _unbind(conn)
             raise
         return conn
+
+
+def _address(value: str) -> str:
+    """An address from an attribute value: as it is, or without Active Directory's "smtp:"
+    prefix (proxyAddresses); other typed values ("X500:...", "sip:...") are not addresses."""
+    kind, colon, rest = value.partition(":")
+    if colon and "@" not in kind:
+        return rest if kind.lower() == "smtp" and "@" in rest else ""
+    return value if "@" in value else ""
 
 
 def _unbind(conn: Any) -> None:
