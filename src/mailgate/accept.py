@@ -161,6 +161,7 @@ class Acceptor:
             envid=txn.mail.envid,
             smtputf8=txn.mail.smtputf8,
             body=txn.mail.body or "",
+            requiretls=txn.mail.requiretls,
         )
         return await self._committer.commit(incoming, envelope, prefix)
 

@@ -113,7 +113,7 @@ BASE_CAPS = ["250-mx.test", "250-PIPELINING", "250-SIZE 1000", "250-8BITMIME", "
     [
         (SUBMISSION, [*BASE_CAPS, "250-DSN", "250 STARTTLS"]),
         (SMARTHOST, [*BASE_CAPS, "250-DSN", "250 STARTTLS"]),
-        (SUBMISSIONS, [*BASE_CAPS, "250-DSN", "250 AUTH PLAIN LOGIN"]),
+        (SUBMISSIONS, [*BASE_CAPS, "250-DSN", "250-REQUIRETLS", "250 AUTH PLAIN LOGIN"]),
     ],
 )
 def test_ehlo_capabilities(profile: Profile, expected: list[str]) -> None:
@@ -931,3 +931,37 @@ def test_token_mechanisms_not_before_tls() -> None:
     conn = greeted(SUBMISSION, token_auth=True)
     _, out = feed(conn, b"AUTH XOAUTH2\r\n")
     assert out == ["530 5.7.0 Must issue a STARTTLS command first"]
+
+
+# --- REQUIRETLS (RFC 8689 §4.1) --------------------------------------------------------------
+
+
+def test_requiretls_is_advertised_only_under_tls_on_the_submission_services() -> None:
+    conn = machine(SUBMISSION)
+    _, before = feed(conn, b"EHLO client.test\r\nSTARTTLS\r\n")
+    assert not any("REQUIRETLS" in line for line in before)
+    _, after = feed(conn, b"EHLO client.test\r\n")
+    assert "250-REQUIRETLS" in after
+    _, implicit = feed(machine(SUBMISSIONS), b"EHLO client.test\r\n")
+    assert "250-REQUIRETLS" in implicit
+    smarthost = greeted(SMARTHOST)
+    _, relay = feed(smarthost, b"STARTTLS\r\nEHLO client.test\r\n")
+    assert not any("REQUIRETLS" in line for line in relay)
+
+
+def test_mail_requiretls_sets_the_flag_where_offered() -> None:
+    conn = authenticated()
+    events, out = feed(conn, b"MAIL FROM:<alice@example.org> REQUIRETLS\r\n")
+    assert out == ["250 2.1.0 Sender ok"]
+    [mail] = [e for e in events if isinstance(e, MailFrom)]
+    assert mail.requiretls is True
+    events, _ = feed(conn, b"RSET\r\nMAIL FROM:<alice@example.org>\r\n")
+    [mail] = [e for e in events if isinstance(e, MailFrom)]
+    assert mail.requiretls is False
+
+
+def test_mail_requiretls_is_an_unknown_parameter_where_not_offered() -> None:
+    conn = greeted(SMARTHOST)
+    events, out = feed(conn, b"MAIL FROM:<alice@example.org> REQUIRETLS\r\n")
+    assert out == ["555 5.5.4 MAIL FROM/RCPT TO parameters not recognized or not implemented"]
+    assert not any(isinstance(e, MailFrom) for e in events)

@@ -21,6 +21,8 @@ class Profile:
     offers_auth:      AUTH PLAIN/LOGIN is advertised once the connection is under TLS.
     requires_auth:    MAIL is refused (530 5.7.0) until AUTH succeeded.
     requires_tls_for_auth: AUTH and MAIL before STARTTLS get 530 5.7.0 (RFC 6409 / 3207).
+    offers_requiretls: REQUIRETLS is advertised (and its MAIL parameter accepted) once the
+                      connection is under TLS (RFC 8689 §4.1).
     """
 
     name: str
@@ -29,12 +31,13 @@ class Profile:
     offers_auth: bool
     requires_auth: bool
     requires_tls_for_auth: bool = True
+    offers_requiretls: bool = False
 
 
 SUBMISSION = Profile("submission", offers_starttls=True, implicit_tls=False,
-                     offers_auth=True, requires_auth=True)  # fmt: skip
+                     offers_auth=True, requires_auth=True, offers_requiretls=True)  # fmt: skip
 SUBMISSIONS = Profile("submissions", offers_starttls=False, implicit_tls=True,
-                      offers_auth=True, requires_auth=True)  # fmt: skip
+                      offers_auth=True, requires_auth=True, offers_requiretls=True)  # fmt: skip
 SMARTHOST = Profile("smarthost", offers_starttls=True, implicit_tls=False,
                     offers_auth=False, requires_auth=False)  # fmt: skip
 PROFILES = {p.name: p for p in (SUBMISSION, SUBMISSIONS, SMARTHOST)}
@@ -88,6 +91,7 @@ class MailFrom(Event):
     ret:       RET= "FULL"/"HDRS" or None (RFC 3461).
     envid:     ENVID= xtext-decoded, or None (RFC 3461).
     auth:      AUTH= parameter as given, or None (RFC 4954 §5); informational only.
+    requiretls: REQUIRETLS given (RFC 8689 §4.1; only where it was advertised).
     The machine already refused a SIZE above the limit (552 5.3.4)."""
 
     address: str
@@ -97,6 +101,7 @@ class MailFrom(Event):
     ret: Literal["FULL", "HDRS"] | None = None
     envid: str | None = None
     auth: str | None = None
+    requiretls: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,8 +212,11 @@ def _value(params: dict[str, str | None], keyword: str) -> str | None:
     return value
 
 
-def parse_mail_args(arg: str) -> MailFrom:
+def parse_mail_args(arg: str, *, requiretls: bool = False) -> MailFrom:
     """The text after `MAIL `: `FROM:<reverse-path> [params]` (RFC 5321 §4.1.1.2).
+
+    `requiretls`: REQUIRETLS was advertised, so its parameter is accepted (RFC 8689 §4.1);
+    otherwise it is an unknown parameter like any other.
 
     Raises ProtocolViolation with 501 5.5.4 (syntax), 501 5.1.3 (address), 553 5.6.7
     (non-ASCII without SMTPUTF8) or 555 5.5.4 (unknown parameter). The SIZE limit is the
@@ -260,11 +263,11 @@ def parse_mail_args(arg: str) -> MailFrom:
     auth = _value(params, "AUTH")  # RFC 4954 §5: informational; kept as given
     if auth is not None and _XTEXT_RE.fullmatch(auth) is None:
         raise _fail(replies.BAD_ARGUMENTS)
+    wants_tls = requiretls and _flag(params, "REQUIRETLS")
     if params:
         raise _fail(replies.PARAM_NOT_RECOGNIZED)
-    return MailFrom(
-        address=address, size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid, auth=auth
-    )
+    return MailFrom(address=address, size=size, body=body, smtputf8=smtputf8, ret=ret,
+                    envid=envid, auth=auth, requiretls=wants_tls)  # fmt: skip
 
 
 def parse_rcpt_args(arg: str, *, smtputf8: bool) -> RcptTo:

@@ -377,11 +377,16 @@ class ServerConnection:
         ]
         if self.profile.offers_starttls and not self.is_tls:
             lines.append("STARTTLS")  # RFC 3207
+        if self._may_requiretls():
+            lines.append("REQUIRETLS")  # RFC 8689 §4.1: only under TLS
         if self._may_auth():
             # RFC 4954; never before TLS (RFC 6409 §4.3)
             lines.append("AUTH " + " ".join(self.mechanisms))
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
         return text.encode()
+
+    def _may_requiretls(self) -> bool:
+        return self.profile.offers_requiretls and self.is_tls
 
     def _may_auth(self) -> bool:
         return self.profile.offers_auth and (self.is_tls or not self.profile.requires_tls_for_auth)
@@ -577,7 +582,7 @@ class ServerConnection:
             if self.profile.requires_tls_for_auth and not self.is_tls:
                 raise ProtocolViolation(replies.STARTTLS_REQUIRED)  # RFC 3207 §4, RFC 6409
             raise ProtocolViolation(replies.AUTH_REQUIRED)  # RFC 4954 §6
-        event = parse.parse_mail_args(arg)
+        event = parse.parse_mail_args(arg, requiretls=self._may_requiretls())
         if event.size is not None and event.size > self.max_message_size:
             raise ProtocolViolation(replies.MESSAGE_TOO_BIG)  # RFC 1870 §6
         self._events.append(event)
