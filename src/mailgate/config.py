@@ -79,6 +79,28 @@ class SmarthostConfig:
     bad_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
+TLS_POLICY_LEVELS = ("may", "encrypt", "verify", "dane")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTlsConfig:
+    """[delivery.tls]: verified TLS to the recipients' MX hosts (INTERFACE part 2).
+
+    mta_sts:      fetch, cache and obey MTA-STS policies (RFC 8461).
+    dane:         obey DANE TLSA records (RFC 7672); the AD bit is trusted only from
+                  `delivery.nameservers` (with the system resolver DANE is never applied).
+    ca_file:      trust anchors for MX certificates and MTA-STS fetches; None: the system's.
+    mta_sts_port: where policies are fetched (https://mta-sts.DOMAIN:PORT/...).
+    policy:       recipient domain -> "may" | "encrypt" | "verify" | "dane" (lower-case keys).
+    """
+
+    mta_sts: bool = True
+    dane: bool = True
+    ca_file: Path | None = None
+    mta_sts_port: int = 443
+    policy: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     nameservers: tuple[tuple[str, int], ...] = ()
@@ -93,6 +115,7 @@ class DeliveryConfig:
     hop_limit: int = 50
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    tls: DeliveryTlsConfig = field(default_factory=DeliveryTlsConfig)
 
     @property
     def relay_host_port(self) -> tuple[str, int] | None:
@@ -325,6 +348,7 @@ _SECTIONS = {
 }
 # Tables inside a section ([auth.ldap]): section -> key -> dataclass.
 _SUBSECTIONS: dict[str, dict[str, type]] = {
+    "delivery": {"tls": DeliveryTlsConfig},
     "auth": {"ldap": LdapConfig, "dovecot": DovecotConfig, "oauth": OAuthConfig},
 }
 
@@ -463,6 +487,8 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return algorithms
     if kind == "auth_socket":
         return _auth_socket(key, value, base)
+    if kind == "tls_policy_table":
+        return _tls_policy_table(key, value)
     if kind == "spool_format":
         if value == "files":
             raise ConfigError(
@@ -531,6 +557,10 @@ _KINDS_FULL = {
     "spool.format": "spool_format",
     "server.workers": "nonnegint",
     "directory.url": "sqlite_url",
+    "delivery.tls.mta_sts": "bool",
+    "delivery.tls.dane": "bool",
+    "delivery.tls.mta_sts_port": "port",
+    "delivery.tls.policy": "tls_policy_table",
     "ratelimits.submission": "ratelimit_service",
     "ratelimits.submissions": "ratelimit_service",
     "ratelimits.smarthost": "ratelimit_service",
@@ -539,6 +569,7 @@ _KINDS_FULL = {
     "auth.ldap.url": "ldap_url",
     "auth.ldap.starttls": "bool",
     "auth.ldap.ca_file": "path_or_empty",
+    "delivery.tls.ca_file": "path_or_empty",
     "auth.ldap.bind_dn": "text",
     "auth.ldap.bind_password_file": "path_or_empty",
     "auth.ldap.base": "text",
@@ -772,6 +803,20 @@ def _check_auth(auth: AuthConfig) -> None:
         raise ConfigError('auth.dovecot.socket: required when auth.backend = "dovecot"')
 
 
+def _tls_policy_table(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f'{key}: expected a table like {{ "example.net" = "verify" }}')
+    table: dict[str, str] = {}
+    for domain, level in value.items():
+        name = _hostname(domain, f"{key}.{domain}")
+        if level not in TLS_POLICY_LEVELS:
+            raise ConfigError(
+                f'{key}.{domain}: expected "may", "encrypt", "verify" or "dane", got {level!r}'
+            )
+        table[name] = level
+    return table
+
+
 def _check_files(cfg: Config) -> None:
     """Files that must exist for `serve` (certificate, key) are checked at load time."""
     has_tls = bool(cfg.submission.listen or cfg.submissions.listen)
@@ -784,6 +829,7 @@ def _check_files(cfg: Config) -> None:
     if cfg.auth.backend == "ldap":
         needed += [("auth.ldap.ca_file", ldap.ca_file),
                    ("auth.ldap.bind_password_file", ldap.bind_password_file)]  # fmt: skip
+    needed.append(("delivery.tls.ca_file", cfg.delivery.tls.ca_file))
     for key, maybe in needed:
         if maybe is not None and not maybe.is_file():
             raise ConfigError(f"{key}: file not found: {maybe}")

@@ -45,7 +45,7 @@ def test_success_via_mx(
     lines = [r.getMessage() for r in caplog.records if "to=<bob@dest.test>" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith(f"qid={qid} to=<bob@dest.test> relay=mx.dest.test[{sink.host}]:25 ")
-    assert " tls=no verified=no delay=" in lines[0]
+    assert " tls=no verified=no policy=none delay=" in lines[0]
     assert lines[0].endswith(' status=sent reply="250 2.0.0 Ok: queued"')
 
 

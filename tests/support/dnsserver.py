@@ -1,10 +1,10 @@
 """A tiny authoritative DNS server for tests, on a loopback port, with a zone the test edits.
 
-Owns: answering A, AAAA, MX, TXT queries (UDP and TCP) from an in-memory zone, plus the failure
-modes a resolver must handle: NXDOMAIN (any name the zone does not know), NODATA (a known name
-without records of the asked type), SERVFAIL and silence (a timeout). Must not: recurse, or
-listen anywhere but loopback. Built on dnspython's message parsing (RFC 1035 §4, RFC 7766 TCP
-framing); null MX is RFC 7505 (`MX 0 .`).
+Owns: answering A, AAAA, MX, TXT, TLSA queries (UDP and TCP) from an in-memory zone, plus the
+failure modes a resolver must handle: NXDOMAIN (any name the zone does not know), NODATA (a
+known name without records of the asked type), SERVFAIL and silence (a timeout). Must not:
+recurse, or listen anywhere but loopback. Built on dnspython's message parsing (RFC 1035 §4,
+RFC 7766 TCP framing); null MX is RFC 7505 (`MX 0 .`).
 
     with DnsServer() as dns:
         dns.mx("example.org", (10, "mx1.example.org"), (20, "mx2.example.org"))
@@ -13,6 +13,11 @@ framing); null MX is RFC 7505 (`MX 0 .`).
 
 The zone may be changed while the server runs (a lock protects it); every query is recorded in
 `queries` as (name, type) so a test can assert what was asked.
+
+DNSSEC is simulated the way a validating resolver reports it (RFC 4035 §3.2.3): answers for
+names inside a zone marked with `sign()` carry the AD bit (NXDOMAIN and NODATA too); no RRSIGs
+are served. The delivery code trusts that bit from its configured resolver, which is what is
+tested.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class DnsServer:
         self._names: set[str] = set()
         self._servfail: set[str] = set()
         self._silent: set[str] = set()
+        self._signed: set[str] = set()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
 
@@ -71,6 +77,23 @@ class DnsServer:
 
     def txt(self, name: str, *texts: str) -> None:
         self._set(name, "TXT", ['"' + t.replace('"', '\\"') + '"' for t in texts])
+
+    def tlsa(self, name: str, *records: tuple[int, int, int, str]) -> None:
+        """TLSA records (usage, selector, matching type, hex data) at `name`, e.g.
+        "_25._tcp.mx.example.org" (RFC 6698 §2, RFC 7672 §2.2)."""
+        self._set(name, "TLSA", [f"{u} {s} {m} {data}" for u, s, m, data in records])
+
+    def sign(self, zone: str) -> None:
+        """Answers for `zone` and every name under it carry the AD bit from now on."""
+        with self._lock:
+            self._signed.add(_key(zone))
+
+    def unsign(self, zone: str) -> None:
+        with self._lock:
+            self._signed.discard(_key(zone))
+
+    def _is_signed(self, name: str) -> bool:
+        return any(name == z or name.endswith("." + z) for z in self._signed)
 
     def exists(self, name: str) -> None:
         """Make `name` exist without records (queries get NODATA, not NXDOMAIN)."""
@@ -123,6 +146,8 @@ class DnsServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.queries.append((name, rdtype))
+            if self._is_signed(name):
+                response.flags |= dns.flags.AD
             if name in self._silent:
                 return None
             if name in self._servfail:

@@ -41,6 +41,8 @@ def toml_dumps(data: dict[str, Any]) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table ([delivery] tls = { ... })
+            return "{ " + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + " }"
         raise TypeError(type(v))
 
     def tables(prefix: str, table: dict[str, Any]) -> list[str]:

@@ -74,6 +74,7 @@ class Behaviour:
     # it (a server that restarted while our pooled connection sat idle); None: never.
     hang_up_on_mail_after: int | None = None
     hold_end_of_data: bool = False
+    requiretls: bool = False  # advertise REQUIRETLS under TLS (RFC 8689 §4.1)
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,8 @@ class SmtpSink:
                     caps.append("DSN")
                 if b.starttls and self.tls is not None and not is_tls:
                     caps.append("STARTTLS")
+                if b.requiretls and is_tls:
+                    caps.append("REQUIRETLS")
                 lines = [f"250-{c}" for c in caps[:-1]] + [f"250 {caps[-1]}"]
                 writer.write(("\r\n".join(lines) + "\r\n").encode())
                 await writer.drain()

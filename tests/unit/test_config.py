@@ -273,3 +273,46 @@ def test_check_files(tmp_path: Path) -> None:
     os.unlink(tmp_path / "tls/cert.pem")
     cfg = load(tmp_path, '[smarthost]\nlisten = ["127.0.0.1:10025"]\n', check_files=True)
     assert cfg.smarthost.listen == (Listen("127.0.0.1", 10025),)
+
+
+# --- [delivery.tls] ------------------------------------------------------------------------
+
+
+def test_delivery_tls_defaults_and_values(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "")
+    tls = cfg.delivery.tls
+    assert (tls.mta_sts, tls.dane, tls.ca_file, tls.mta_sts_port, tls.policy) == (
+        True, True, None, 443, {},
+    )  # fmt: skip
+    cfg = load(
+        tmp_path,
+        '[delivery.tls]\nmta_sts = false\ndane = false\nca_file = "ca.pem"\n'
+        'mta_sts_port = 8443\npolicy = { "Example.NET" = "verify", "b.test" = "dane" }\n',
+    )
+    tls = cfg.delivery.tls
+    assert (tls.mta_sts, tls.dane, tls.ca_file, tls.mta_sts_port) == (
+        False, False, tmp_path / "ca.pem", 8443,
+    )  # fmt: skip
+    assert tls.policy == {"example.net": "verify", "b.test": "dane"}
+    assert load(tmp_path, '[delivery.tls]\nca_file = ""\n').delivery.tls.ca_file is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[delivery.tls]\nmta_sts = 1\n", "delivery.tls.mta_sts: expected true or false"),
+        ("[delivery.tls]\nfoo = 1\n", "delivery.tls.foo: unknown key"),
+        ("[delivery.tls]\nmta_sts_port = 0\n", "delivery.tls.mta_sts_port: expected a port"),
+        ("[delivery.tls]\npolicy = 3\n", "delivery.tls.policy: expected a table"),
+        ('[delivery.tls]\npolicy = { "a..b" = "may" }\n', "delivery.tls.policy.a..b: "),
+        ("[delivery]\ntls = 1\n", "delivery.tls: expected a table [delivery.tls]"),
+    ],
+)
+def test_delivery_tls_bad_values(tmp_path: Path, text: str, message: str) -> None:
+    assert message in error(tmp_path, text)
+
+
+def test_delivery_tls_ca_file_must_exist(tmp_path: Path) -> None:
+    text = ('[smarthost]\nlisten = ["127.0.0.1:2525"]\n'
+            '[delivery.tls]\nca_file = "missing.pem"\n')  # fmt: skip
+    assert "delivery.tls.ca_file: file not found" in error(tmp_path, text, check_files=True)

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "mailgate"
 # package -> mailgate packages/modules it must never import
 FORBIDDEN = {
     "smtp": {"receive", "deliver", "accept", "policy", "directory", "spool", "scan", "message",
-             "cli", "config", "limits"},
+             "cli", "config", "limits", "dnsresolver"},
     "receive": {"deliver", "cli"},
     "deliver": {"receive", "accept", "policy", "cli", "scan"},
     "accept": {"receive", "deliver", "cli"},
@@ -24,6 +24,7 @@ FORBIDDEN = {
     "replies": {"*"},
     "errors": {"*"},
     "config": {"*"},
+    "dnsresolver": {"*"},
 }  # fmt: skip
 ALWAYS_ALLOWED = {"replies", "errors", "config"}
 

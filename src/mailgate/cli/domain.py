@@ -35,6 +35,7 @@ import dns.resolver
 from mailgate.cli.common import CommandError, load_config, open_directory, print_json
 from mailgate.config import Config
 from mailgate.directory import Directory, DkimKey, Domain
+from mailgate.dnsresolver import make_resolver
 from mailgate.message import dkimkeys
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, LookupFailed
 
@@ -333,14 +334,7 @@ def _disallow_network(args: argparse.Namespace, cfg: Config, directory: Director
 
 def dns_lookup(cfg: Config) -> dkimkeys.Lookup:
     """A lookup over `delivery.nameservers` (else the system resolver) for check_records."""
-    if cfg.delivery.nameservers:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(host, port) for host, port in cfg.delivery.nameservers
-        ]
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = DNS_TIMEOUT
+    resolver = make_resolver(cfg.delivery.nameservers, DNS_TIMEOUT)
 
     def lookup(name: str, rtype: str) -> list[str]:
         try:

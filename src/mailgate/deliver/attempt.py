@@ -18,11 +18,13 @@ output), so a large message on a slow link does not time out while it is moving.
 RFCs: 5321 §3.3 and §4.1 (the transaction, replies: 2xx ok, 4xx temporary, 5xx permanent),
 §4.5.2 (dot-stuffing, done by the machine over strictly CRLF-normalised data: a bare CR or LF
 in the stored bytes becomes CRLF, so mailgate is never the first hop of an SMTP smuggling
-chain), 2920 (PIPELINING, when offered), 3207 (STARTTLS, opportunistic: certificates are not
-verified, as every MTA does without MTA-STS or DANE; `tls` is recorded; a failed handshake is
-retried once in plaintext), 6531 (SMTPUTF8 only when offered; a message that needs it fails
-with 5.6.7 when the server lacks it), 6152 (BODY=8BITMIME only when offered), 1870 (SIZE),
-3461 §4 (NOTIFY, ORCPT, RET, ENVID passed on to servers that offer DSN, xtext).
+chain), 2920 (PIPELINING, when offered), 3207 (STARTTLS: the handshake accepts any certificate,
+which tlspolicy.py then judges against the host's Requirement -- MTA-STS, DANE, the policy
+table, REQUIRETLS (8689) -- before a transaction starts; without a requirement a failed
+handshake is retried once in plaintext), 6531 (SMTPUTF8 only when offered; a message that
+needs it fails with 5.6.7 when the server lacks it), 6152 (BODY=8BITMIME only when
+offered), 1870 (SIZE), 3461 §4 (NOTIFY, ORCPT, RET, ENVID passed on to servers that offer
+DSN, xtext).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
+from mailgate.deliver.certs import peer_chain
 from mailgate.deliver.route import Host
+from mailgate.deliver.tlspolicy import (
+    REQUIRETLS_UNSUPPORTED,
+    Judgement,
+    Requirement,
+    status_for_failure,
+)
 from mailgate.replies import Reply
 from mailgate.smtp.client import (
     NEED_DATA,
@@ -77,6 +86,10 @@ class RecipientResult:
     tls:         the transaction ran under TLS.
     dsn_passed:  the remote server offered DSN, so it now owns the NOTIFY request (RFC 3461
                  §4.1: a relaying MTA passes the request on instead of answering it).
+    verified:    the server's certificate was authenticated (PKIX for the MX name, or DANE).
+    policy:      the TLS policy that applied (tlspolicy.PolicyName).
+    peer:        the names on the server's certificate ("" when not relevant).
+    note:        what a non-enforced policy would have refused (MTA-STS testing, "may").
     """
 
     address: str
@@ -86,6 +99,10 @@ class RecipientResult:
     host: Host | None = None
     tls: bool = False
     dsn_passed: bool = False
+    verified: bool = False
+    policy: str = "none"
+    peer: str = ""
+    note: str = ""
 
     @property
     def reply_line(self) -> str:
@@ -107,11 +124,25 @@ class ConnectFailure(Exception):
     """A host could not be used: refused, timed out, TLS failed, or its greeting/EHLO was an
     error reply (`reply`, when the server gave one)."""
 
-    def __init__(self, host: Host, detail: str, reply: Reply | None = None) -> None:
+    def __init__(
+        self,
+        host: Host,
+        detail: str,
+        reply: Reply | None = None,
+        *,
+        tls: bool = False,
+        policy: str = "none",
+        peer: str = "",
+        verified: bool = False,
+    ) -> None:
         super().__init__(detail)
         self.host = host
         self.detail = detail
         self.reply = reply
+        self.tls = tls
+        self.policy = policy
+        self.peer = peer
+        self.verified = verified
 
 
 def reply_of(code: int, message: str) -> Reply:
@@ -328,6 +359,10 @@ class Connection:
         # transaction reached it, so the caller may send it again at once on a new connection.
         self.was_stale = False
         self.tls_failure = ""  # why TLS was given up on this host, for the log
+        self.verified = False  # the certificate was authenticated (tlspolicy.judge)
+        self.policy = "none"  # the TLS policy that applied to this host
+        self.peer = ""  # the names on the server's certificate
+        self.tls_note = ""  # what a non-enforced policy would have refused
         self._wire = wire
         self._machine = wire.machine
         self._is_closed = False
@@ -346,16 +381,50 @@ class Connection:
         tls_context: ssl.SSLContext | None,
         connect_timeout: float,
         command_timeout: float,
+        requirement: Requirement | None = None,
+        judge: Callable[[Requirement, bool, list[bytes]], Judgement] | None = None,
     ) -> Connection:
         """Connect, read the greeting, EHLO, and STARTTLS when offered (and a context is
         given). A failed TLS handshake is retried once in plaintext, as opportunistic TLS
-        means "encrypt when possible", not "refuse to deliver"."""
+        means "encrypt when possible", not "refuse to deliver" -- unless `requirement` needs
+        TLS. With `judge`, the session is measured against `requirement` before any command
+        of a transaction is sent; a requirement that is not met ends it with QUIT and a
+        ConnectFailure carrying the policy's reply (never plaintext, never an unverified
+        certificate)."""
+        req = requirement or Requirement()
         try:
-            return await cls._open(host, helo, tls_context, connect_timeout, command_timeout)
+            conn = await cls._open(host, helo, tls_context, connect_timeout, command_timeout)
         except _TlsFailed as e:
+            if req.needs_tls:
+                failure = f"TLS failed: {e.detail}"
+                reply = status_for_failure(req, failure, f"{host}: {failure}")
+                raise ConnectFailure(host, e.detail, reply, policy=req.policy) from None
             conn = await cls._open(host, helo, None, connect_timeout, command_timeout)
             conn.tls_failure = e.detail
+        conn.policy = req.policy
+        if judge is None:
             return conn
+        chain: list[bytes] = []
+        if conn.tls and conn._wire.transport is not None:
+            chain = peer_chain(conn._wire.transport.get_extra_info("ssl_object"))
+        verdict = judge(req, conn.tls, chain)
+        conn.verified, conn.peer, conn.tls_note = verdict.verified, verdict.peer, verdict.would_fail
+        problem: Reply | None = None
+        if verdict.failure:
+            shown = f"{host}: {verdict.failure}"
+            if conn.tls:
+                shown += f" (peer certificate: {verdict.peer})"
+            problem = status_for_failure(req, verdict.failure, shown)
+        elif req.needs_requiretls and not conn.supports("requiretls"):
+            problem = REQUIRETLS_UNSUPPORTED
+        if problem is not None:
+            await conn.close()  # QUIT: nothing of any message was sent (RFC 8689 §4.2.1)
+            detail = problem.text
+            if problem is REQUIRETLS_UNSUPPORTED:
+                detail = f"{host}: {detail}"
+            raise ConnectFailure(host, detail, problem, tls=conn.tls, policy=req.policy,
+                                 peer=verdict.peer, verified=verdict.verified)  # fmt: skip
+        return conn
 
     @classmethod
     async def _open(
@@ -417,8 +486,9 @@ class Connection:
         def result(address: str, status: Status, reply: Reply | None, detail: str) -> None:
             passed = has_dsn and status == "delivered"
             results[address] = RecipientResult(
-                address, status, reply, detail, host, self.tls, dsn_passed=passed
-            )
+                address, status, reply, detail, host, self.tls, dsn_passed=passed,
+                verified=self.verified, policy=self.policy, peer=self.peer, note=self.tls_note,
+            )  # fmt: skip
 
         # --- what the message needs, and whether this server can take it ------------------
         sender_utf8 = not env.mail_from.isascii()
@@ -452,6 +522,8 @@ class Connection:
         # server takes it, and a MIME downgrade would break DKIM signatures.
         if use_utf8:
             mail_params.append("SMTPUTF8")
+        if env.requiretls and self.supports("requiretls"):
+            mail_params.append("REQUIRETLS")  # RFC 8689 §4.2.1: passed on to the next hop
         if has_dsn:
             if env.ret in ("FULL", "HDRS"):
                 mail_params.append(f"RET={env.ret}")

@@ -31,12 +31,12 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from mailgate import replies
 from mailgate.config import Config
-from mailgate.deliver import bounce, schedule
+from mailgate.deliver import bounce, schedule, tlsrpt
 from mailgate.deliver.attempt import (
     ConnectFailure,
     Connection,
@@ -45,7 +45,9 @@ from mailgate.deliver.attempt import (
     Transfer,
     status_of_reply,
 )
-from mailgate.deliver.route import Route, RouteError, Router
+from mailgate.deliver.route import Host, Route, RouteError, Router
+from mailgate.deliver.tlspolicy import TlsPolicy, expired_status, is_own_diagnostic
+from mailgate.deliver.tlsrpt import Reporter, Session, result_type
 from mailgate.errors import SpoolError
 from mailgate.spool.api import NotFound, SpoolStore
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
@@ -68,12 +70,26 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 
 
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """Messages that may share connections: one destination (a domain or the relay) and the
+    same TLS demands (RFC 8689: a REQUIRETLS message needs a verified session to a next hop
+    that offers REQUIRETLS; a `TLS-Required: No` message may use hosts that others may not)."""
+
+    domain: str
+    requiretls: bool = False
+    tls_optional: bool = False
+
+    def __str__(self) -> str:
+        return self.domain
+
+
 @dataclass(slots=True)
 class _Job:
     """Some pending recipients of one entry, for one destination."""
 
     qid: str
-    destination: str
+    destination: _Key
     recipients: tuple[Recipient, ...]
 
 
@@ -81,7 +97,7 @@ class _Job:
 class _Destination:
     """The jobs waiting for one destination and the workers (connections) serving it."""
 
-    key: str
+    key: _Key
     jobs: deque[_Job] = field(default_factory=deque)
     workers: int = 0
     idle: int = 0
@@ -110,6 +126,22 @@ class Engine:
         self.router = Router(self.dcfg, rng=self.rng, bad_nets=cfg.smarthost.bad_nets)
         self.postmaster = self.dcfg.postmaster or f"postmaster@{cfg.directory.default_domain}"
         self._tls = _client_tls_context()
+        self.tlspolicy = TlsPolicy(
+            self.dcfg,
+            self.router.resolver,
+            dnssec=self.router.dnssec,
+            state_folder=cfg.spool.path,
+            now=now,
+            is_refused=self.router.is_refused,
+        )
+        self.tlsrpt = Reporter(
+            cfg.spool.path / "tlsrpt",
+            self.router.resolver,
+            submitter=cfg.hostname,
+            contact=self.postmaster,
+        )
+        self._reported_on: date | None = None  # the day whose finished days were reported
+        self._tlsrpt_saved_at = 0.0
         self._slots = asyncio.Semaphore(self.dcfg.max_connections)
         self._envelopes: dict[str, Envelope] = {}
         self._messages: dict[str, bytes] = {}
@@ -118,7 +150,7 @@ class Engine:
         self._heap: list[tuple[datetime, int, str]] = []
         self._due: dict[str, datetime] = {}
         self._seq = itertools.count()
-        self._destinations: dict[str, _Destination] = {}
+        self._destinations: dict[_Key, _Destination] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._event = asyncio.Event()
         self._new_qids: set[str] = set()
@@ -158,8 +190,11 @@ class Engine:
                         # queue flush/hold/release/delete: their changes are on disk.
                         last_poke = poke
                         self._rescan_all = True
+                    await self._tls_reports(loop.time())
                 await self._rescan()
         finally:
+            with contextlib.suppress(OSError):
+                self.tlsrpt.save()
             self._stopped.set()
 
     async def stop(self) -> None:
@@ -174,6 +209,7 @@ class Engine:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=STOP_GRACE)
+        await self.tlspolicy.close()
 
     # --- the schedule --------------------------------------------------------------------
 
@@ -313,12 +349,15 @@ class Engine:
             detail = f"{hops} Received headers, more than the hop limit {self.dcfg.hop_limit}"
             results = [RecipientResult(r.address, "failed", reply, detail) for r in due]
             self._active[qid] = 1
-            await self._record(_Job(qid, "", due), results)
+            await self._record(_Job(qid, _Key(""), due), results)
             return
 
-        groups: dict[str, list[Recipient]] = {}
+        # RFC 8689 §5: "TLS-Required: No" is ignored when REQUIRETLS was given.
+        tls_optional = not env.requiretls and _tls_required_no(head)
+        groups: dict[_Key, list[Recipient]] = {}
         for rcpt in due:
-            groups.setdefault(self.router.destination(rcpt.address), []).append(rcpt)
+            key = _Key(self.router.destination(rcpt.address), env.requiretls, tls_optional)
+            groups.setdefault(key, []).append(rcpt)
         self._active[qid] = len(groups)
         for key, rcpts in groups.items():
             self._submit(_Job(qid, key, tuple(rcpts)))
@@ -442,13 +481,26 @@ class Engine:
         """A connection to the first host of the route that works. When the destination has
         no route or no host answers, this job and every job queued behind it get the same
         outcome (the destination is down: no point in trying it once per message)."""
+        key = dest.key
         try:
-            route: Route = await self.router.resolve(dest.key)
+            route: Route = await self.router.resolve(key.domain)
         except RouteError as e:
             await self._fail_backlog(dest, job, e.reply, e.detail, None)
             return None
+        plan = await self.tlspolicy.plan(
+            key.domain, route, requiretls=key.requiretls, tls_optional=key.tls_optional
+        )
+        for note in plan.notes:
+            log.warning("qid=%s %s", job.qid, note)
         failure: ConnectFailure | None = None
-        for host in route.hosts:
+        for refusal in plan.refusals:
+            log.warning("qid=%s tls policy refuses %s: %s", job.qid,
+                        refusal.host or key.domain, refusal.reply.text)  # fmt: skip
+            self._count_session(key.domain, refusal.report, refusal.host, refusal.reply.text)
+            if refusal.host is not None and failure is None:
+                failure = ConnectFailure(refusal.host, refusal.reply.text, refusal.reply,
+                                         policy=refusal.policy)  # fmt: skip
+        for host, requirement in plan.hosts:
             try:
                 conn = await Connection.open(
                     host,
@@ -456,17 +508,72 @@ class Engine:
                     tls_context=self._tls,
                     connect_timeout=self.dcfg.connect_timeout,
                     command_timeout=self.dcfg.command_timeout,
+                    requirement=requirement,
+                    judge=self.tlspolicy.judge,
                 )
             except ConnectFailure as e:
                 log.info("connect to %s failed: %s", host, e.detail)
-                failure = e
+                if e.policy != "none" and e.reply is not None:
+                    self._count_session(key.domain, requirement.report, host, e.reply.text)
+                # A host refused by TLS policy says more than a later host that was down.
+                if failure is None or e.policy != "none" or failure.policy == "none":
+                    failure = e
                 continue
             if conn.tls_failure:
                 log.info("%s; delivering without TLS", conn.tls_failure)
+            if conn.tls_note:
+                log.warning("qid=%s %s (peer certificate: %s); delivering anyway",
+                            job.qid, conn.tls_note, conn.peer)  # fmt: skip
+            self._count_session(key.domain, requirement.report, host, conn.tls_note)
             return conn
         assert failure is not None  # a Route always has at least one host
         await self._fail_backlog(dest, job, failure.reply, failure.detail, failure)
         return None
+
+    def _count_session(
+        self,
+        domain: str,
+        report: tuple[str, tuple[str, ...]] | None,
+        host: Host | None,
+        failure: str,
+    ) -> None:
+        """One session (or refused host) for TLS-RPT, when a published policy applied."""
+        if report is None or host is None:
+            return
+        result = result_type(failure) if failure else ""
+        session = Session(domain, report[0], report[1], host.name, host.address, result,
+                          failure[:200])  # fmt: skip
+        self.tlsrpt.record(session, self.now())
+
+    async def _tls_reports(self, clock: float) -> None:
+        """Save today's TLS-RPT counters now and then; once a day, queue the reports of the
+        days that ended (RFC 8460 §4.1: one report per policy domain and day)."""
+        try:
+            if clock - self._tlsrpt_saved_at >= tlsrpt.SAVE_INTERVAL:
+                self._tlsrpt_saved_at = clock
+                await asyncio.to_thread(self.tlsrpt.save)
+            today = self.now().astimezone(UTC).date()
+            if self._reported_on == today:
+                return
+            self._reported_on = today
+            for day in await asyncio.to_thread(self.tlsrpt.finished_days, today):
+                for domain, addresses, message in await self.tlsrpt.reports(day, self.now()):
+                    envelope = Envelope(
+                        id=new_queue_id(),
+                        mail_from=self.postmaster,
+                        recipients=tuple(Recipient(a) for a in addresses),
+                        received_at=self.now(),
+                        service="tlsrpt",
+                        size=len(message),
+                    )
+                    stored = await asyncio.to_thread(self.store.enqueue, envelope, message)
+                    log.info("qid=%s tlsrpt report domain=%s day=%s to=%s", stored.id, domain,
+                             day.isoformat(), ",".join(addresses))  # fmt: skip
+                    self._envelopes[stored.id] = stored
+                    self._schedule(stored.id)
+                await asyncio.to_thread(self.tlsrpt.forget, day)
+        except (OSError, SpoolError) as e:
+            log.error("tlsrpt: cannot save or send reports: %s", e)
 
     async def _fail_backlog(
         self,
@@ -482,12 +589,11 @@ class Engine:
         status: Status = "deferred"
         if reply is not None and status_of_reply(reply) == "failed":
             status = "failed"
-        host = failure.host if failure is not None else None
         jobs = [job, *dest.jobs]
         dest.jobs.clear()
         for each in jobs:
             results = [
-                RecipientResult(r.address, status, reply, detail, host) for r in each.recipients
+                _failure_result(r.address, status, reply, detail, failure) for r in each.recipients
             ]
             await self._record(each, results)
 
@@ -620,15 +726,27 @@ class Engine:
             reply = res.reply_line
             if state == "failed" and res.status == "deferred":
                 reply += " (delivery time expired)"
+            # The peer certificate's names go with every failure, and with a session that
+            # was not verified; a verified one is named by relay= already.
+            extra = ""
+            if res.tls and res.peer and (status != "sent" or not res.verified):
+                extra += f' peer_cert="{_quote(res.peer)}"'
+            if res.note:
+                extra += f' tls_note="{_quote(res.note)}"'
             log.info(
-                'qid=%s to=<%s> relay=%s tls=%s verified=no delay=%.1f status=%s reply="%s"',
+                "qid=%s to=<%s> relay=%s tls=%s verified=%s policy=%s%s delay=%.1f status=%s "
+                'reply="%s"%s',
                 env.id,
                 res.address,
                 res.host if res.host is not None else "none",
                 "yes" if res.tls else "no",
+                "yes" if res.verified else "no",
+                res.policy,
+                " requiretls=yes" if env.requiretls else "",
                 delay,
                 status,
-                reply.replace('"', "'"),
+                _quote(reply),
+                extra,
             )
 
     # --- notices ---------------------------------------------------------------------------
@@ -719,6 +837,10 @@ class Engine:
         to: str,
         double: bool = False,
     ) -> None:
+        if original.requiretls:
+            # RFC 8689 §5: the notice goes with REQUIRETLS too, and without the text that
+            # its sender wanted protected.
+            original = replace(original, ret="HDRS")
         dsn = bounce.build(
             original=original,
             message=message,
@@ -738,6 +860,7 @@ class Engine:
             is_bounce=True,
             is_double_bounce=double,
             size=len(dsn),
+            requiretls=original.requiretls,
         )
         stored = await asyncio.to_thread(self.store.enqueue, envelope, dsn)
         kinds = ",".join(sorted({n.action for n in notices}))
@@ -761,8 +884,13 @@ def _notice(
     host = res.host.name if res is not None and res.host is not None else ""
     if not host and last is not None and last.host:
         host = last.host.split("[", 1)[0]
-    is_remote = bool(host) and line[:3].isdigit()
-    if action == "failed" and line[:1] == "4":
+    is_remote = bool(host) and line[:3].isdigit() and not is_own_diagnostic(line)
+    policy_status = expired_status(line) if action == "failed" else None
+    if policy_status is not None:
+        # A TLS policy that could not be met for the whole lifetime: 5.7.x naming the policy
+        # (the diagnostic is ours, not the remote host's).
+        status = policy_status
+    elif action == "failed" and line[:1] == "4":
         status = bounce.status_of(line, permanent=False)
         if status == "4.0.0":
             status = EXPIRED_STATUS
@@ -779,6 +907,38 @@ def _notice(
         orcpt=rcpt.orcpt,
         last_attempt_at=last.at if last is not None else None,
     )
+
+
+def _failure_result(
+    address: str,
+    status: Status,
+    reply: replies.Reply | None,
+    detail: str,
+    failure: ConnectFailure | None,
+) -> RecipientResult:
+    """The result for a recipient whose destination could not be used."""
+    if failure is None:
+        return RecipientResult(address, status, reply, detail)
+    return RecipientResult(
+        address, status, reply, detail, failure.host, failure.tls,
+        verified=failure.verified, policy=failure.policy, peer=failure.peer,
+    )  # fmt: skip
+
+
+def _quote(text: str) -> str:
+    """A value inside "..." on a log line."""
+    return text.replace('"', "'")
+
+
+def _tls_required_no(head: bytes) -> bool:
+    """RFC 8689 §5: the message has a `TLS-Required: No` header field."""
+    end = head.find(b"\r\n\r\n")
+    block = head if end < 0 else head[: end + 2]
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
 
 
 def _received_count(message: bytes) -> int:

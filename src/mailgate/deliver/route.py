@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
 from mailgate.config import DeliveryConfig
+from mailgate.dnsresolver import is_authenticated, is_trusted, make_async_resolver
 from mailgate.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class Host:
     address: str
     port: int
     preference: int = 0
+    # The MX answer and this host's address records were DNSSEC-validated (AD bit from a
+    # configured resolver): the precondition for DANE (RFC 7672 §2.2).
+    is_secure: bool = False
 
     def __str__(self) -> str:
         """Postfix-style "mx1.example.org[192.0.2.5]:25", as in the delivery log."""
@@ -109,7 +112,12 @@ class Router:
         self.rng = rng or random.Random()
         self.clock = clock
         self.relay = cfg.relay_host_port
-        self.resolver = _make_resolver(cfg)
+        # AD bits are asked for, and believed, only for DANE and only from the operator's
+        # resolvers (dnsresolver.is_trusted).
+        self.dnssec = cfg.tls.dane and is_trusted(cfg.nameservers)
+        self.resolver = make_async_resolver(
+            cfg.nameservers, cfg.connect_timeout, dnssec=self.dnssec
+        )
         self._cache: dict[str, tuple[float, Route | RouteError]] = {}
 
     def destination(self, address: str) -> str:
@@ -189,10 +197,11 @@ class Router:
         except dns.resolver.NoAnswer:
             answer = None
         except dns.exception.DNSException as e:
-            raise RouteError(DNS_TEMPFAIL, f"{domain} MX: {_dns_error(e)}") from None
+            raise RouteError(DNS_TEMPFAIL, f"{domain} MX: {dns_error(e)}") from None
 
         groups: list[tuple[int, list[str]]] = []
         is_implicit = answer is None
+        mx_secure = self.dnssec and answer is not None and is_authenticated(answer)
         if answer is None:
             # RFC 5321 §5.1: no MX records: the domain itself is the host, preference 0.
             groups = [(0, [domain])]
@@ -219,16 +228,16 @@ class Router:
         hosts: list[Host] = []
         temporary: list[str] = []
         refused: list[str] = []
-        for (pref, name), (addresses, ttl, error) in zip(ordered, lookups, strict=True):
+        for (pref, name), (addresses, ttl, error, secure) in zip(ordered, lookups, strict=True):
             if error:
                 temporary.append(error)
             if ttl is not None:
                 ttls.append(ttl)
             for a in addresses:
-                if self._is_bad(a):
+                if self.is_refused(a):
                     refused.append(f"{name}[{a}]")
                 else:
-                    hosts.append(Host(name, a, port, pref))
+                    hosts.append(Host(name, a, port, pref, is_secure=mx_secure and secure))
         if refused:
             log.warning("route %s: MX addresses inside smarthost.bad_nets skipped: %s",
                         domain, ", ".join(refused))  # fmt: skip
@@ -245,7 +254,8 @@ class Router:
         ttl = max(MIN_CACHE_TTL, min([MAX_CACHE_TTL, *ttls]))
         return Route(domain, tuple(hosts)), ttl
 
-    def _is_bad(self, address: str) -> bool:
+    def is_refused(self, address: str) -> bool:
+        """An address inside smarthost.bad_nets: never connected to."""
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -254,53 +264,43 @@ class Router:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.bad_nets)
 
-    async def _addresses(self, name: str) -> tuple[list[str], float | None, str]:
+    async def _addresses(self, name: str) -> tuple[list[str], float | None, str, bool]:
         """A then AAAA addresses of `name` (IPv4 first, as most MTAs prefer for reputation),
-        the smallest TTL, and a temporary error text ("" if none)."""
+        the smallest TTL, a temporary error text ("" if none), and whether every answer that
+        gave addresses was DNSSEC-validated."""
         if _is_ip(name):
-            return [name], None, ""
+            return [name], None, "", False
         results = await asyncio.gather(
             self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=False
         )
         addresses: list[str] = []
         ttl: float | None = None
         errors: list[str] = []
-        for found, found_ttl, error in results:
+        secure = True
+        for found, found_ttl, error, found_secure in results:
             addresses.extend(found)
+            if found and not found_secure:
+                secure = False
             if found_ttl is not None:
                 ttl = found_ttl if ttl is None else min(ttl, found_ttl)
             if error:
                 errors.append(error)
         # A temporary failure of one family does not matter when the other answered.
-        return addresses, ttl, ("" if addresses else "; ".join(errors))
+        text = "" if addresses else "; ".join(errors)
+        return addresses, ttl, text, secure and bool(addresses)
 
-    async def _query(self, name: str, rdtype: str) -> tuple[list[str], float | None, str]:
+    async def _query(self, name: str, rdtype: str) -> tuple[list[str], float | None, str, bool]:
         try:
             answer = await self.resolver.resolve(name, rdtype)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return [], None, ""
+            return [], None, "", False
         except dns.exception.DNSException as e:
-            return [], None, f"{name} {rdtype}: {_dns_error(e)}"
+            return [], None, f"{name} {rdtype}: {dns_error(e)}", False
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else None
-        return [r.to_text() for r in answer], ttl, ""
+        return [r.to_text() for r in answer], ttl, "", self.dnssec and is_authenticated(answer)
 
 
-def _make_resolver(cfg: DeliveryConfig) -> dns.asyncresolver.Resolver:
-    if cfg.nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(ip, port) for ip, port in cfg.nameservers
-        ]
-    else:
-        resolver = dns.asyncresolver.Resolver()
-    # One budget for a whole lookup (all retries), so a dead resolver defers a destination
-    # in bounded time.
-    resolver.lifetime = cfg.connect_timeout
-    resolver.timeout = min(resolver.timeout, cfg.connect_timeout)
-    return resolver
-
-
-def _dns_error(e: dns.exception.DNSException) -> str:
+def dns_error(e: dns.exception.DNSException) -> str:
     if isinstance(e, dns.resolver.NoNameservers):
         return "SERVFAIL"
     if isinstance(e, dns.exception.Timeout):

@@ -40,6 +40,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from mailgate.dnsresolver import make_async_resolver
+
 log = logging.getLogger(__name__)
 
 MAX_PTR_NAMES = 10  # forward-check at most this many PTR names (a PTR set can be huge)
@@ -184,13 +186,7 @@ class ReverseDns:
     def _get_resolver(self) -> dns.asyncresolver.Resolver | None:
         if self._resolver is None:
             try:
-                if self._nameservers:
-                    resolver = dns.asyncresolver.Resolver(configure=False)
-                    resolver.nameservers = [
-                        dns.nameserver.Do53Nameserver(ip, port) for ip, port in self._nameservers
-                    ]
-                else:
-                    resolver = dns.asyncresolver.Resolver()
+                resolver = make_async_resolver(self._nameservers, self._timeout)
             except dns.exception.DNSException as e:  # no /etc/resolv.conf, say
                 log.error("rdns: cannot configure a resolver: %s", e)
                 return None
