@@ -65,8 +65,14 @@ def peer_chain(ssl_object: ssl.SSLObject | None) -> list[bytes]:
 
 
 def load_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
-    """Parse DER certificates; ValueError when one is malformed."""
-    return [x509.load_der_x509_certificate(der) for der in chain]
+    """Parse a presented chain (DER, leaf first); ValueError saying why it cannot be judged
+    (none presented, or one malformed)."""
+    if not chain:
+        raise ValueError("no certificate")
+    try:
+        return [x509.load_der_x509_certificate(der) for der in chain]
+    except ValueError as e:
+        raise ValueError(f"unparsable certificate: {e}") from None
 
 
 def names_of(cert: x509.Certificate) -> list[str]:
@@ -151,12 +157,10 @@ class TrustStore:
     def verify(self, chain: Sequence[bytes], names: Sequence[str], now: datetime) -> str:
         """ "" when `chain` verifies up to a trust anchor for one of `names` at `now`, else why
         not (one line)."""
-        if not chain:
-            return "no certificate"
         try:
             certs = load_chain(chain)
         except ValueError as e:
-            return f"unparsable certificate: {e}"
+            return str(e)
         store = self.store()
         if store is None:
             return "no trust anchors (delivery.tls.ca_file or the system bundle)"

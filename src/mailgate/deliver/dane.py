@@ -113,12 +113,10 @@ def match(
 ) -> str:
     """ "" when the presented `chain` (DER, leaf first) matches one of `records`, else why
     not (one line)."""
-    if not chain:
-        return "no certificate"
     try:
         certs = load_chain(chain)
     except ValueError as e:
-        return f"unparsable certificate: {e}"
+        return str(e)
     leaf = certs[0]
     why = "no TLSA record matches the certificate chain"
     for record in records:
