@@ -46,7 +46,12 @@ from mailgate.deliver.attempt import (
     status_of_reply,
 )
 from mailgate.deliver.route import Host, Route, RouteError, Router
-from mailgate.deliver.tlspolicy import TlsPolicy, expired_status, is_own_diagnostic
+from mailgate.deliver.tlspolicy import (
+    REQUIRETLS_UNSUPPORTED,
+    TlsPolicy,
+    expired_status,
+    is_own_diagnostic,
+)
 from mailgate.deliver.tlsrpt import Reporter, Session, result_type
 from mailgate.errors import SpoolError
 from mailgate.spool.api import NotFound, SpoolStore
@@ -514,7 +519,10 @@ class Engine:
             except ConnectFailure as e:
                 log.info("connect to %s failed: %s", host, e.detail)
                 if e.policy != "none" and e.reply is not None:
-                    self._count_session(key.domain, requirement.report, host, e.reply.text)
+                    # A next hop without REQUIRETLS had a good TLS session (RFC 8460 counts
+                    # TLS, not what the message asked for).
+                    why = "" if e.reply is REQUIRETLS_UNSUPPORTED else e.reply.text
+                    self._count_session(key.domain, requirement.report, host, why)
                 # A host refused by TLS policy says more than a later host that was down.
                 if failure is None or e.policy != "none" or failure.policy == "none":
                     failure = e
