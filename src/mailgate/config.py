@@ -40,11 +40,16 @@ class DirectoryConfig:
     default_domain: str = "example.org"
 
     @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite:///")
+
+    @property
     def sqlite_path(self) -> Path:
         """The database file of a sqlite:/// URL (already resolved against the config folder)."""
         return Path(self.url.removeprefix("sqlite:///"))
 
 
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 SPOOL_FORMATS = ("journal",)
 
 
@@ -605,8 +610,12 @@ def _path(key: str, value: Any, base: Path) -> Path:
 
 
 def _directory_url(key: str, value: Any, base: Path) -> str:
+    if isinstance(value, str) and value.startswith(POSTGRESQL_SCHEMES):
+        return value  # libpq's URI; psycopg reports a malformed one when connecting
     if not isinstance(value, str) or not value.startswith("sqlite:///"):
-        raise ConfigError(f"{key}: expected a URL of the form sqlite:///PATH")
+        raise ConfigError(
+            f"{key}: expected a URL of the form sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        )
     rest = value.removeprefix("sqlite:///")
     if not rest:
         raise ConfigError(f"{key}: the sqlite URL names no file")

@@ -48,6 +48,11 @@ class AuthUnavailable(MailgateError):
     connection, timeout, server error. AUTH answers 454 4.7.0, never 535."""
 
 
+class DirectoryUnavailable(DirectoryError, AuthUnavailable):
+    """The directory's database could not be reached (PostgreSQL down, pool timeout): a
+    temporary condition. AUTH answers 454 4.7.0, never 535 (it is an AuthUnavailable too)."""
+
+
 class UsageError(MailgateError):
     """Our own code called an API wrongly (a bug), e.g. the SMTP machine in the wrong state."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 _FORMAT = "%(asctime)s %(levelname)s mailgate[%(process)d] %(name)s: %(message)s"
 
@@ -21,3 +22,21 @@ def setup(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(chosen)
+
+
+class Throttle:
+    """At most one log line per `interval` seconds for a recurring condition (a database down).
+
+    `if throttle.ready(): log.warning(...)`; thread-safe enough for a log line (a race logs twice).
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._next_at = 0.0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_at:
+            return False
+        self._next_at = now + self._interval
+        return True

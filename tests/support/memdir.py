@@ -114,3 +114,6 @@ class MemoryDirectory:
 
     def generation(self) -> int:
         return self.gen
+
+    def sync(self) -> None:
+        pass

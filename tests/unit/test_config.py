@@ -188,8 +188,8 @@ def test_ratelimits_section(tmp_path: Path) -> None:
         ("limits = 5", "limits: expected a table [limits]"),
         ("hostname = 5", "hostname: expected a domain name"),
         ('hostname = "-bad.example"', "hostname: '-bad.example' is not a valid domain name"),
-        ('[directory]\nurl = "postgres://x"', "directory.url: expected a URL of the form "
-                                              "sqlite:///PATH"),
+        ('[directory]\nurl = "mysql://x"', "directory.url: expected a URL of the form "
+                                           "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"),
         ('[directory]\nurl = "sqlite:///"', "directory.url: the sqlite URL names no file"),
         ('[directory]\ndefault_domain = "exa_mple.org"',
          "directory.default_domain: 'exa_mple.org' is not a valid domain name"),
@@ -240,6 +240,12 @@ def test_ratelimits_section(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert error(tmp_path, text) == message
+
+
+def test_a_postgresql_directory_url_is_kept_as_given(tmp_path: Path) -> None:
+    url = "postgresql://mailgate@db.example.org:5432/mailgate"
+    cfg = load(tmp_path, f'[directory]\nurl = "{url}"\n')
+    assert (cfg.directory.url, cfg.directory.is_sqlite) == (url, False)
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -91,7 +91,12 @@ class Authenticator:
         if not password:
             return None
         identity = await self.backend.verify(login, password)
-        if identity is None or not self._is_usable(identity.login):
+        if identity is None:
+            return None
+        # The server's directory is a snapshot (directory/cache.py): catch up with changes
+        # made before this login (a grant added a moment ago, a disable on another node).
+        await asyncio.to_thread(_directory_call, self._directory.sync)
+        if not self._is_usable(identity.login):
             return None
         return identity
 

@@ -12,11 +12,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mailgate.cli import address, check_config, domain, init, limits, queue, serve, sink, user
+from mailgate.cli import (
+    address,
+    check_config,
+    directory,
+    domain,
+    init,
+    limits,
+    queue,
+    serve,
+    sink,
+    user,
+)
 from mailgate.cli.common import CommandError
 from mailgate.errors import MailgateError
 
-_MODULES = (init, serve, check_config, user, domain, address, queue, limits, sink)
+_MODULES = (init, serve, check_config, user, domain, address, directory, queue, limits, sink)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import tlscert
-from mailgate.cli.common import load_config
+from mailgate.cli.common import load_config, open_directory
 from mailgate.config import Config
 from mailgate.directory.store import SCHEMA_VERSION
-from mailgate.errors import ConfigError
+from mailgate.errors import ConfigError, DirectoryError
 
 
 def register(sub: Any) -> None:
@@ -40,7 +40,10 @@ def check(cfg: Config) -> None:
     """Raise ConfigError naming the key of the first problem found."""
     if cfg.submission.listen or cfg.submissions.listen:
         tlscert.check_pair(cfg.tls.cert, cfg.tls.key)
-    _check_directory(cfg.directory.sqlite_path)
+    if cfg.directory.is_sqlite:
+        _check_directory(cfg.directory.sqlite_path)
+    else:
+        _check_shared_directory(cfg)
     _check_writable_folder("spool.path", cfg.spool.path)
 
 
@@ -61,10 +64,18 @@ def _check_directory(path: Path) -> None:
             db.close()
     except sqlite3.Error as e:
         raise ConfigError(f"{key}: cannot open the database {path}: {e}") from None
-    if row[0] != SCHEMA_VERSION:
+    if row[0] is not None and row[0] > SCHEMA_VERSION:  # older: opening migrates it
         raise ConfigError(
             f"{key}: {path} has schema version {row[0]}, this mailgate understands {SCHEMA_VERSION}"
         )
+
+
+def _check_shared_directory(cfg: Config) -> None:
+    """PostgreSQL: reachable, and its schema is the one this mailgate uses."""
+    try:
+        open_directory(cfg).close()
+    except DirectoryError as e:
+        raise ConfigError(f"directory.url: {e}") from None
 
 
 def _check_writable_folder(key: str, path: Path, *, what: str = "folder") -> None:

@@ -25,12 +25,12 @@ def load_config(args: argparse.Namespace, *, check_files: bool = False) -> Confi
     return config.load(config_path(args), check_files=check_files)
 
 
-def open_directory(cfg: Config) -> Any:
-    """The directory backend named by directory.url."""
-    from mailgate.directory.store import SqliteDirectory
+def open_directory(cfg: Config, *, check: bool = True) -> Any:
+    """The directory backend named by directory.url (check: refuse an old PostgreSQL schema)."""
+    from mailgate.directory import open_url
 
-    return SqliteDirectory(cfg.directory.sqlite_path, default_domain=cfg.directory.default_domain,
-                           data_dir=cfg.base_dir)  # fmt: skip
+    return open_url(cfg.directory.url, default_domain=cfg.directory.default_domain,
+                    data_dir=cfg.base_dir, check=check)  # fmt: skip
 
 
 def ensure_account(cfg: Config, directory: Any, login: str) -> None:

@@ -114,10 +114,14 @@ def _spool(cfg: Config) -> None:
 
 
 def _directory(cfg: Config) -> None:
+    if not cfg.directory.is_sqlite:
+        # A shared database is the operator's: `mailgate directory migrate` prepares it.
+        print("directory: run `mailgate directory migrate` to create its schema")
+        return
     db_path = cfg.directory.sqlite_path
     existed = db_path.exists()
     db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Opening it creates the schema if missing, and checks the version of an existing one.
+    # Opening it runs the migrations (creates the schema, or upgrades an older one).
     SqliteDirectory(
         db_path, default_domain=cfg.directory.default_domain, data_dir=cfg.base_dir
     ).close()

@@ -104,6 +104,7 @@ class Receiver:
                  on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
         from mailgate.accept import Acceptor
         from mailgate.auth import open_authenticator
+        from mailgate.directory.cache import DirectoryView
         from mailgate.limits import AuthGuard, Limits
         from mailgate.message.dkim import Signer
         from mailgate.policy import Policy
@@ -115,7 +116,9 @@ class Receiver:
 
         self.cfg = cfg
         self.index = index
-        directory = open_directory(cfg)
+        # The event loop asks the view (memory); it loads and follows the database in a
+        # thread (directory/cache.py), started by run().
+        self.directory = directory = DirectoryView(open_directory(cfg, check=False))
         store = open_store(cfg.spool)
         self.tls = ReloadingContext(cfg.tls.cert, cfg.tls.key) if _uses_tls(cfg) else None
         policy = Policy(directory, smarthost_networks=cfg.smarthost.networks)
@@ -139,6 +142,13 @@ class Receiver:
         self.listeners = Listeners(services, workers=max(1, workers))
 
     async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.to_thread(self.directory.start)
+        try:
+            await self._serve(stop)
+        finally:
+            await asyncio.to_thread(self.directory.close)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         await self.listeners.start()
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.cfg.ratelimits.snapshot_interval

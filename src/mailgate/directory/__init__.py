@@ -1,7 +1,10 @@
 """The directory: accounts, managed domains, granted addresses, DKIM key references.
 
-`Directory` is the interface; `directory.store.SqliteDirectory` implements it on SQLite, and a
-PostgreSQL backend can implement the same protocol later. Must not: know about SMTP.
+`Directory` is the interface. directory/sql.py holds its queries and rules once, and two
+backends supply the database: `directory.store.SqliteDirectory` (one node) and
+`directory.postgres.PostgresDirectory` (several nodes); `open_url()` picks one from
+`[directory] url`. directory/migrate.py numbers the schema steps of both; directory/cache.py
+is the server's in-memory view (no database wait on the event loop). Must not: know about SMTP.
 Addresses are compared case-insensitively in the domain and case-preservingly in the local part
 except that lookups lower-case both (what operators expect).
 """
@@ -10,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mailgate.directory.sql import SqlDirectory
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +97,28 @@ class Directory(Protocol):
     def generation(self) -> int:
         """A number that changes whenever users or passwords change (for credential caches)."""
         ...
+
+    def sync(self) -> None:
+        """Catch up now with changes made elsewhere (another node, the CLI). Blocking: call
+        it from a thread. A no-op for a database that is read directly; the server's view
+        (directory/cache.py) reloads its snapshot if the generation moved."""
+        ...
+
+
+def open_url(
+    url: str, *, default_domain: str, data_dir: Path, check: bool = True, pool_size: int = 4
+) -> SqlDirectory:
+    """The backend for `[directory] url` (sqlite:///PATH or postgresql://...).
+
+    check: verify the PostgreSQL schema version now (a SQLite file is migrated on opening).
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from mailgate.directory.postgres import PostgresDirectory
+
+        return PostgresDirectory(url, default_domain=default_domain, data_dir=data_dir,
+                                 max_size=pool_size, check=check)  # fmt: skip
+    from mailgate.directory.store import SqliteDirectory
+
+    return SqliteDirectory(
+        Path(url.removeprefix("sqlite:///")), default_domain=default_domain, data_dir=data_dir
+    )

@@ -1,13 +1,7 @@
--- The mailgate directory (SQLite): accounts, managed domains, DKIM key references, grants.
--- Applied by directory/store.py inside one transaction; every statement is idempotent, so
--- running it on an existing database of the same version changes nothing.
+-- Schema version 1 of the mailgate directory (SQLite): accounts, managed domains, DKIM key
+-- references, grants. Run by directory/migrate.py inside one transaction, which records the
+-- version in schema_version. Its twin is ../postgresql/0001_initial.sql.
 -- Logins and addresses compare case-insensitively (COLLATE NOCASE): what operators expect.
-
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL
-);
-INSERT INTO schema_version (version)
-    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
 
 -- One row. Bumped by the triggers below on every change to users, grants, domains and keys,
 -- so that another process's credential cache can notice (Directory.generation()).

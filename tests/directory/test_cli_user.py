@@ -1,4 +1,5 @@
-"""`mailgate user ...` and `mailgate address ...` through cli.main, on a real SQLite file."""
+"""`mailgate user ...`, `address ...` and `directory ...` through cli.main, on each backend: a
+real SQLite file and a fresh PostgreSQL database (made ready with `mailgate directory migrate`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from mailgate import cli
-from mailgate.directory import User
-from mailgate.directory.store import SqliteDirectory
+from mailgate.directory import User, open_url
+from mailgate.directory.sql import SqlDirectory
+from tests.support.databases import postgres_database
 
 CONFIG = """\
 hostname = "mail.example.org"
@@ -32,10 +34,11 @@ class Mailgate:
     """Runs `mailgate -c <tmp>/mailgate.toml ...` in-process with the given standard input."""
 
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch,
-                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+                 capsys: pytest.CaptureFixture[str], url: str) -> None:  # fmt: skip
         self.root = root
+        self.url = url
         self.config = root / "mailgate.toml"
-        self.config.write_text(CONFIG)
+        self.config.write_text(CONFIG + f'url = "{url}"\n')
         self._monkeypatch = monkeypatch
         self._capsys = capsys
 
@@ -45,15 +48,23 @@ class Mailgate:
         out, err = self._capsys.readouterr()
         return Result(status, out, err)
 
-    def directory(self) -> SqliteDirectory:
-        return SqliteDirectory(self.root / "state.db", default_domain="example.org",
-                               data_dir=self.root)  # fmt: skip
+    def directory(self) -> SqlDirectory:
+        return open_url(self.url, default_domain="example.org", data_dir=self.root)
 
 
-@pytest.fixture
-def mg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mg(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
        capsys: pytest.CaptureFixture[str]) -> Iterator[Mailgate]:  # fmt: skip
-    yield Mailgate(tmp_path, monkeypatch, capsys)
+    if request.param == "sqlite":
+        yield Mailgate(tmp_path, monkeypatch, capsys, f"sqlite:///{tmp_path / 'state.db'}")
+        return
+    with postgres_database() as url:
+        mg = Mailgate(tmp_path, monkeypatch, capsys, url)
+        r = mg("directory", "migrate")
+        assert (r.status, r.err) == (0, "")
+        assert r.out.startswith("migrated postgresql://postgres@127.0.0.1:5432/mailgate_test_")
+        assert r.out.endswith(" to schema version 1 (0001_initial.sql)\n")
+        yield mg
 
 
 def ok(r: Result, out: str) -> None:
@@ -215,3 +226,56 @@ def test_address_errors(mg: Mailgate) -> None:
     with pytest.raises(SystemExit) as e:  # --owner is required to add
         mg("address", "add", "info@example.org")
     assert e.value.code == 2
+
+
+def test_directory_migrate_again_changes_nothing(mg: Mailgate) -> None:
+    r = mg("directory", "migrate")
+    assert (r.status, r.err) == (0, "")
+    assert r.out.endswith(" is at schema version 1 (latest: 1): nothing to do\n")
+    assert r.out.startswith((str(mg.root / "state.db"), mg.url))
+
+
+def test_domain_commands(mg: Mailgate) -> None:
+    mg("user", "add", "alice", "--password-stdin", stdin="pw\n")
+    r = mg("domain", "add", "dept.example.org", "--allow-network", "10.1.0.0/16")
+    assert (r.status, r.err) == (0, "")
+    assert r.out.startswith("; added domain dept.example.org with DKIM key(s) ")
+    ok(mg("domain", "allow-network", "dept.example.org", "10.2.0.0/16"),
+       "dept.example.org: smart-host mail from 10.2.0.0/16 is signed\n")  # fmt: skip
+    r = mg("domain", "list", "--json")
+    assert r.status == 0
+    (listed,) = json.loads(r.out)
+    assert listed["name"] == "dept.example.org"
+    assert listed["smarthost_networks"] == ["10.1.0.0/16", "10.2.0.0/16"]
+    ok(mg("address", "add", "*@dept.example.org", "--owner", "alice"),
+       "granted *@dept.example.org to alice\n")  # fmt: skip
+    r = mg("domain", "remove", "dept.example.org")
+    assert r.out.startswith("removed domain dept.example.org and 1 grant(s)")
+    ok(mg("domain", "list"), "no managed domains\n")
+
+
+def test_copy_a_sqlite_directory_to_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mg = Mailgate(tmp_path, monkeypatch, capsys, f"sqlite:///{tmp_path / 'state.db'}")
+    mg("user", "add", "alice", "--password-stdin", stdin="alice's secret\n")
+    mg("user", "add", "bob", "--password-stdin", stdin="bob's secret\n")
+    mg("user", "disable", "bob")
+    mg("domain", "add", "dept.example.org", "--ed25519")
+    mg("address", "add", "*@dept.example.org", "--owner", "alice")
+    with postgres_database() as url:
+        r = mg("directory", "copy", "--to", url)
+        assert (r.status, r.err) == (0, "")
+        assert r.out == (f"copied {mg.root / 'state.db'} to {url}: 2 users, 1 domains, "
+                         "2 dkim_keys, 1 grants\n")  # fmt: skip
+        with open_url(url, default_domain="example.org", data_dir=mg.root) as pg, \
+                mg.directory() as lite:  # fmt: skip
+            assert pg.list_users() == lite.list_users()
+            assert pg.list_domains() == lite.list_domains()
+            assert pg.list_grants() == [("*@dept.example.org", "alice")]
+            # The hashes came along: nobody's password changed.
+            assert pg.verify_password("alice", "alice's secret") is not None
+            assert pg.verify_password("bob", "bob's secret") is None  # still disabled
+        fails(mg("directory", "copy", "--to", url),
+              f"mailgate: {url}: table users already has 2 rows; copy only into an empty "
+              "directory\n")  # fmt: skip

@@ -1,4 +1,6 @@
-"""SqliteDirectory on real SQLite files in tmp_path: users, passwords, domains, keys, grants."""
+"""The directory suite, run on both backends: SQLite files in tmp_path and a fresh PostgreSQL
+database per test (tests/support/databases.py). Users, passwords, domains, keys, grants,
+migrations; the SQLite file's own properties at the end."""
 
 from __future__ import annotations
 
@@ -12,11 +14,60 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from mailgate.directory import Directory, DkimKey, Domain, User
-from mailgate.directory.store import SqliteDirectory, normalize_address, normalize_domain
-from mailgate.errors import DirectoryError
+from mailgate.directory import Directory, DkimKey, Domain, User, migrate, open_url
+from mailgate.directory.names import normalize_address, normalize_domain
+from mailgate.directory.sql import SqlDirectory
+from mailgate.directory.store import SqliteDirectory
+from mailgate.errors import DirectoryError, DirectoryUnavailable
+from tests.support.databases import closed_port_url, postgres_database, postgres_sql
 
 DEFAULT = "example.org"
+
+
+class Backend:
+    """One database of either kind: open it (as often as a test likes) and poke it with SQL."""
+
+    def __init__(self, url: str, data_dir: Path) -> None:
+        self.url = url
+        self.data_dir = data_dir
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite:///")
+
+    def open(self) -> SqlDirectory:
+        return open_url(self.url, default_domain=DEFAULT, data_dir=self.data_dir)
+
+    def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        if not self.is_sqlite:
+            return postgres_sql(self.url, query, params)
+        with sqlite3.connect(self.url.removeprefix("sqlite:///")) as db:
+            rows = db.execute(query, params).fetchall()
+        db.close()
+        return rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend(f"sqlite:///{tmp_path / 'state.db'}", tmp_path)
+        return
+    with postgres_database() as url:
+        # A new database has no schema: `mailgate directory migrate` makes it.
+        with pytest.raises(DirectoryError, match=r"run `mailgate directory migrate`$"):
+            open_url(url, default_domain=DEFAULT, data_dir=tmp_path)
+        with open_url(url, default_domain=DEFAULT, data_dir=tmp_path, check=False) as d:
+            d.migrate()
+        yield Backend(url, tmp_path)
+
+
+@pytest.fixture
+def d(backend: Backend) -> Iterator[SqlDirectory]:
+    directory = backend.open()
+    try:
+        yield directory
+    finally:
+        directory.close()
 
 
 def open_dir(tmp_path: Path) -> SqliteDirectory:
@@ -24,12 +75,9 @@ def open_dir(tmp_path: Path) -> SqliteDirectory:
 
 
 @pytest.fixture
-def d(tmp_path: Path) -> Iterator[SqliteDirectory]:
-    directory = open_dir(tmp_path)
-    try:
+def sqlite_d(tmp_path: Path) -> Iterator[SqliteDirectory]:
+    with open_dir(tmp_path) as directory:
         yield directory
-    finally:
-        directory.close()
 
 
 def key(
@@ -42,12 +90,50 @@ def key(
 # --- the file ------------------------------------------------------------------
 
 
-def test_implements_the_directory_protocol(d: SqliteDirectory) -> None:
+def test_implements_the_directory_protocol(d: SqlDirectory) -> None:
     directory: Directory = d  # mypy --strict checks the protocol here
     assert directory.list_users() == []
 
 
-def test_new_database_is_private_wal_and_versioned(tmp_path: Path, d: SqliteDirectory) -> None:
+def test_reopening_keeps_the_data(backend: Backend, d: SqlDirectory) -> None:
+    d.add_user("alice", "alice@example.org", "secret")
+    d.close()
+    with backend.open() as again:
+        assert again.get_user("alice") == User("alice", "alice@example.org")
+        assert backend.sql("SELECT version FROM schema_version") == [(migrate.latest(
+            "sqlite" if backend.is_sqlite else "postgresql"),)]  # fmt: skip
+
+
+def test_migrate_is_idempotent(backend: Backend, d: SqlDirectory) -> None:
+    assert d.migrate() == []
+    assert d.schema_version() == len(migrate.migrations(d.dialect))
+    d.check_schema()
+    assert len(backend.sql("SELECT version FROM schema_version")) == 1
+
+
+def test_a_newer_schema_is_refused(backend: Backend, d: SqlDirectory) -> None:
+    d.close()
+    backend.sql("UPDATE schema_version SET version = 7")
+    with pytest.raises(DirectoryError, match=r": database schema version 7, this "
+                       r"mailgate understands version 1$"):  # fmt: skip
+        backend.open()
+
+
+def test_both_dialects_have_the_same_steps() -> None:
+    sqlite = [m.name for m in migrate.migrations("sqlite")]
+    assert sqlite == [m.name for m in migrate.migrations("postgresql")]
+    assert sqlite[0] == "0001_initial.sql"
+
+
+def test_an_unreachable_postgresql_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(DirectoryUnavailable, match=r"^postgresql://postgres@127\.0\.0\.1:\d+/"
+                       r"mailgate: cannot connect to the database$"):  # fmt: skip
+        open_url(closed_port_url(), default_domain=DEFAULT, data_dir=tmp_path)
+
+
+def test_new_database_is_private_wal_and_versioned(
+    tmp_path: Path, sqlite_d: SqliteDirectory
+) -> None:
     db_path = tmp_path / "state.db"
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
     with sqlite3.connect(db_path) as db:
@@ -55,29 +141,6 @@ def test_new_database_is_private_wal_and_versioned(tmp_path: Path, d: SqliteDire
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
         assert db.execute("SELECT value FROM generation").fetchall() == [(0,)]
     db.close()
-
-
-def test_reopening_keeps_the_data(tmp_path: Path, d: SqliteDirectory) -> None:
-    d.add_user("alice", "alice@example.org", "secret")
-    d.close()
-    again = open_dir(tmp_path)
-    try:
-        assert again.get_user("alice") == User("alice", "alice@example.org")
-        with sqlite3.connect(tmp_path / "state.db") as db:
-            assert db.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
-        db.close()
-    finally:
-        again.close()
-
-
-def test_a_newer_schema_is_refused(tmp_path: Path, d: SqliteDirectory) -> None:
-    d.close()
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("UPDATE schema_version SET version = 7")
-    db.close()
-    with pytest.raises(DirectoryError, match=r"state\.db: database schema version 7, this "
-                       r"mailgate understands version 1$"):  # fmt: skip
-        open_dir(tmp_path)
 
 
 def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
@@ -147,26 +210,26 @@ def test_domains() -> None:
 # --- users -------------------------------------------------------------------------
 
 
-def test_add_and_get_user(d: SqliteDirectory) -> None:
+def test_add_and_get_user(d: SqlDirectory) -> None:
     assert d.add_user("alice", "Alice@Example.org", "pw") == User("alice", "Alice@example.org")
     assert d.get_user("alice") == User("alice", "Alice@example.org", True, False)
     assert d.get_user("ALICE") == User("alice", "Alice@example.org", True, False)
     assert d.get_user("bob") is None
 
 
-def test_duplicate_login_case_insensitive(d: SqliteDirectory) -> None:
+def test_duplicate_login_case_insensitive(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     with pytest.raises(DirectoryError, match=r"^login 'Alice' already exists$"):
         d.add_user("Alice", "other@example.org", "pw")
 
 
 @pytest.mark.parametrize("login", ["", "al ice", "tab\there", "x" * 256, "nul\x00"])
-def test_invalid_logins(d: SqliteDirectory, login: str) -> None:
+def test_invalid_logins(d: SqlDirectory, login: str) -> None:
     with pytest.raises(DirectoryError, match=r"^invalid login "):
         d.add_user(login, "a@example.org", "pw")
 
 
-def test_invalid_address_or_password_on_add(d: SqliteDirectory) -> None:
+def test_invalid_address_or_password_on_add(d: SqlDirectory) -> None:
     with pytest.raises(DirectoryError, match=r"^invalid address 'alice'"):
         d.add_user("alice", "alice", "pw")
     with pytest.raises(DirectoryError, match=r"^the password is empty$"):
@@ -178,13 +241,13 @@ def test_invalid_address_or_password_on_add(d: SqliteDirectory) -> None:
     assert d.list_users() == []
 
 
-def test_list_users_sorted(d: SqliteDirectory) -> None:
+def test_list_users_sorted(d: SqlDirectory) -> None:
     for login in ("carol", "alice", "bob"):
         d.add_user(login, f"{login}@example.org", "pw")
     assert [u.login for u in d.list_users()] == ["alice", "bob", "carol"]
 
 
-def test_verify_password(d: SqliteDirectory) -> None:
+def test_verify_password(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "correct horse")
     assert d.verify_password("alice", "correct horse") == User("alice", "alice@example.org")
     assert d.verify_password("ALICE", "correct horse") == User("alice", "alice@example.org")
@@ -193,7 +256,7 @@ def test_verify_password(d: SqliteDirectory) -> None:
     assert d.verify_password("", "") is None
 
 
-def test_disabled_and_suspended_users_cannot_log_in(d: SqliteDirectory) -> None:
+def test_disabled_and_suspended_users_cannot_log_in(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     d.set_enabled("alice", False)
     assert d.get_user("alice") == User("alice", "alice@example.org", enabled=False)
@@ -206,14 +269,14 @@ def test_disabled_and_suspended_users_cannot_log_in(d: SqliteDirectory) -> None:
     assert d.verify_password("alice", "pw") == User("alice", "alice@example.org")
 
 
-def test_set_password(d: SqliteDirectory) -> None:
+def test_set_password(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "old")
     d.set_password("alice", "new")
     assert d.verify_password("alice", "old") is None
     assert d.verify_password("alice", "new") is not None
 
 
-def test_unknown_logins(d: SqliteDirectory) -> None:
+def test_unknown_logins(d: SqlDirectory) -> None:
     with pytest.raises(DirectoryError, match=r"^unknown login 'bob'$"):
         d.set_password("bob", "pw")
     with pytest.raises(DirectoryError, match=r"^unknown login 'bob'$"):
@@ -224,21 +287,18 @@ def test_unknown_logins(d: SqliteDirectory) -> None:
         d.remove_user("bob")
 
 
-def test_an_old_hash_is_upgraded_at_login(tmp_path: Path, d: SqliteDirectory) -> None:
+def test_an_old_hash_is_upgraded_at_login(backend: Backend, d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("UPDATE users SET password_hash = ?", (weak,))
-    db.close()
+    backend.sql("UPDATE users SET password_hash = ?", (weak,))
     assert d.verify_password("alice", "pw") is not None
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        (stored,) = db.execute("SELECT password_hash FROM users").fetchone()
-    db.close()
+    ((stored,),) = backend.sql("SELECT password_hash FROM users")
+    assert isinstance(stored, str)
     assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     assert d.verify_password("alice", "pw") is not None
 
 
-def test_remove_user_removes_their_grants(d: SqliteDirectory) -> None:
+def test_remove_user_removes_their_grants(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     d.add_user("bob", "bob@example.org", "pw")
     d.grant("info@example.org", "alice")
@@ -252,9 +312,9 @@ def test_remove_user_removes_their_grants(d: SqliteDirectory) -> None:
 
 
 def test_generation_changes_with_every_change_and_is_shared(
-    tmp_path: Path, d: SqliteDirectory
+    backend: Backend, d: SqlDirectory
 ) -> None:
-    other = open_dir(tmp_path)  # as another process would see it
+    other = backend.open()  # as another process would see it
     try:
         seen = [d.generation()]
 
@@ -290,7 +350,7 @@ def test_generation_changes_with_every_change_and_is_shared(
 # --- domains and keys --------------------------------------------------------------
 
 
-def test_domains_add_get_list_remove(d: SqliteDirectory) -> None:
+def test_domains_add_get_list_remove(d: SqlDirectory) -> None:
     assert d.add_domain("Dept.Example.ORG") == Domain("dept.example.org")
     d.add_domain("college.example.org")
     with pytest.raises(DirectoryError, match=r"^domain dept\.example\.org already exists$"):
@@ -307,7 +367,7 @@ def test_domains_add_get_list_remove(d: SqliteDirectory) -> None:
         d.remove_domain("college.example.org")
 
 
-def test_dkim_keys(tmp_path: Path, d: SqliteDirectory) -> None:
+def test_dkim_keys(tmp_path: Path, d: SqlDirectory) -> None:
     d.add_domain("dept.example.org")
     d.add_dkim_key("dept.example.org", key())
     absolute = DkimKey("mg20261201-ed", "ed25519-sha256", Path("/etc/keys/ed.key"), "11qYAYK")
@@ -331,7 +391,7 @@ def test_dkim_keys(tmp_path: Path, d: SqliteDirectory) -> None:
     assert Path("/etc/keys/ed.key").exists() is False  # nothing was created or touched
 
 
-def test_dkim_key_errors(d: SqliteDirectory) -> None:
+def test_dkim_key_errors(d: SqlDirectory) -> None:
     with pytest.raises(DirectoryError, match=r"^unknown domain dept\.example\.org$"):
         d.add_dkim_key("dept.example.org", key())
     d.add_domain("dept.example.org")
@@ -348,7 +408,7 @@ def test_dkim_key_errors(d: SqliteDirectory) -> None:
         d.remove_dkim_key("dept.example.org", "nope")
 
 
-def test_smarthost_networks(d: SqliteDirectory) -> None:
+def test_smarthost_networks(d: SqlDirectory) -> None:
     d.add_domain("dept.example.org")
     d.set_smarthost_networks("dept.example.org", ("10.1.2.3/16", "2001:db8::/32"))
     domain = d.get_domain("dept.example.org")
@@ -360,7 +420,9 @@ def test_smarthost_networks(d: SqliteDirectory) -> None:
         d.set_smarthost_networks("other.example.org", ())
 
 
-def test_remove_domain_moves_key_files_aside(tmp_path: Path, d: SqliteDirectory) -> None:
+def test_remove_domain_moves_key_files_aside(
+    tmp_path: Path, backend: Backend, d: SqlDirectory
+) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     for name in ("dept.example.org", "sub.dept.example.org"):
         d.add_domain(name)
@@ -390,9 +452,7 @@ def test_remove_domain_moves_key_files_aside(tmp_path: Path, d: SqliteDirectory)
     assert not key_dir.exists() and not loose.exists()
     assert elsewhere.read_bytes() == b"KEY 2"  # outside <data_dir>/dkim: left alone
     assert stat.S_IMODE(removed.stat().st_mode) == 0o700
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        assert db.execute("SELECT count(*) FROM dkim_keys").fetchone() == (0,)
-    db.close()
+    assert backend.sql("SELECT count(*) FROM dkim_keys") == [(0,)]
 
     # Added and removed again: the earlier copy is not overwritten.
     d.add_domain("dept.example.org")
@@ -406,7 +466,7 @@ def test_remove_domain_moves_key_files_aside(tmp_path: Path, d: SqliteDirectory)
 # --- grants and policy questions ---------------------------------------------------------
 
 
-def test_is_managed(d: SqliteDirectory) -> None:
+def test_is_managed(d: SqlDirectory) -> None:
     d.add_domain("dept.example.org")
     assert d.is_managed("example.org")
     assert d.is_managed("EXAMPLE.ORG")
@@ -417,7 +477,7 @@ def test_is_managed(d: SqliteDirectory) -> None:
     assert not d.is_managed("not a domain")
 
 
-def test_may_send_as(d: SqliteDirectory) -> None:
+def test_may_send_as(d: SqlDirectory) -> None:
     d.add_user("alice", "Alice@example.org", "pw")
     d.add_user("bob", "bob@example.org", "pw")
     d.add_domain("dept.example.org")
@@ -439,7 +499,7 @@ def test_may_send_as(d: SqliteDirectory) -> None:
     assert not d.may_send_as("alice", "*@college.example.org")
 
 
-def test_grant_errors(d: SqliteDirectory) -> None:
+def test_grant_errors(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     with pytest.raises(DirectoryError, match=r"^gmail\.com is not a managed domain \(add it "
                        r"with: mailgate domain add gmail\.com\)$"):  # fmt: skip
@@ -451,7 +511,7 @@ def test_grant_errors(d: SqliteDirectory) -> None:
     assert d.list_grants() == []
 
 
-def test_grant_twice_and_to_several_users(d: SqliteDirectory) -> None:
+def test_grant_twice_and_to_several_users(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     d.add_user("bob", "bob@example.org", "pw")
     d.grant("info@example.org", "alice")
@@ -462,7 +522,7 @@ def test_grant_twice_and_to_several_users(d: SqliteDirectory) -> None:
     assert d.list_grants("nobody") == []
 
 
-def test_revoke(d: SqliteDirectory) -> None:
+def test_revoke(d: SqlDirectory) -> None:
     d.add_user("alice", "alice@example.org", "pw")
     d.add_user("bob", "bob@example.org", "pw")
     for login in ("alice", "bob"):
@@ -483,7 +543,7 @@ def test_revoke(d: SqliteDirectory) -> None:
 # --- threads ----------------------------------------------------------------------------
 
 
-def test_verify_from_many_threads_while_another_writes(d: SqliteDirectory) -> None:
+def test_verify_from_many_threads_while_another_writes(d: SqlDirectory) -> None:
     # The server calls verify_password via asyncio.to_thread from several worker threads.
     for i in range(4):
         d.add_user(f"user{i}", f"user{i}@example.org", f"pw{i}")
@@ -516,8 +576,8 @@ def test_verify_from_many_threads_while_another_writes(d: SqliteDirectory) -> No
     assert len(d.list_users()) == 9
 
 
-def test_close_then_use_again(tmp_path: Path, d: SqliteDirectory) -> None:
-    d.add_user("alice", "alice@example.org", "pw")
-    d.close()
-    assert d.get_user("alice") is not None  # reconnects on demand
+def test_close_then_use_again(tmp_path: Path, sqlite_d: SqliteDirectory) -> None:
+    sqlite_d.add_user("alice", "alice@example.org", "pw")
+    sqlite_d.close()
+    assert sqlite_d.get_user("alice") is not None  # reconnects on demand
     assert os.path.exists(tmp_path / "state.db")
