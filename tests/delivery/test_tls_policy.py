@@ -491,3 +491,104 @@ def test_tlsrpt_report_for_a_failed_day_is_sent_and_parses(
     assert detail["receiving-ip"] == sink.host
     assert detail["failed-session-count"] == 1
     assert any("tlsrpt report domain=dest.test" in r.getMessage() for r in caplog.records)
+
+
+def test_a_slow_policy_fetch_does_not_hold_delivery_and_is_cached_in_the_background(
+    tmp_path: Path, dns: DnsServer, sts: StsServer, sinks: SinkFactory, ca: TestCA,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    tls = DeliveryTlsConfig(ca_file=ca.cert_path, mta_sts_port=sts.port)
+    harness = Harness(tmp_path, dns, connect_timeout=1.0, tls=tls)
+    sink = mx_sink(sinks, ca)
+    route(dns, "dest.test", sink)
+    # The policy would refuse this MX; while its host does not answer, nobody knows that.
+    publish_sts(dns, sts, "dest.test", "enforce", ["mx.elsewhere.test"])
+    sts.answering.clear()
+    cache = tmp_path / "spool" / "mta-sts" / "dest.test.json"
+    first = harness.enqueue([RCPT])
+
+    async def scenario() -> None:
+        async with harness.running():
+            # RFC 8461 §5.1 first contact: delivered without a policy after the bounded wait.
+            await harness.until_gone(first)
+            assert sts.requests and not cache.exists()
+            sts.answering.set()  # the fetch that went on in the background completes
+            await harness.until(cache.exists)
+        # A new engine (a restart) finds the policy on disk and obeys it without a fetch.
+        second = harness.enqueue([RCPT])
+        async with harness.running():
+            await harness.until_attempts(second, RCPT, 1)
+        reply = harness.load(second).recipients[0].last_reply
+        assert reply.startswith("451 4.7.5 MTA-STS policy of dest.test: MX host mx.dest.test ")
+
+    run(scenario(), caplog)
+    assert len(sink.accepted()) == 1
+    lines = delivery_lines(caplog)
+    print("\n".join(lines))
+    assert " policy=none " in lines[0] and " status=sent " in lines[0]
+    assert " policy=mta-sts-enforce " in lines[1] and " status=deferred " in lines[1]
+    assert len(sts.requests) == 1  # the second delivery used the cache
+
+
+@pytest.mark.parametrize("starttls", [True, False])
+def test_dane_with_only_unusable_records_requires_tls_but_not_authentication(
+    tmp_path: Path, dns: DnsServer, sinks: SinkFactory, ca: TestCA,
+    caplog: pytest.LogCaptureFixture, starttls: bool,
+) -> None:  # fmt: skip
+    harness = dane_harness(tmp_path, dns, ca)
+    sink = mx_sink(sinks, ca, "self-signed") if starttls else sinks()
+    route(dns, "dest.test", sink)
+    dns.tlsa("_25._tcp.mx.dest.test", (1, 1, 1, "00" * 32))  # PKIX-EE: unusable for SMTP
+    dns.sign("dest.test")
+    qid = harness.enqueue([RCPT])
+    if starttls:
+        run(_until_gone(harness, qid), caplog)
+        assert len(sink.accepted()) == 1
+        [line] = delivery_lines(caplog)
+        assert " tls=yes verified=no policy=dane " in line and " status=sent " in line
+    else:
+        env = run(_until_tried(harness, qid), caplog)
+        assert env.recipients[0].last_reply.startswith("451 4.7.10 DANE for mx.dest.test: ")
+        assert sink.transactions == []
+        [line] = delivery_lines(caplog)
+        assert " tls=no verified=no policy=dane " in line and " status=deferred " in line
+    print(line)
+
+
+def test_policy_table_may_overrides_an_mta_sts_policy_and_logs(
+    tmp_path: Path, dns: DnsServer, sts: StsServer, sinks: SinkFactory, ca: TestCA,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    tls = DeliveryTlsConfig(ca_file=ca.cert_path, mta_sts_port=sts.port,
+                            policy={"dest.test": "may"})  # fmt: skip
+    harness = Harness(tmp_path, dns, tls=tls)
+    sink = mx_sink(sinks, ca, "expired")
+    route(dns, "dest.test", sink)
+    publish_sts(dns, sts, "dest.test", "enforce", ["mx.dest.test"])
+    qid = harness.enqueue([RCPT])
+    run(_until_gone(harness, qid), caplog)
+    assert len(sink.accepted()) == 1
+    assert sts.requests == []  # the operator's table wins: no MTA-STS look-up at all
+    [line] = delivery_lines(caplog)
+    print(line)
+    assert " tls=yes verified=no policy=table " in line
+    assert (
+        ' tls_note="TLS policy table for dest.test (may): certificate would not be accepted: '
+        in line
+    )
+
+
+def test_policy_table_dane_requires_usable_records(
+    tmp_path: Path, dns: DnsServer, sinks: SinkFactory, ca: TestCA,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    tls = DeliveryTlsConfig(mta_sts=False, policy={"dest.test": "dane"})
+    harness = Harness(tmp_path, dns, tls=tls)
+    sink = mx_sink(sinks, ca)
+    route(dns, "dest.test", sink)
+    qid = harness.enqueue([RCPT])  # no TLSA records, unsigned zone
+    env = run(_until_tried(harness, qid), caplog)
+    assert env.recipients[0].last_reply.startswith(
+        "451 4.7.5 TLS policy table for dest.test (dane): mx.dest.test: no usable TLSA records"
+    )
+    assert sink.connections == 0

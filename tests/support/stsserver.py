@@ -19,6 +19,8 @@ from types import TracebackType
 
 from tests.support.testca import TestCA
 
+HOLD_LIMIT = 20.0  # seconds a held request waits at most
+
 
 @dataclass
 class Served:
@@ -35,6 +37,10 @@ class StsServer:
         self._served: dict[str, Served] = {}
         self._lock = threading.Lock()
         self._context = ca.server_context(*[f"mta-sts.{d}" for d in domains])
+        # Cleared by a test to hold every answer until it is set again (a slow policy host);
+        # bounded: a held request is answered after HOLD_LIMIT seconds anyway.
+        self.answering = threading.Event()
+        self.answering.set()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -55,6 +61,8 @@ class StsServer:
                 host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
                 with owner._lock:
                     owner.requests.append((host, self.path))
+                owner.answering.wait(HOLD_LIMIT)
+                with owner._lock:
                     served = owner._served.get(host)
                 if served is None or self.path != "/.well-known/mta-sts.txt":
                     self.send_error(404)
@@ -80,6 +88,7 @@ class StsServer:
         return self
 
     def stop(self) -> None:
+        self.answering.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
