@@ -489,6 +489,7 @@ def test_tlsrpt_report_for_a_failed_day_is_sent_and_parses(
     assert detail["result-type"] == "certificate-host-mismatch"
     assert detail["receiving-mx-hostname"] == "mx.dest.test"
     assert detail["receiving-ip"] == sink.host
+    assert detail["sending-mta-ip"] == "127.0.0.1"
     assert detail["failed-session-count"] == 1
     assert any("tlsrpt report domain=dest.test" in r.getMessage() for r in caplog.records)
 

@@ -134,6 +134,7 @@ class ConnectFailure(Exception):
         policy: str = "none",
         peer: str = "",
         verified: bool = False,
+        local_address: str = "",
     ) -> None:
         super().__init__(detail)
         self.host = host
@@ -143,6 +144,7 @@ class ConnectFailure(Exception):
         self.policy = policy
         self.peer = peer
         self.verified = verified
+        self.local_address = local_address  # our end of the connection (TLS-RPT)
 
 
 def reply_of(code: int, message: str) -> Reply:
@@ -363,6 +365,7 @@ class Connection:
         self.policy = "none"  # the TLS policy that applied to this host
         self.peer = ""  # the names on the server's certificate
         self.tls_note = ""  # what a non-enforced policy would have refused
+        self.local_address = ""  # our address on this connection (TLS-RPT sending-mta-ip)
         self._wire = wire
         self._machine = wire.machine
         self._is_closed = False
@@ -402,11 +405,15 @@ class Connection:
             conn = await cls._open(host, helo, None, connect_timeout, command_timeout)
             conn.tls_failure = e.detail
         conn.policy = req.policy
+        transport = conn._wire.transport
+        if transport is not None:
+            sockname = transport.get_extra_info("sockname")
+            conn.local_address = str(sockname[0]) if sockname else ""
         if judge is None:
             return conn
         chain: list[bytes] = []
-        if conn.tls and conn._wire.transport is not None:
-            chain = peer_chain(conn._wire.transport.get_extra_info("ssl_object"))
+        if conn.tls and transport is not None:
+            chain = peer_chain(transport.get_extra_info("ssl_object"))
         verdict = judge(req, conn.tls, chain)
         conn.verified, conn.peer, conn.tls_note = verdict.verified, verdict.peer, verdict.would_fail
         problem: Reply | None = None
@@ -423,7 +430,8 @@ class Connection:
             if problem is REQUIRETLS_UNSUPPORTED:
                 detail = f"{host}: {detail}"
             raise ConnectFailure(host, detail, problem, tls=conn.tls, policy=req.policy,
-                                 peer=verdict.peer, verified=verdict.verified)  # fmt: skip
+                                 peer=verdict.peer, verified=verdict.verified,
+                                 local_address=conn.local_address)  # fmt: skip
         return conn
 
     @classmethod

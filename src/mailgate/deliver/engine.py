@@ -522,7 +522,8 @@ class Engine:
                     # A next hop without REQUIRETLS had a good TLS session (RFC 8460 counts
                     # TLS, not what the message asked for).
                     why = "" if e.reply is REQUIRETLS_UNSUPPORTED else e.reply.text
-                    self._count_session(key.domain, requirement.report, host, why)
+                    self._count_session(key.domain, requirement.report, host, why,
+                                        e.local_address)  # fmt: skip
                 # A host refused by TLS policy says more than a later host that was down.
                 if failure is None or e.policy != "none" or failure.policy == "none":
                     failure = e
@@ -532,7 +533,8 @@ class Engine:
             if conn.tls_note:
                 log.warning("qid=%s %s (peer certificate: %s); delivering anyway",
                             job.qid, conn.tls_note, conn.peer)  # fmt: skip
-            self._count_session(key.domain, requirement.report, host, conn.tls_note)
+            self._count_session(key.domain, requirement.report, host, conn.tls_note,
+                                conn.local_address)  # fmt: skip
             return conn
         assert failure is not None  # a Route always has at least one host
         await self._fail_backlog(dest, job, failure.reply, failure.detail, failure)
@@ -544,13 +546,14 @@ class Engine:
         report: tuple[str, tuple[str, ...]] | None,
         host: Host | None,
         failure: str,
+        local_address: str = "",
     ) -> None:
         """One session (or refused host) for TLS-RPT, when a published policy applied."""
         if report is None or host is None:
             return
         result = result_type(failure) if failure else ""
         session = Session(domain, report[0], report[1], host.name, host.address, result,
-                          failure[:200])  # fmt: skip
+                          failure[:200], local_address)  # fmt: skip
         self.tlsrpt.record(session, self.now())
 
     async def _tls_reports(self, clock: float) -> None:

@@ -55,6 +55,7 @@ class Session:
     receiving_ip: str
     result: str = ""
     reason: str = ""
+    sending_ip: str = ""  # our address on the connection ("" when none was made)
 
 
 def result_type(failure: str) -> str:
@@ -83,13 +84,11 @@ class Reporter:
         *,
         submitter: str,
         contact: str,
-        sending_ip: str = "",
     ) -> None:
         self.folder = folder
         self.resolver = resolver
         self.submitter = submitter
         self.contact = contact
-        self.sending_ip = sending_ip
         self._day: date | None = None
         self._counts: dict[str, Any] = {}
         self._dirty = False
@@ -117,7 +116,8 @@ class Reporter:
             policy["ok"] += 1
         else:
             policy["failed"] += 1
-            detail = f"{session.result}|{session.mx_host}|{session.receiving_ip}"
+            detail = (f"{session.result}|{session.mx_host}|{session.receiving_ip}|"
+                      f"{session.sending_ip}")  # fmt: skip
             details = policy["details"]
             if detail in details or len(details) < MAX_FAILURE_DETAILS:
                 row = details.setdefault(detail, {"count": 0, "reason": session.reason[:200]})
@@ -208,13 +208,13 @@ class Reporter:
         for policy in policies.values():
             details = []
             for key, row in sorted(policy["details"].items()):
-                result, mx_host, ip = key.split("|", 2)
+                result, mx_host, ip, ours = [*key.split("|"), "", "", ""][:4]
                 detail = {"result-type": result, "receiving-mx-hostname": mx_host,
                           "failed-session-count": row["count"]}  # fmt: skip
                 if ip:
                     detail["receiving-ip"] = ip
-                if self.sending_ip:
-                    detail["sending-mta-ip"] = self.sending_ip
+                if ours:
+                    detail["sending-mta-ip"] = ours
                 if row["reason"]:
                     detail["failure-reason-code"] = row["reason"]
                 details.append(detail)
