@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -216,9 +217,15 @@ class ServerConfig:
 
     workers: listener processes sharing the ports (SO_REUSEPORT); the delivery engine runs in the
     parent process. 0 runs everything in one process. Default: one per CPU.
+    user:    started as root, `serve` switches to this account (after checking its ports and
+             reading its keys) before any byte is read from the network, and the administrative
+             commands run as it too; "" keeps the account mailgate was started as.
+    group:   the group to switch to; "" is the user's own (login) group.
     """
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    user: str = ""
+    group: str = ""
 
 
 AUTH_BACKENDS = ("directory", "ldap", "dovecot")
@@ -449,6 +456,8 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         if not isinstance(value, str) or (value and "@" not in value):
             raise ConfigError(f"{key}: expected an email address or an empty string")
         return value
+    if kind == "account":
+        return _account(key, value)
     if kind == "ratelimit_names":
         return _ratelimit_names(key, value)
     if kind == "prefix4":
@@ -561,6 +570,8 @@ _KINDS = {
 _KINDS_FULL = {
     "spool.format": "spool_format",
     "server.workers": "nonnegint",
+    "server.user": "account",
+    "server.group": "account",
     "directory.url": "sqlite_url",
     "delivery.tls.mta_sts": "bool",
     "delivery.tls.dane": "bool",
@@ -621,6 +632,16 @@ def _directory_url(key: str, value: Any, base: Path) -> str:
         raise ConfigError(f"{key}: the sqlite URL names no file")
     p = Path(rest)
     return "sqlite:///" + str(p if p.is_absolute() else base / p)
+
+
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?")
+
+
+def _account(key: str, value: Any) -> str:
+    """A user or group name as useradd(8) accepts it, or "" (no switch)."""
+    if not isinstance(value, str) or (value and not _ACCOUNT_NAME.fullmatch(value)):
+        raise ConfigError(f"{key}: expected a user or group name")
+    return value
 
 
 def _hostname(value: Any, key: str) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
+import os
+import pwd
 import re
 import stat
 import tomllib
@@ -21,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from mailgate import cli, config, tlscert
+from mailgate.cli import init
 from mailgate.config import Config, Listen
 from mailgate.directory.store import SqliteDirectory
 from mailgate.errors import ConfigError
@@ -325,3 +329,107 @@ def test_check_config_after_init_finds_a_replaced_key(tmp_path: Path, run: Run) 
     assert (status, out) == (1, "")
     assert err == (f"mailgate: tls.key: {tmp_path}/tls/key.pem does not match the certificate "
                    f"{tmp_path}/tls/cert.pem\n")  # fmt: skip
+
+
+def test_every_queue_command_right_after_init_sees_an_empty_queue(tmp_path: Path,
+                                                                   run: Run) -> None:  # fmt: skip
+    """Before the first `serve`, an empty spool is an empty queue, not "no spool (run init)"."""
+    root = tmp_path / "gw"
+    assert run("init", str(root))[0] == 0
+    c = ("-c", str(root / "mailgate.toml"))
+    assert run(*c, "queue", "list") == (0, "queue is empty\n", "")
+    assert run(*c, "queue", "list", "--json") == (0, "[]\n", "")
+    assert run(*c, "queue", "flush") == (0, "flushed 0 entries\n", "")
+    for action in ("show", "hold", "release", "delete", "flush"):
+        assert run(*c, "queue", action, "0ABC") == (
+            1, "", "mailgate: no such queue entry: 0ABC\n"
+        ), action  # fmt: skip
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o077])
+def test_init_ignores_the_umask(tmp_path: Path, run: Run, umask: int) -> None:
+    """Nothing init creates is writable by group or others; the configuration stays readable."""
+    root = tmp_path / "a" / "gw"
+    old = os.umask(umask)
+    try:
+        assert run("init", str(root))[0] == 0
+    finally:
+        os.umask(old)
+    assert mode(root) == mode(root.parent) == 0o755
+    assert mode(root / "mailgate.toml") == 0o644
+    assert mode(root / "tls" / "key.pem") == 0o600
+    assert mode(root / "state.db") == 0o600
+    created = [root, *root.rglob("*")]
+    assert len(created) > 8
+    for path in created:
+        assert mode(path) & 0o022 == 0, f"{path} {mode(path):o}"
+    for path in [root / "spool", *(root / "spool").rglob("*")]:
+        assert mode(path) & 0o077 == 0, f"{path} {mode(path):o}"
+
+
+def _owner(path: Path) -> tuple[str, str, int]:
+    st = path.stat()
+    return (
+        pwd.getpwuid(st.st_uid).pw_name,
+        grp.getgrgid(st.st_gid).gr_name,
+        stat.S_IMODE(st.st_mode),
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to another account: needs root")
+def test_init_system_layout_owned_by_the_service_account(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc, lib, spool = tmp_path / "etc/mailgate", tmp_path / "var/lib/mailgate", tmp_path / "spool"
+    monkeypatch.setattr(init, "SYSTEM_CONFIG_DIR", etc)
+    monkeypatch.setattr(init, "SYSTEM_STATE_DIR", lib)
+    monkeypatch.setattr(init, "SYSTEM_SPOOL", spool)
+    nobody, nogroup = "nobody", grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    old = os.umask(0)
+    try:
+        status, out, err = run("init", "--system", "--user", "nobody", "--hostname",
+                               "mail.example.ac.uk")  # fmt: skip
+    finally:
+        os.umask(old)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[:4] == [
+        f"created {etc}/mailgate.toml",
+        f"created {spool}/",
+        f"created {lib}/state.db",
+        f"created {lib}/tls/cert.pem and {lib}/tls/key.pem (self-signed for "
+        "mail.example.ac.uk, valid 10 years)",
+    ]
+    cfg = config.load(etc / "mailgate.toml")
+    assert cfg.server.user == "nobody"
+    assert cfg.directory.sqlite_path == lib / "state.db"
+    assert (cfg.tls.cert, cfg.tls.key) == (lib / "tls/cert.pem", lib / "tls/key.pem")
+    assert cfg.spool.path == spool
+    # The modes docs/INSTALL.md lists.
+    assert _owner(etc) == ("root", "root", 0o755)
+    assert _owner(etc / "mailgate.toml") == ("root", nogroup, 0o640)
+    assert _owner(etc / "dkim") == (nobody, nogroup, 0o700)
+    assert _owner(lib) == (nobody, nogroup, 0o700)
+    assert _owner(lib / "state.db") == (nobody, nogroup, 0o600)
+    assert _owner(lib / "tls") == (nobody, nogroup, 0o700)
+    assert _owner(lib / "tls/key.pem") == (nobody, nogroup, 0o600)
+    assert _owner(lib / "tls/cert.pem") == (nobody, nogroup, 0o644)
+    for path in [spool, *spool.rglob("*")]:
+        assert _owner(path)[:2] == (nobody, nogroup), path
+        assert _owner(path)[2] & 0o077 == 0, path
+
+
+def test_init_system_and_user_need_root_and_a_real_account(tmp_path: Path, run: Run) -> None:
+    if os.geteuid() == 0:
+        assert run("init", str(tmp_path / "gw"), "--user", "mailgate-test-no-such-user") == (
+            1, "", "mailgate: init --user: no user 'mailgate-test-no-such-user' on this machine "
+            "(create it: adduser --system --group --home /var/lib/mailgate --no-create-home "
+            "mailgate-test-no-such-user)\n",
+        )  # fmt: skip
+    else:
+        assert run("init", str(tmp_path / "gw"), "--user", "nobody") == (
+            1, "", "mailgate: init --user: run it as root (it gives files to nobody)\n",
+        )  # fmt: skip
+    assert not (tmp_path / "gw").exists()
+    assert run("init", str(tmp_path / "gw"), "--system")[2] == (
+        "mailgate: init --system: takes no DIR or -c; it writes /etc/mailgate\n"
+    )

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import config
+from mailgate.cli import privileges
 from mailgate.config import Config
+from mailgate.errors import ConfigError
 
 
 class CommandError(Exception):
@@ -20,9 +22,24 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(args.config) if args.config else config.default_path()
 
 
-def load_config(args: argparse.Namespace, *, check_files: bool = False) -> Config:
-    """Administrative commands need not the certificate, so files are not checked by default."""
-    return config.load(config_path(args), check_files=check_files)
+def load_config(args: argparse.Namespace, *, check_files: bool = False,
+                as_service_user: bool = True) -> Config:  # fmt: skip
+    """The configuration; administrative commands need not the certificate, so files are not
+    checked by default.
+
+    Started as root with [server] user set, the command then runs as that account (`serve`
+    switches later, itself), so that whatever it creates (spool records, DKIM keys, the
+    database's journal files) belongs to the service and not to root.
+    """
+    path = config_path(args)
+    cfg = config.load(path, check_files=False)
+    account = privileges.service_account(cfg) if as_service_user else None
+    if not privileges.become(account):
+        return config.load(path) if check_files else cfg
+    try:  # again as the service account: it must be able to read it
+        return config.load(path, check_files=check_files)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (as user {cfg.server.user})") from None
 
 
 def open_directory(cfg: Config, *, check: bool = True) -> Any:

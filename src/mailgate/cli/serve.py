@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mailgate import log as mglog
+from mailgate.cli import sdnotify
 from mailgate.cli.common import load_config, open_directory
 from mailgate.config import Config
 from mailgate.spool import open_store
@@ -38,6 +39,7 @@ _STOP_GRACE = 20.0  # seconds a worker gets to finish its sessions
 _RESTART_DELAY = 1.0  # before a crashed worker is started again
 _REAP_INTERVAL = 0.5  # how often the supervisor looks for dead workers
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LISTENING = b"+listening "  # a worker's line on the wake pipe once bound (queue ids are [0-9A-Z])
 
 
 def register(sub: Any) -> None:
@@ -49,7 +51,7 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     mglog.setup()
-    cfg = load_config(args, check_files=True)
+    cfg = load_config(args, check_files=True, as_service_user=False)  # switched in _enter()
     _raise_fd_limit()
     _limit_malloc_arenas()
     deliver = not args.no_delivery
@@ -141,15 +143,29 @@ class Receiver:
         )  # fmt: skip
         self.listeners = Listeners(services, workers=max(1, workers))
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.to_thread(self.directory.start)
+    async def start(self) -> None:
+        """Bind every listener (not accepting yet), then give up the capability that binding
+        needed: first of all, while this process has one thread (capabilities are per thread)."""
+        from mailgate.cli import privileges
+
+        if not self.listeners.servers:
+            await self.listeners.start(serve=False)
+            privileges.drop_capabilities()
+
+    async def run(self, stop: asyncio.Event,
+                  on_serving: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        """Bind, start the directory view, accept connections (then `on_serving()`) until
+        `stop` is set."""
+        await self.start()
+        await asyncio.to_thread(self.directory.start)  # its first snapshot, then a thread
         try:
-            await self._serve(stop)
+            await self._serve(stop, on_serving)
         finally:
             await asyncio.to_thread(self.directory.close)
 
-    async def _serve(self, stop: asyncio.Event) -> None:
-        await self.listeners.start()
+    async def _serve(self, stop: asyncio.Event, on_serving: Callable[[], None]) -> None:
+        await self.listeners.serve()
+        on_serving()
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.cfg.ratelimits.snapshot_interval
         while not stop.is_set():
@@ -220,6 +236,26 @@ def _check_ports_free(cfg: Config) -> None:
                                       f"{e.strerror}") from None  # fmt: skip
 
 
+def _become_service_account(cfg: Config) -> None:
+    """Started as root with [server] user: switch now, after the ports were found free and the
+    keys read, before the spool is opened or any byte is read from the network; then check, as
+    that account, that it can use the keys, the database and the spool (one line naming the key
+    when it cannot)."""
+    from mailgate.cli import check_config, privileges
+    from mailgate.errors import ConfigError
+
+    account = privileges.service_account(cfg)
+    if account is None:
+        return
+    privileges.load_code()
+    if not privileges.become(account, keep_bind=privileges.needs_bind_capability(cfg)):
+        return
+    try:
+        check_config.check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (as user {account.user})") from None
+
+
 def _uses_tls(cfg: Config) -> bool:
     return bool(cfg.submission.listen or cfg.submissions.listen or cfg.smarthost.listen)
 
@@ -232,11 +268,16 @@ def _stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+def _notify_ready() -> None:
+    sdnotify.notify("READY=1")
+
+
 async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     """Everything in this process: `[server] workers = 0`."""
     from mailgate.deliver.engine import Engine
 
     _check_ports_free(cfg)
+    _become_service_account(cfg)
     lock = _lock_spool(cfg)  # noqa: F841 - held for the life of the process
     store = open_store(cfg.spool)
     log.info("spool recovered path=%s %s", cfg.spool.path, store.recover())
@@ -246,10 +287,12 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
         on_committed=(lambda env: engine.wake(env.id)) if engine else (lambda env: None),
     )  # fmt: skip
     stop = _stop_event_on_signals()
+    await receiver.start()  # before the engine: no helper thread may exist when it binds
     engine_task = asyncio.get_running_loop().create_task(engine.run()) if engine else None
     log.info("mailgate started hostname=%s workers=0", cfg.hostname)
-    await receiver.run(stop)
+    await receiver.run(stop, on_serving=_notify_ready)
     log.info("mailgate stopping")
+    sdnotify.notify("STOPPING=1")
     if engine is not None and engine_task is not None:
         await engine.stop()
         await asyncio.wait({engine_task}, timeout=10.0)
@@ -277,6 +320,7 @@ class Supervisor:
 
             server_context(self.cfg.tls.cert, self.cfg.tls.key)
         _check_ports_free(self.cfg)
+        _become_service_account(self.cfg)
         self.lock = _lock_spool(self.cfg)
         store = open_store(self.cfg.spool)
         log.info("spool recovered path=%s %s", self.cfg.spool.path, store.recover())
@@ -313,6 +357,8 @@ class Supervisor:
         engine_task = loop.create_task(engine.run()) if engine else None
         buffer = bytearray()
 
+        listening: set[bytes] = set()  # workers that reported their sockets bound
+
         def on_wake() -> None:
             try:
                 data = os.read(self.wake_read, 65536)
@@ -321,8 +367,12 @@ class Supervisor:
             buffer.extend(data)
             *lines, rest = bytes(buffer).split(b"\n")
             buffer[:] = rest
-            if engine is not None:
-                for line in lines:
+            for line in lines:
+                if line.startswith(_LISTENING):
+                    listening.add(line)
+                    if len(listening) == self.workers:  # every port answers: tell systemd
+                        sdnotify.notify("READY=1")
+                elif engine is not None:
                     engine.wake(line.decode("ascii", "replace") or None)
 
         os.set_blocking(self.wake_read, False)
@@ -338,6 +388,7 @@ class Supervisor:
                 next_rescan = loop.time() + _RESCAN_INTERVAL
                 engine.wake()  # safety net for a wake-up line lost to a full pipe
         log.info("mailgate stopping")
+        sdnotify.notify("STOPPING=1")
         self.stopping = True
         await self._stop_workers()
         if engine is not None and engine_task is not None:
@@ -406,4 +457,11 @@ async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> N
 
     receiver = Receiver(cfg, workers=workers, index=index, on_committed=notify)
     stop = _stop_event_on_signals()
-    await receiver.run(stop)
+
+    def serving() -> None:
+        with contextlib.suppress(
+            OSError
+        ):  # the pipe is empty at start; a lost line only delays READY
+            os.write(wake_fd, _LISTENING + str(index).encode("ascii") + b"\n")
+
+    await receiver.run(stop, on_serving=serving)

@@ -44,7 +44,9 @@ class Listeners:
         self.kernel_ban = KernelBan()
         self._ban_timer: asyncio.TimerHandle | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, serve: bool = True) -> None:
+        """Bind and listen on every address; accept connections at once unless `serve` is
+        False (then `serve()` starts accepting: until it does, clients wait in the backlog)."""
         cfg = self.services.cfg
         plan: list[tuple[Profile, tuple[Listen, ...]]] = [
             (SUBMISSION, cfg.submission.listen),
@@ -53,10 +55,15 @@ class Listeners:
         ]
         for profile, addresses in plan:
             for address in addresses:
-                self.servers.append(await self._listen(profile, address))
+                self.servers.append(await self._listen(profile, address, serve=serve))
                 log.info("listening service=%s address=%s", profile.name, address)
 
-    async def _listen(self, profile: Profile, address: Listen) -> asyncio.Server:
+    async def serve(self) -> None:
+        """Accept connections on every socket `start(serve=False)` bound."""
+        for server in self.servers:
+            await server.start_serving()
+
+    async def _listen(self, profile: Profile, address: Listen, *, serve: bool) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = self.services.tls if profile.implicit_tls else None
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -81,6 +88,7 @@ class Listeners:
             sock=sock,
             ssl=tls,
             ssl_handshake_timeout=30.0 if tls else None,
+            start_serving=serve,
         )
 
     def _connected(self, channel: Channel, profile: Profile) -> None:

@@ -167,14 +167,18 @@ def make_spool_dirs(path: Path, dirs: Sequence[Path]) -> tuple[int, int] | None:
     `mailgate queue` run as root must not leave root-owned 0600 files that a server running as
     an unprivileged user could no longer read: new files then take the spool's owner.
     """
+    created = []
     try:
         for d in (path, *dirs):
             if not d.is_dir():
                 d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
                 os.chmod(d, DIR_MODE)  # mkdir's mode is filtered by the umask
+                created.append(d)
         st = os.stat(path)
+        if os.geteuid() != 0 or st.st_uid == 0:
+            return None
+        for d in created:  # folders, like files, belong to the spool's owner
+            os.chown(d, st.st_uid, st.st_gid)
     except OSError as e:
         raise spool_error(e, f"spool {path}") from None
-    if os.geteuid() == 0 and st.st_uid != 0:
-        return (st.st_uid, st.st_gid)
-    return None
+    return (st.st_uid, st.st_gid)
