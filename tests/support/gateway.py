@@ -67,7 +67,8 @@ def run_cli(config: Path, *args: str, stdin: str | None = None,
 
 
 class Gateway:
-    def __init__(self, root: Path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, root: Path, overrides: dict[str, dict[str, Any]] | None = None,
+                 init_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.root = root
         self.config = root / "mailgate.toml"
         self.log_path = root / "mailgate.log"
@@ -75,7 +76,7 @@ class Gateway:
         root.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "mailgate", "init", str(root), "--hostname", HOSTNAME,
-             "--default-domain", DEFAULT_DOMAIN],
+             "--default-domain", DEFAULT_DOMAIN, *init_args],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.ports = {

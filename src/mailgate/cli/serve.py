@@ -246,6 +246,8 @@ def _become_service_account(cfg: Config) -> None:
 
     account = privileges.service_account(cfg)
     if account is None:
+        if os.geteuid() == 0:
+            log.warning("running as root: set [server] user (docs/INSTALL.md)")
         return
     privileges.load_code()
     if not privileges.become(account, keep_bind=privileges.needs_bind_capability(cfg)):
