@@ -61,6 +61,9 @@ def test_one_smarthost_client_uses_every_worker(tmp_path: Path) -> None:
     gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
     gw.start("--no-delivery")
     try:
+        # Until the second worker has joined the port's group, the kernel cannot pick it.
+        wait_for(lambda: len(listening(gw.log_text(), "smarthost")) == 2, timeout=15,
+                 what="both workers listening")  # fmt: skip
         for _ in range(30):  # the kernel hashes the 4-tuple: 2**-29 that one worker gets all
             send_from(gw, "127.0.0.10")
         assert len(worker_of(gw.log_text(), "127.0.0.10")) == 2
