@@ -290,7 +290,10 @@ class TlsPolicy:
             return Judgement(True, "", peer)
         if req.needs_auth or req.needs_requiretls:
             return Judgement(False, f"certificate not accepted: {why}", peer)
-        would = f"{req.what}: certificate would not be accepted: {why}" if req.what else ""
+        would = ""
+        if req.policy == "mta-sts-testing" or (req.policy == "table" and not req.needs_tls):
+            # What MTA-STS testing (or the table's "may") would have refused: logged.
+            would = f"{req.what}: certificate would not be accepted: {why}"
         return Judgement(False, "", peer, would_fail=would)
 
 
