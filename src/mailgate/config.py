@@ -286,6 +286,31 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: the operators' HTTP listener (/metrics, /healthz, /readyz, operator pages)."""
+
+    listen: tuple[Listen, ...] = ()
+    password_file: Path | None = None  # one line: HTTP Basic password of user "admin"
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "text"  # "json": one JSON object a line, the same fields as the text
+
+
+@dataclass(frozen=True, slots=True)
+class TraceConfig:
+    """[trace]: the message event log behind `mailgate trace` and `mailgate status` (trace/)."""
+
+    path: Path = Path("trace")
+    retention_days: int = 30  # whole days kept; older day files are deleted
+    max_size_mb: int = 0  # 0: no limit but the days; else the oldest days go first
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the configuration file itself
     hostname: str = "localhost"
@@ -301,6 +326,9 @@ class Config:
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -357,6 +385,9 @@ _SECTIONS = {
     "ratelimits": RateLimitsConfig,
     "server": ServerConfig,
     "auth": AuthConfig,
+    "admin": AdminConfig,
+    "log": LogConfig,
+    "trace": TraceConfig,
 }
 # Tables inside a section ([auth.ldap]): section -> key -> dataclass.
 _SUBSECTIONS: dict[str, dict[str, type]] = {
@@ -468,6 +499,10 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _ratelimit_service(key, value)
     if kind == "path_or_empty":
         return None if value == "" else _path(key, value, base)
+    if kind == "log_format":
+        if value not in LOG_FORMATS:
+            raise ConfigError(f'{key}: expected "text" or "json"')
+        return value
     if kind == "text":
         if not isinstance(value, str) or any(not c.isprintable() for c in value):
             raise ConfigError(f"{key}: expected a string")
@@ -569,6 +604,10 @@ _KINDS = {
 }
 _KINDS_FULL = {
     "spool.format": "spool_format",
+    "admin.password_file": "path_or_empty",
+    "log.format": "log_format",
+    "trace.retention_days": "posint",
+    "trace.max_size_mb": "nonnegint",
     "server.workers": "nonnegint",
     "server.user": "account",
     "server.group": "account",
