@@ -10,11 +10,12 @@ Must not: talk SMTP or touch sockets; it returns a Reply and the session writes 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mailgate import replies
+from mailgate import metrics, replies, tracelog
 from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
 from mailgate.message import stamp
 from mailgate.policy import Policy, Sender
@@ -83,33 +84,40 @@ class Acceptor:
     async def accept(self, facts: SessionFacts, txn: Transaction, incoming: Incoming) -> Reply:
         """Accept the received message or refuse it; never raises."""
         ctx = f"sid={facts.session_id} qid={incoming.qid}"
+        started = time.monotonic()
         try:
-            envelope = await self._accept(facts, txn, incoming, ctx)
+            envelope, message_id = await self._accept(facts, txn, incoming, ctx)
         except Rejected as e:
             incoming.abort()
             log.info("%s rejected reply=%r reason=%r", ctx, e.reply.line(), e.reason)
-            return e.reply
+            return refused(facts, txn, incoming.qid, e.reply)
         except ScannerUnavailable as e:
             incoming.abort()
             log.warning("%s deferred scanner unavailable: %s", ctx, e)
-            return replies.SCANNER_UNAVAILABLE
+            return refused(facts, txn, incoming.qid, replies.SCANNER_UNAVAILABLE)
         except SpoolFull as e:
             incoming.abort()
             log.error("%s deferred spool full: %s", ctx, e)
-            return replies.SPOOL_FULL
+            return refused(facts, txn, incoming.qid, replies.SPOOL_FULL)
         except SpoolError as e:
             incoming.abort()
             log.error("%s deferred spool error: %s", ctx, e)
-            return replies.INTERNAL_ERROR
+            return refused(facts, txn, incoming.qid, replies.INTERNAL_ERROR)
         except Exception:
             incoming.abort()
             log.exception("%s deferred internal error", ctx)
-            return replies.INTERNAL_ERROR
+            return refused(facts, txn, incoming.qid, replies.INTERNAL_ERROR)
         log.info(
             "%s accepted from=<%s> nrcpt=%d size=%d login=%s service=%s client=%s",
             ctx, envelope.mail_from, len(envelope.recipients), envelope.size,
             facts.sender.login or "-", facts.sender.service, facts.sender.client_ip,
         )  # fmt: skip
+        metrics.ACCEPTED.labels(facts.sender.service).inc()
+        metrics.ACCEPT_SECONDS.labels(facts.sender.service).observe(time.monotonic() - started)
+        tracelog.accepted(envelope.id, mail_from=envelope.mail_from,
+                          rcpts=[r.address for r in envelope.recipients], size=envelope.size,
+                          login=envelope.login, service=envelope.service, client=envelope.client,
+                          sid=facts.session_id, message_id=message_id)  # fmt: skip
         try:
             self._on_committed(envelope)
         except Exception:  # the message is on disk: it is accepted whatever happens here
@@ -118,7 +126,8 @@ class Acceptor:
 
     async def _accept(
         self, facts: SessionFacts, txn: Transaction, incoming: Incoming, ctx: str
-    ) -> Envelope:
+    ) -> tuple[Envelope, str]:
+        """The committed envelope and the message's Message-ID (added here if missing)."""
         message = incoming.getvalue()
         summary = stamp.summarize(message)
         if summary.received_count >= self._hop_limit:
@@ -139,9 +148,12 @@ class Acceptor:
                 _replace_head(incoming, message, lambda b: stamp.remove_fields(b, "sender"))
                 message = incoming.getvalue()
             prefix += stamp.sender(decision.sender_header)
+        message_id = summary.message_id
         if facts.is_submission:
             if not summary.has_message_id:
-                prefix += stamp.message_id(self._hostname, incoming.qid)
+                added = stamp.message_id(self._hostname, incoming.qid)
+                message_id = added.decode("ascii").split(":", 1)[1].strip()
+                prefix += added
             if not summary.has_date:
                 prefix += stamp.date()
         if decision.sign_domain and self._signer is not None:
@@ -163,7 +175,18 @@ class Acceptor:
             body=txn.mail.body or "",
             requiretls=txn.mail.requiretls,
         )
-        return await self._committer.commit(incoming, envelope, prefix)
+        return await self._committer.commit(incoming, envelope, prefix), message_id
+
+
+def refused(facts: SessionFacts, txn: Transaction, qid: str, reply: Reply) -> Reply:
+    """Count and record a message refused at the end of DATA; return `reply`."""
+    service = facts.sender.service
+    metrics.REFUSED.labels(service, str(reply.code)).inc()
+    tracelog.rejected(qid, mail_from=txn.mail_from, rcpts=[r.address for r in txn.rcpts],
+                      login=facts.sender.login or "", service=service,
+                      client=facts.sender.client_ip, sid=facts.session_id,
+                      reply=reply.line())  # fmt: skip
+    return reply
 
 
 def _replace_head(incoming: Incoming, message: bytes, change: Callable[[bytes], bytes]) -> None:

@@ -119,6 +119,9 @@ class Gateway:
         log.close()
         for port in self.ports.values():
             wait_for(partial(self._greets, port), timeout=20, what=f"listener on {port}")
+        for address in self.settings.get("admin", {}).get("listen", []):  # [admin] listen
+            port = int(address.rsplit(":", 1)[1])
+            wait_for(partial(self._greets, port), timeout=20, what=f"admin listener on {port}")
 
     def _greets(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

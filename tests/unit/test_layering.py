@@ -21,6 +21,13 @@ FORBIDDEN = {
                   "auth"},
     "auth": {"receive", "deliver", "accept", "policy", "spool", "scan", "smtp", "cli", "message",
              "limits"},
+    # Operating (issue #16): metrics and the event log are leaves every stage may call; the
+    # admin listener is wired by cli alone and reads only what it is handed.
+    "metrics": {"*"},
+    "tracelog": {"receive", "deliver", "accept", "policy", "spool", "scan", "message",
+                 "directory", "cli", "smtp", "limits", "admin", "metrics"},
+    "admin": {"receive", "deliver", "accept", "policy", "spool", "cli", "smtp", "limits",
+              "tracelog", "directory"},
     "replies": {"*"},
     "errors": {"*"},
     "config": {"*"},

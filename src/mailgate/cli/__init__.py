@@ -20,14 +20,20 @@ from mailgate.cli import (
     init,
     limits,
     queue,
+    reload,
     serve,
     sink,
+    status,
+    trace,
     user,
 )
 from mailgate.cli.common import CommandError
 from mailgate.errors import MailgateError
 
-_MODULES = (init, serve, check_config, user, domain, address, directory, queue, limits, sink)
+_MODULES = (
+    init, serve, check_config, user, domain, address, directory, queue, limits, sink, trace,
+    status, reload,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

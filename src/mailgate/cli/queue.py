@@ -24,6 +24,7 @@ from mailgate.errors import SpoolError
 from mailgate.spool import open_store, spool_exists
 from mailgate.spool.api import NotFound, SpoolStore
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
+from mailgate.spool.entry import queue_state as state_of
 
 
 def register(sub: Any) -> None:
@@ -63,16 +64,6 @@ def _open_store(args: argparse.Namespace) -> SpoolStore:
 
 
 # --- list --------------------------------------------------------------------------------
-
-
-def state_of(envelope: Envelope, now: datetime) -> str:
-    """held / deferred / active, as `queue list` shows it."""
-    if envelope.held:
-        return "held"
-    pending = envelope.pending
-    if pending and all(r.next_attempt_at is not None and r.next_attempt_at > now for r in pending):
-        return "deferred"
-    return "active"
 
 
 def _last_error(envelope: Envelope) -> str:

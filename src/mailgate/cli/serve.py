@@ -5,8 +5,13 @@ signer, acceptor, listeners, engine. With `[server] workers = N` (N >= 1) the pr
 listener workers that share the ports (SO_REUSEPORT, steered by client address) and itself runs
 the delivery engine; workers tell it about new entries through a pipe (one queue id per line),
 so receiving and delivery meet only at the spool. `workers = 0` runs everything in one process.
-SIGTERM/SIGINT stop gracefully: listeners close, sessions get a grace period, the engine lets
-transactions in flight finish.
+SIGTERM/SIGINT stop gracefully: listeners close, sessions get `421 4.3.2` at their next
+command (a DATA in progress is answered first), the engine lets transactions in flight finish
+(or abandons them after a grace period: an unrecorded try is simply tried again), and the
+process exits 0 well within 30 seconds. SIGHUP (`mailgate reload`) re-reads the configuration,
+certificates and directory in every process; an invalid configuration is refused and the old
+one stays. The supervisor also serves `[admin] listen` and prunes the trace log
+(cli/running.py).
 """
 
 from __future__ import annotations
@@ -21,16 +26,23 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mailgate import config as mgconfig
 from mailgate import log as mglog
-from mailgate.cli import sdnotify
+from mailgate import tracelog
+from mailgate.cli import running, sdnotify
 from mailgate.cli.common import load_config, open_directory
 from mailgate.config import Config
+from mailgate.errors import MailgateError
 from mailgate.spool import open_store
 from mailgate.spool.entry import Envelope
+
+if TYPE_CHECKING:
+    from mailgate.receive.session import Services
 
 log = logging.getLogger("mailgate.serve")
 
@@ -40,6 +52,7 @@ _RESTART_DELAY = 1.0  # before a crashed worker is started again
 _REAP_INTERVAL = 0.5  # how often the supervisor looks for dead workers
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LISTENING = b"+listening "  # a worker's line on the wake pipe once bound (queue ids are [0-9A-Z])
+_PRUNE_INTERVAL = 3600.0  # seconds between two applications of [trace] retention
 
 
 def register(sub: Any) -> None:
@@ -52,6 +65,9 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     mglog.setup()
     cfg = load_config(args, check_files=True, as_service_user=False)  # switched in _enter()
+    mglog.setup(fmt=cfg.log.format)
+    # Until the event loop handles it, a reload must not kill us (SIGHUP's default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit()
     _limit_malloc_arenas()
     deliver = not args.no_delivery
@@ -104,44 +120,73 @@ class Receiver:
 
     def __init__(self, cfg: Config, *, workers: int, index: int,
                  on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
-        from mailgate.accept import Acceptor
-        from mailgate.auth import open_authenticator
         from mailgate.directory.cache import DirectoryView
         from mailgate.limits import AuthGuard, Limits
-        from mailgate.message.dkim import Signer
-        from mailgate.policy import Policy
         from mailgate.receive.serve import Listeners
-        from mailgate.receive.session import Services
         from mailgate.receive.tls import ReloadingContext
-        from mailgate.scan import Scanner
         from mailgate.spool.group import GroupCommitter
 
         self.cfg = cfg
         self.index = index
+        self.on_committed = on_committed
         # The event loop asks the view (memory); it loads and follows the database in a
-        # thread (directory/cache.py), started by run().
-        self.directory = directory = DirectoryView(open_directory(cfg, check=False))
-        store = open_store(cfg.spool)
+        # thread (directory/cache.py), started by run(). A reload keeps it (it follows the
+        # database by itself) and asks it to catch up at once.
+        self.directory = DirectoryView(open_directory(cfg, check=False))
+        self.store = open_store(cfg.spool)
+        self.committer = GroupCommitter(self.store)
         self.tls = ReloadingContext(cfg.tls.cert, cfg.tls.key) if _uses_tls(cfg) else None
+        self.limits = Limits(cfg.ratelimits)
+        self.auth_guard = AuthGuard(cfg.ratelimits)
+        self.listeners = Listeners(self._services(cfg), workers=max(1, workers))
+
+    def _services(self, cfg: Config) -> Services:
+        """Everything a new session uses; sessions already open keep the one they started
+        with, so a reload never changes a transaction half-way."""
+        from mailgate.accept import Acceptor
+        from mailgate.auth import open_authenticator
+        from mailgate.message.dkim import Signer
+        from mailgate.policy import Policy
+        from mailgate.receive.session import Services
+        from mailgate.scan import Scanner
+
+        directory = self.directory
         policy = Policy(directory, smarthost_networks=cfg.smarthost.networks)
         acceptor = Acceptor(
             hostname=cfg.hostname,
             policy=policy,
-            committer=GroupCommitter(store),
+            committer=self.committer,
             scanner=Scanner(cfg.scanner),
             signer=Signer(directory),
             hop_limit=cfg.delivery.hop_limit,
-            on_committed=on_committed,
+            on_committed=self.on_committed,
         )
-        self.limits = Limits(cfg.ratelimits)
-        self.auth_guard = AuthGuard(cfg.ratelimits)
-        services = Services(
-            cfg=cfg, store=store, policy=policy, acceptor=acceptor, directory=directory,
+        return Services(
+            cfg=cfg, store=self.store, policy=policy, acceptor=acceptor, directory=directory,
             authenticator=open_authenticator(cfg, directory),
             tls=self.tls.context if self.tls else None,
             limits=self.limits, auth_guard=self.auth_guard,
         )  # fmt: skip
-        self.listeners = Listeners(services, workers=max(1, workers))
+
+    def reload(self) -> None:
+        """SIGHUP: the configuration file again, certificates, directory, limits. A file that
+        does not load is refused with one log line; the running configuration stays."""
+        from mailgate.limits import AuthGuard, Limits
+
+        try:
+            cfg = mgconfig.load(self.cfg.path, check_files=True)
+            if self.tls is not None:
+                self.tls.use(cfg.tls.cert, cfg.tls.key)
+            if cfg.ratelimits != self.cfg.ratelimits:
+                self.limits = Limits(cfg.ratelimits)  # counting starts again under new limits
+                self.auth_guard = AuthGuard(cfg.ratelimits)
+            self.listeners.services = self._services(cfg)
+        except (MailgateError, OSError, ssl.SSLError) as e:
+            log.error("reload refused: %s (the previous configuration stays in force)", e)
+            return
+        self.cfg = cfg
+        asyncio.get_running_loop().run_in_executor(None, self.directory.sync)
+        log.info("reloaded config=%s", cfg.path)
 
     async def start(self) -> None:
         """Bind every listener (not accepting yet), then give up the capability that binding
@@ -152,21 +197,23 @@ class Receiver:
             await self.listeners.start(serve=False)
             privileges.drop_capabilities()
 
-    async def run(self, stop: asyncio.Event,
-                  on_serving: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    async def run(self, stop: asyncio.Event, on_serving: Callable[[], None] = lambda: None,
+                  on_hup: Callable[[], None] | None = None) -> None:  # fmt: skip
         """Bind, start the directory view, accept connections (then `on_serving()`) until
-        `stop` is set."""
+        `stop` is set; SIGHUP calls `on_hup` (default: this process's reload)."""
         await self.start()
         await asyncio.to_thread(self.directory.start)  # its first snapshot, then a thread
         try:
-            await self._serve(stop, on_serving)
+            await self._serve(stop, on_serving, on_hup)
         finally:
             await asyncio.to_thread(self.directory.close)
 
-    async def _serve(self, stop: asyncio.Event, on_serving: Callable[[], None]) -> None:
+    async def _serve(self, stop: asyncio.Event, on_serving: Callable[[], None],
+                     on_hup: Callable[[], None] | None) -> None:  # fmt: skip
         await self.listeners.serve()
         on_serving()
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, on_hup or self.reload)
         next_snapshot = loop.time() + self.cfg.ratelimits.snapshot_interval
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -222,7 +269,7 @@ def _check_ports_free(cfg: Config) -> None:
     """
     from mailgate.errors import ConfigError
 
-    for service in ("submission", "submissions", "smarthost"):
+    for service in ("submission", "submissions", "smarthost", "admin"):
         for address in getattr(cfg, service).listen:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -276,11 +323,12 @@ def _notify_ready() -> None:
 
 async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     """Everything in this process: `[server] workers = 0`."""
-    from mailgate.deliver.engine import Engine
-
     _check_ports_free(cfg)
     _become_service_account(cfg)
     lock = _lock_spool(cfg)  # noqa: F841 - held for the life of the process
+    running.enable_metrics(cfg)
+    from mailgate.deliver.engine import Engine
+
     store = open_store(cfg.spool)
     log.info("spool recovered path=%s %s", cfg.spool.path, store.recover())
     engine = Engine(cfg, store) if deliver else None
@@ -290,15 +338,51 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     )  # fmt: skip
     stop = _stop_event_on_signals()
     await receiver.start()  # before the engine: no helper thread may exist when it binds
+    tracelog.start(cfg.trace)  # a thread: after the binding
     engine_task = asyncio.get_running_loop().create_task(engine.run()) if engine else None
+    admin = await running.start_admin(cfg, snapshot=engine.queue_snapshot if engine else None)
+
+    def reload() -> None:
+        new = _validated_reload(receiver.cfg)
+        if new is not None:
+            receiver.reload()
+
+    run = asyncio.get_running_loop().create_task(
+        receiver.run(stop, on_serving=_notify_ready, on_hup=reload)
+    )
     log.info("mailgate started hostname=%s workers=0", cfg.hostname)
-    await receiver.run(stop, on_serving=_notify_ready)
+    await stop.wait()
     log.info("mailgate stopping")
     sdnotify.notify("STOPPING=1")
-    if engine is not None and engine_task is not None:
-        await engine.stop()
+    if admin is not None:
+        admin[1].stopping = True
+    await asyncio.gather(run, engine.stop() if engine is not None else asyncio.sleep(0))
+    if engine_task is not None:
         await asyncio.wait({engine_task}, timeout=10.0)
+    if admin is not None:
+        await admin[0].stop()
+    tracelog.stop()
     log.info("mailgate stopped")
+
+
+def _validated_reload(current: Config) -> Config | None:
+    """The supervisor's half of a reload: check the new file like `check-config`, record the
+    outcome for `mailgate reload`, and return the configuration to apply (None: refused)."""
+    from mailgate import metrics
+
+    try:
+        new = running.validate(current.path)
+    except MailgateError as e:
+        log.error("reload refused: %s (the previous configuration stays in force)", e)
+        metrics.RELOADS.labels("refused").inc()
+        running.write_reload_status(current, ok=False, error=str(e))
+        return None
+    kept = running.needs_restart(current, new)
+    if kept:
+        log.warning("reload: %s changed; takes effect at the next restart", ", ".join(kept))
+    metrics.RELOADS.labels("ok").inc()
+    running.write_reload_status(current, ok=True, kept=kept)
+    return new
 
 
 # --- several processes -------------------------------------------------------------------------
@@ -324,6 +408,7 @@ class Supervisor:
         _check_ports_free(self.cfg)
         _become_service_account(self.cfg)
         self.lock = _lock_spool(self.cfg)
+        running.enable_metrics(self.cfg)
         store = open_store(self.cfg.spool)
         log.info("spool recovered path=%s %s", self.cfg.spool.path, store.recover())
         self.wake_read, self.wake_write = os.pipe()
@@ -355,8 +440,13 @@ class Supervisor:
 
         loop = asyncio.get_running_loop()
         stop = _stop_event_on_signals()
+        tracelog.start(self.cfg.trace)
         engine = Engine(self.cfg, open_store(self.cfg.spool)) if self.deliver else None
         engine_task = loop.create_task(engine.run()) if engine else None
+        admin = await running.start_admin(
+            self.cfg, snapshot=engine.queue_snapshot if engine else None
+        )
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         buffer = bytearray()
 
         listening: set[bytes] = set()  # workers that reported their sockets bound
@@ -381,6 +471,7 @@ class Supervisor:
         loop.add_reader(self.wake_read, on_wake)
         log.info("mailgate started hostname=%s workers=%d", self.cfg.hostname, self.workers)
         next_rescan = loop.time() + _RESCAN_INTERVAL
+        next_prune = loop.time()
         while not stop.is_set():
             # uvloop keeps SIGCHLD for itself, so dead workers are found by polling.
             with contextlib.suppress(TimeoutError):
@@ -389,14 +480,36 @@ class Supervisor:
             if engine is not None and loop.time() >= next_rescan:
                 next_rescan = loop.time() + _RESCAN_INTERVAL
                 engine.wake()  # safety net for a wake-up line lost to a full pipe
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + _PRUNE_INTERVAL
+                await asyncio.to_thread(tracelog.prune_old, self.cfg.trace)
         log.info("mailgate stopping")
         sdnotify.notify("STOPPING=1")
         self.stopping = True
-        await self._stop_workers()
-        if engine is not None and engine_task is not None:
-            await engine.stop()
+        if admin is not None:
+            admin[1].stopping = True  # /readyz says so while the sessions drain
+        # Sessions and deliveries wind down side by side: together well within 30 seconds.
+        await asyncio.gather(
+            self._stop_workers(), engine.stop() if engine is not None else asyncio.sleep(0)
+        )
+        if engine_task is not None:
             await asyncio.wait({engine_task}, timeout=10.0)
+        if admin is not None:
+            await admin[0].stop()
+        tracelog.stop()
         log.info("mailgate stopped")
+
+    def _reload(self) -> None:
+        """SIGHUP: check the file here once, then every worker re-reads it (each keeps its
+        configuration if its own load fails, logged). The engine keeps the configuration it
+        started with ([delivery] is named as needing a restart)."""
+        new = _validated_reload(self.cfg)
+        if new is None:
+            return
+        self.cfg = new  # workers started from now on get it too
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
 
     def _reap(self) -> None:
         while self.children:
@@ -410,6 +523,7 @@ class Supervisor:
             if index is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            _process_died(pid)
             if self.stopping:
                 log.info("worker stopped index=%d pid=%d status=%d", index, pid, code)
                 continue
@@ -441,6 +555,12 @@ class Supervisor:
         self.children.pop(pid, None)
 
 
+def _process_died(pid: int) -> None:
+    from mailgate import metrics
+
+    metrics.process_died(pid)
+
+
 def _die_with_parent() -> None:
     """A worker must not outlive a supervisor killed with -9 (it would hold the ports)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -466,4 +586,7 @@ async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> N
         ):  # the pipe is empty at start; a lost line only delays READY
             os.write(wake_fd, _LISTENING + str(index).encode("ascii") + b"\n")
 
+    await receiver.start()  # binding drops a capability per thread: before the log's thread
+    tracelog.start(cfg.trace)
     await receiver.run(stop, on_serving=serving)
+    tracelog.stop()

@@ -28,13 +28,14 @@ import itertools
 import logging
 import random
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from mailgate import replies
+from mailgate import metrics, replies, tracelog
 from mailgate.config import Config
 from mailgate.deliver import bounce, schedule, tlsrpt
 from mailgate.deliver.attempt import (
@@ -55,7 +56,7 @@ from mailgate.deliver.tlspolicy import (
 from mailgate.deliver.tlsrpt import Reporter, Session, result_type
 from mailgate.errors import SpoolError
 from mailgate.spool.api import NotFound, SpoolStore
-from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
+from mailgate.spool.entry import QUEUE_STATES, Attempt, Envelope, Recipient, queue_state, utcnow
 from mailgate.spool.ids import new_queue_id
 
 log = logging.getLogger("mailgate.deliver")
@@ -215,6 +216,17 @@ class Engine:
             if pending:
                 await asyncio.wait(pending, timeout=STOP_GRACE)
         await self.tlspolicy.close()
+
+    def queue_snapshot(self) -> tuple[dict[str, int], float]:
+        """Entries by state (QUEUE_STATES) and the age in seconds of the oldest (0: empty),
+        from memory: cheap enough for every /metrics scrape."""
+        now = self.now()
+        counts = dict.fromkeys(QUEUE_STATES, 0)
+        oldest = now
+        for env in self._envelopes.values():
+            counts[queue_state(env, now)] += 1
+            oldest = min(oldest, env.received_at)
+        return counts, (now - oldest).total_seconds()
 
     # --- the schedule --------------------------------------------------------------------
 
@@ -453,8 +465,12 @@ class Engine:
                 self._destinations.pop(dest.key, None)
 
     async def _send(self, conn: Connection, job: _Job, transfer: Transfer) -> list[RecipientResult]:
+        started = time.monotonic()
+        status = "deferred"
         try:
-            return await conn.deliver(transfer)
+            results = await conn.deliver(transfer)
+            status = results[0].status if results else status
+            return results
         except Exception:
             # A bug, not the network (attempt.py turns those into results):
             # temporary is the default (STYLE.md §6), the details go to the log.
@@ -465,6 +481,8 @@ class Engine:
                                 "internal error", conn.host)
                 for r in job.recipients
             ]  # fmt: skip
+        finally:
+            metrics.ATTEMPT_SECONDS.labels(status).observe(time.monotonic() - started)
 
     async def _transfer(self, job: _Job) -> Transfer | None:
         env = self._envelopes.get(job.qid)
@@ -650,6 +668,7 @@ class Engine:
                     with contextlib.suppress(NotFound):
                         await asyncio.to_thread(self.store.remove, qid)
                     self._log(merged, results, now)
+                    tracelog.removed(qid)
                     self._forget(qid)
                     return
                 try:
@@ -744,6 +763,7 @@ class Engine:
                 extra += f' peer_cert="{_quote(res.peer)}"'
             if res.note:
                 extra += f' tls_note="{_quote(res.note)}"'
+            _count(env.id, status, res.address, res.host, reply, res.tls, res.verified, delay)
             log.info(
                 "qid=%s to=<%s> relay=%s tls=%s verified=%s policy=%s%s delay=%.1f status=%s "
                 'reply="%s"%s',
@@ -832,6 +852,7 @@ class Engine:
             with contextlib.suppress(NotFound):
                 await asyncio.to_thread(self.store.remove, qid)
             log.info("qid=%s removed", qid)
+            tracelog.removed(qid)
         except SpoolError as e:
             log.error("qid=%s cannot finish entry: %s", qid, e)
         finally:
@@ -876,9 +897,28 @@ class Engine:
         stored = await asyncio.to_thread(self.store.enqueue, envelope, dsn)
         kinds = ",".join(sorted({n.action for n in notices}))
         log.info("qid=%s dsn=%s sent as qid=%s to=<%s>", original.id, kinds, stored.id, to)
+        metrics.DSNS.labels(kinds).inc()
+        tracelog.dsn(original.id, action=kinds, dsn_qid=stored.id, to=to)
+        tracelog.queued(stored.id, mail_from="", rcpts=[to], service="bounce", about=original.id)
         self._envelopes[stored.id] = stored
         self._schedule(stored.id)
         self._event.set()
+
+
+_OUTCOMES = {"sent": "delivered", "bounced": "bounced", "deferred": "deferred"}
+
+
+def _count(qid: str, status: str, rcpt: str, host: object, reply: str, tls: bool,
+           verified: bool, delay: float) -> None:  # fmt: skip
+    """Metrics and the trace event of one recipient's try (status as in the log line)."""
+    outcome = _OUTCOMES[status]
+    metrics.DELIVERIES.labels(outcome).inc()
+    if outcome != "deferred":
+        metrics.DELIVERY_DELAY.labels(outcome).observe(delay)
+    if outcome == "delivered":
+        metrics.DELIVERY_TLS.labels("yes" if tls else "no", "yes" if verified else "no").inc()
+    tracelog.outcome(qid, status=outcome, rcpt=rcpt, relay=str(host) if host else "none",
+                     reply=reply, tls=tls, delay=delay)  # fmt: skip
 
 
 def _wants(rcpt: Recipient, kind: str) -> bool:

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailgate import replies
+from mailgate import metrics, replies
 from mailgate.config import RATE_LIMIT_NAMES, RateLimitsConfig, ServiceRateLimits
 from mailgate.errors import Rejected
 from mailgate.limits.backend import Backend, MemoryBackend
@@ -270,6 +270,7 @@ class Limits:
     def _count_hit(self, service: str, name: str, *, shadow: bool) -> None:
         counts = self._hits.setdefault((service, name), [0, 0])
         counts[1 if shadow else 0] += 1
+        metrics.RATELIMIT.labels(service, name, "shadow" if shadow else "refused").inc()
 
     # --- the breaker -----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ class HeaderSummary:
     has_date: bool = False
     has_sender: bool = False
     received_count: int = 0
+    message_id: str = ""  # the first Message-ID: field's value, as written
     header_names: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -69,18 +70,22 @@ def summarize(message: bytes) -> HeaderSummary:
     froms: list[str] = []
     names: set[str] = set()
     received = 0
+    message_id = ""
     for name, value in iter_fields(header_block(message)):
         names.add(name)
         if name == "from":
             froms.extend(addr for _, addr in email.utils.getaddresses([value]) if addr)
         elif name == "received":
             received += 1
+        elif name == "message-id" and not message_id:
+            message_id = value
     return HeaderSummary(
         from_addresses=tuple(a.strip() for a in froms),
         has_message_id="message-id" in names,
         has_date="date" in names,
         has_sender="sender" in names,
         received_count=received,
+        message_id=message_id,
         header_names=frozenset(names),
     )
 

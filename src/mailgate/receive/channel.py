@@ -29,6 +29,10 @@ class PlaintextAfterStartTls(Exception):
     """Bytes were buffered after STARTTLS: the upgrade is refused."""
 
 
+class Interrupted(Exception):
+    """The server is stopping: a read that was waiting for the client gives up (interrupt())."""
+
+
 class Channel(asyncio.Protocol):
     """One connection's transport wrapped for a single reading coroutine."""
 
@@ -146,6 +150,12 @@ class Channel(asyncio.Protocol):
         if new is None:
             raise ConnectionError("TLS upgrade failed")
         self.transport = new
+
+    def interrupt(self) -> None:
+        """Make a read that is waiting now raise Interrupted (a read not waiting is unaffected:
+        the session checks why it should stop before it reads again)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(Interrupted())
 
     def get_extra_info(self, name: str) -> object:
         return self.transport.get_extra_info(name) if self.transport is not None else None

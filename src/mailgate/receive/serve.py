@@ -17,7 +17,7 @@ import ssl
 import time
 from collections import Counter
 
-from mailgate import replies
+from mailgate import metrics, replies
 from mailgate.config import Listen
 from mailgate.receive.channel import Channel
 from mailgate.receive.kernelban import KernelBan
@@ -38,6 +38,7 @@ class Listeners:
         self.workers = workers  # processes sharing each port (for reuseport steering)
         self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
+        self.open: set[Session] = set()  # told to stop by stop()
         self.per_ip: Counter[str] = Counter()
         self._refusal_logged: dict[str, float] = {}  # ip -> when its next refusal is logged
         self._lockout_refusals: Counter[str] = Counter()  # client key -> refused reconnects
@@ -99,22 +100,25 @@ class Listeners:
             self.per_ip[ip] >= limits.max_connections_per_ip
         ):
             self._refuse(channel, ip, profile, replies.TOO_MANY_CONNECTIONS, "too many connections")
+            metrics.CONNECTIONS_REFUSED.labels(profile.name, "connection_limit").inc()
             return
         guard = self.services.auth_guard
         if profile.offers_auth and guard is not None and guard.is_client_refused(ip):
             # A password guesser that reached auth_refuse_after: refused before any session,
             # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
             self._refuse(channel, ip, profile, replies.CLIENT_LOCKED_OUT, "too many AUTH failures")
+            metrics.AUTH_DEFENCE.labels("locked_out").inc()
             self._count_lockout_refusal(ip)
             return
         self.per_ip[ip] += 1
-        task = asyncio.get_running_loop().create_task(
-            Session(self.services, channel, profile).run()
-        )
+        session = Session(self.services, channel, profile)
+        task = asyncio.get_running_loop().create_task(session.run())
         self.sessions.add(task)
+        self.open.add(session)
 
         def done(t: asyncio.Task[None]) -> None:
             self.sessions.discard(t)
+            self.open.discard(session)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
@@ -153,6 +157,7 @@ class Listeners:
         except ValueError:
             return  # not an IP client (a Unix socket peer): nothing to filter on
         if self.kernel_ban.ban(network, limits.auth_ban_period):
+            metrics.AUTH_DEFENCE.labels("banned").inc()
             log.warning("client banned in the kernel client=[%s] seconds=%g: %d connections "
                         "refused after too many AUTH failures", key, limits.auth_ban_period,
                         limits.auth_ban_after)  # fmt: skip
@@ -168,9 +173,13 @@ class Listeners:
             self._ban_timer = loop.call_later(wait + 0.05, self._schedule_ban_expiry)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop listening, let sessions finish for `grace` seconds, then cancel the rest."""
+        """Stop listening; sessions get 421 4.3.2 at their next command (a DATA in progress
+        is answered first); after `grace` seconds the rest are cancelled."""
         for server in self.servers:
             server.close()
+        for session in list(self.open):
+            session.shutdown()
+        log.info("stopping: listeners closed, %d sessions told to finish", len(self.open))
         if self._ban_timer is not None:
             self._ban_timer.cancel()
         if self.sessions:

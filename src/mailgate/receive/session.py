@@ -23,15 +23,15 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailgate import replies
-from mailgate.accept import Acceptor, SessionFacts, Transaction
+from mailgate import metrics, replies, tracelog
+from mailgate.accept import Acceptor, SessionFacts, Transaction, refused
 from mailgate.auth.authenticator import Authenticator
 from mailgate.config import Config
 from mailgate.directory import Directory
 from mailgate.errors import AuthUnavailable, Rejected, SpoolError, SpoolFull
 from mailgate.message import stamp
 from mailgate.policy import Policy, Sender, check_destination
-from mailgate.receive.channel import Channel, PlaintextAfterStartTls
+from mailgate.receive.channel import Channel, Interrupted, PlaintextAfterStartTls
 from mailgate.receive.rdns import ReverseDns
 from mailgate.smtp.events import (
     SMARTHOST,
@@ -113,6 +113,7 @@ class Session:
         self.mechanism: str | None = None
         self.in_data = False
         self.closing = False
+        self.stopping = False  # the server stops: 421 4.3.2 instead of the next command
         self.client_name = ""  # forward-confirmed reverse DNS name, for Received:
         self.rdns_refusal: replies.Reply | None = None  # answered at MAIL (require_rdns)
 
@@ -121,6 +122,8 @@ class Session:
         log.info("sid=%s connect service=%s client=[%s]:%d port=%d",
                  self.sid, self.profile.name, self.client_ip, self.client_port,
                  self.local_port)  # fmt: skip
+        metrics.CONNECTIONS.labels(self.profile.name).inc()
+        metrics.SESSIONS.labels(self.profile.name).inc()
         try:
             if not await self._before_greeting():
                 return
@@ -129,8 +132,13 @@ class Session:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._timeout()
             while not self.closing:
+                if self.stopping and not self.in_data:
+                    self._say_shutting_down()
+                    break
                 try:
                     data = await self.channel.read(deadline)
+                except Interrupted:
+                    continue  # stopping: answered at the top of the loop
                 except TimeoutError:
                     log.info("sid=%s timeout after %.0fs without progress",
                              self.sid, self._timeout())  # fmt: skip
@@ -141,6 +149,8 @@ class Session:
                 if await self._flush() or handled:
                     # Only progress restarts the clock: bytes that complete no command do not.
                     deadline = loop.time() + self._timeout()
+        except Interrupted:  # stopped before the greeting (smart host greeting delay)
+            self._say_shutting_down()
         except (ConnectionError, TimeoutError) as e:
             log.info("sid=%s connection lost: %s", self.sid, e)
             # A peer that does not read (the drain timed out) would keep close() waiting to
@@ -150,9 +160,21 @@ class Session:
             log.exception("sid=%s session failed", self.sid)
             self.channel.write(replies.INTERNAL_ERROR.to_bytes())
         finally:
+            metrics.SESSIONS.labels(self.profile.name).dec()
             self._drop_incoming()
             self.channel.close()
             log.info("sid=%s disconnect client=[%s]", self.sid, self.client_ip)
+
+    def shutdown(self) -> None:
+        """The server stops: `421 4.3.2` at the next command, at once if the client is idle;
+        a DATA in progress is received and answered first (INTERFACE.md, "Operating it")."""
+        self.stopping = True
+        if not self.in_data:
+            self.channel.interrupt()
+
+    def _say_shutting_down(self) -> None:
+        log.info("sid=%s server stopping: %s", self.sid, replies.SHUTTING_DOWN.line())
+        self.channel.write(replies.SHUTTING_DOWN.to_bytes())
 
     def _timeout(self) -> float:
         limits = self.s.cfg.limits
@@ -182,6 +204,7 @@ class Session:
             except Rejected as e:
                 log.info("sid=%s refused %s reply=%r reason=%r",
                          self.sid, type(event).__name__, e.reply.line(), e.reason)  # fmt: skip
+                self._count_refusal(event, e.reply)
                 self.conn.send(e.reply)
             except Exception:
                 log.exception("sid=%s error handling %s", self.sid, type(event).__name__)
@@ -193,6 +216,13 @@ class Session:
                     return handled
                 self.conn.send(replies.INTERNAL_ERROR)
         return handled
+
+    def _count_refusal(self, event: Event, reply: replies.Reply) -> None:
+        metrics.REFUSED.labels(self.profile.name, str(reply.code)).inc()
+        tracelog.refused(command=_COMMANDS.get(type(event).__name__, type(event).__name__),
+                         address=str(getattr(event, "address", "")), login=self.login or "",
+                         service=self.profile.name, client=self.client_ip, sid=self.sid,
+                         reply=reply.line())  # fmt: skip
 
     # --- before the greeting (smart host) ------------------------------------------------
     async def _before_greeting(self) -> bool:
@@ -294,12 +324,14 @@ class Session:
         if guard is not None:
             decision = guard.before_attempt(self.client_ip, event.login)
             if decision.refuse:
+                metrics.AUTH_DEFENCE.labels("refused").inc()
                 log.warning("sid=%s auth refused (too many failures) client=[%s]",
                             self.sid, self.client_ip)  # fmt: skip
                 self.conn.send(replies.TOO_MANY_AUTH_FAILURES)
                 self.closing = True
                 return
             if decision.delay > 0:
+                metrics.AUTH_DEFENCE.labels("delayed").inc()
                 await asyncio.sleep(decision.delay)
         try:
             user = await self.s.authenticator.verify(event.login, event.password, event.mechanism)
@@ -310,6 +342,7 @@ class Session:
             self.conn.send(replies.AUTH_TEMPORARILY_UNAVAILABLE)
             return
         if user is None:
+            metrics.AUTH_FAILURES.labels(self.profile.name).inc()
             if guard is not None:
                 guard.record_failure(self.client_ip, event.login)
             log.info("sid=%s auth failed mech=%s login=%s client=[%s]",
@@ -377,12 +410,13 @@ class Session:
         if event.too_big or event.bad_line or self.write_error is not None:
             incoming.abort()
             if event.too_big:
-                return replies.MESSAGE_TOO_BIG
+                return refused(self._facts(), txn, incoming.qid, replies.MESSAGE_TOO_BIG)
             if event.bad_line:
-                return replies.TEXT_LINE_TOO_LONG
+                return refused(self._facts(), txn, incoming.qid, replies.TEXT_LINE_TOO_LONG)
             log.error("sid=%s spool write failed: %s", self.sid, self.write_error)
-            return (replies.SPOOL_FULL if isinstance(self.write_error, SpoolFull)
-                    else replies.INTERNAL_ERROR)  # fmt: skip
+            return refused(self._facts(), txn, incoming.qid,
+                           replies.SPOOL_FULL if isinstance(self.write_error, SpoolFull)
+                           else replies.INTERNAL_ERROR)  # fmt: skip
         reply = await self.s.acceptor.accept(self._facts(), txn, incoming)
         if reply.is_positive and self.s.limits is not None:
             trip = self.s.limits.record_message(
@@ -397,6 +431,7 @@ class Session:
         from mailgate.limits.breaker import suspend_account
 
         assert self.login is not None
+        metrics.SUSPENSIONS.labels(self.profile.name).inc()
         await asyncio.to_thread(suspend_account, self.s.directory, self.s.store, self.login, reason)
 
     def _facts(self) -> SessionFacts:
@@ -433,6 +468,9 @@ class Session:
             self.incoming.abort()
             self.incoming = None
         self.in_data = False
+
+
+_COMMANDS = {"MailFrom": "MAIL", "RcptTo": "RCPT", "DataStart": "DATA", "EndOfData": "DATA"}
 
 
 def _safe(text: str) -> str:

@@ -46,6 +46,15 @@ class ReloadingContext:
         except OSError:
             return (0.0, 0.0)
 
+    def use(self, cert: Path, key: Path) -> None:
+        """`mailgate reload`: load these files now (the paths may be new). Raises OSError or
+        ssl.SSLError, keeping the previous certificate, when they are unusable."""
+        server_context(cert, key)  # validate on a throwaway context first
+        self.context.load_cert_chain(cert, key)
+        self._cert, self._key = cert, key
+        self._stamp = self._mtimes()
+        log.info("tls reloaded cert=%s", cert)
+
     def maybe_reload(self) -> bool:
         """Reload if the files changed; keep the old certificate if the new one is unusable."""
         stamp = self._mtimes()

@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from mailgate import replies
+from mailgate import metrics, replies
 from mailgate.config import ScannerConfig
 from mailgate.errors import Rejected, ScannerUnavailable
 from mailgate.scan.attachments import find_blocked
@@ -90,6 +90,8 @@ class Scanner:
             ms = (time.perf_counter() - started) * 1000
             extra = f" detail={detail!r}" if detail else ""
             log.info("%sscan verdict=%s name=%s ms=%.1f%s", prefix, verdict, name, ms, extra)
+            metrics.SCAN_VERDICTS.labels(verdict).inc()
+            metrics.SCAN_SECONDS.labels(verdict).observe(ms / 1000)
 
         try:
             if len(message) > _THREAD_PARSE_SIZE:

@@ -131,6 +131,19 @@ _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
 _ATTEMPT_FIELDS = tuple(f.name for f in fields(Attempt))
 
 
+QUEUE_STATES = ("active", "deferred", "held")
+
+
+def queue_state(envelope: Envelope, now: datetime) -> str:
+    """held / deferred / active: `queue list`, `status` and the queue metrics say the same."""
+    if envelope.held:
+        return "held"
+    pending = envelope.pending
+    if pending and all(r.next_attempt_at is not None and r.next_attempt_at > now for r in pending):
+        return "deferred"
+    return "active"
+
+
 def _recipient_data(r: Recipient) -> dict[str, Any]:
     data = {name: getattr(r, name) for name in _RECIPIENT_FIELDS}
     data["history"] = [{name: getattr(h, name) for name in _ATTEMPT_FIELDS} for h in r.history]

@@ -1,0 +1,158 @@
+"""Reading the event log: `mailgate trace` (one message's story) and `mailgate status` (the
+last hour in numbers). Read-only connections: works while the server runs and when it is down.
+
+Must not: write to the log or import anything from mailgate but `config` and `tracelog`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailgate.tracelog.store import connect, day_files, normalise
+
+MAX_MESSAGES = 200  # a query matching more (a busy sender's address) shows the newest ones
+_FINAL = {"removed"}
+
+
+@dataclass(slots=True)
+class MessageTrace:
+    """Every event of one message, oldest first."""
+
+    qid: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.events[0] if self.events else {}
+
+    @property
+    def status(self) -> str:
+        """delivered, bounced, partly bounced, rejected, queued (still in the spool)."""
+        kinds = [e["kind"] for e in self.events]
+        if "rejected" in kinds:
+            return "rejected"
+        finals: dict[str, str] = {}
+        for e in self.events:
+            if e["kind"] in ("delivered", "bounced", "deferred"):
+                finals[str(e.get("to", ""))] = e["kind"]
+        if not _FINAL.intersection(kinds):
+            return "queued"
+        states = set(finals.values())
+        if states == {"delivered"}:
+            return "delivered"
+        if states == {"bounced"}:
+            return "bounced"
+        if "bounced" in states:
+            return "partly bounced"
+        return "removed"  # by the operator (queue delete), or before any try
+
+    def to_json(self) -> dict[str, Any]:
+        return {"qid": self.qid, "status": self.status, "events": self.events}
+
+
+def find(folder: Path, query: str, *, limit: int = MAX_MESSAGES) -> list[MessageTrace]:
+    """The messages whose queue id, Message-ID, sender, recipient or login is `query`."""
+    key = normalise(query)
+    files = [path for _, path in reversed(day_files(folder))]  # newest first
+    qids: list[str] = []
+    seen: set[str] = set()
+    for path in files:
+        with _reading(path) as conn:
+            for (qid,) in conn.execute("SELECT qid FROM key WHERE k = ?", (key,)):
+                if qid not in seen:
+                    seen.add(qid)
+                    qids.append(qid)
+        if len(qids) >= limit:
+            break
+    qids = qids[:limit]
+    traces = {qid: MessageTrace(qid) for qid in qids}
+    if not qids:
+        return []
+    marks = ",".join("?" * len(qids))
+    for path in files:
+        with _reading(path) as conn:
+            rows = conn.execute(
+                f"SELECT at, qid, kind, data FROM event WHERE qid IN ({marks})",  # noqa: S608
+                qids,
+            )
+            for at, qid, kind, data in rows:
+                traces[qid].events.append({"at": at, "kind": kind, **json.loads(data)})
+    out = [t for t in traces.values() if t.events]
+    for t in out:
+        t.events.sort(key=lambda e: float(e["at"]))
+    out.sort(key=lambda t: float(t.events[0]["at"]))
+    return out
+
+
+@dataclass(slots=True)
+class Summary:
+    """The last hour (or any window) of the log, for `mailgate status`."""
+
+    since: float
+    counts: dict[str, int]
+    top_logins: list[tuple[str, int, int]]  # login, messages, recipients
+    top_networks: list[tuple[str, int, int]]  # client network, messages, recipients
+
+
+def summarise(folder: Path, since: float, *, top: int = 10, ipv4_prefix: int = 24,
+              ipv6_prefix: int = 64) -> Summary:  # fmt: skip
+    """accepted, refused, delivered, deferred, bounced since `since` (Unix time); top senders."""
+    counts: Counter[str] = Counter()
+    logins: Counter[str] = Counter()
+    login_rcpts: Counter[str] = Counter()
+    networks: Counter[str] = Counter()
+    network_rcpts: Counter[str] = Counter()
+    for _, path in day_files(folder):
+        with _reading(path) as conn:
+            last = conn.execute("SELECT max(at) FROM event").fetchone()[0]
+            if last is None or last < since:
+                continue  # a day file that ended before the window
+            for kind, n in conn.execute(
+                "SELECT kind, count(*) FROM event WHERE at >= ? GROUP BY kind", (since,)
+            ):
+                counts[kind] += n
+            rows = conn.execute(
+                "SELECT json_extract(data, '$.login'), json_extract(data, '$.client'),"
+                " count(*), sum(json_array_length(data, '$.to'))"
+                " FROM event WHERE at >= ? AND kind = 'accepted' GROUP BY 1, 2",
+                (since,),
+            )
+            for login, client, n, rcpts in rows:
+                if login:
+                    logins[login] += n
+                    login_rcpts[login] += rcpts or 0
+                net = _network(str(client or ""), ipv4_prefix, ipv6_prefix)
+                networks[net] += n
+                network_rcpts[net] += rcpts or 0
+    return Summary(
+        since=since,
+        counts={
+            "accepted": counts["accepted"],
+            "refused": counts["refused"] + counts["rejected"],
+            "delivered": counts["delivered"],
+            "deferred": counts["deferred"],
+            "bounced": counts["bounced"],
+        },
+        top_logins=[(k, n, login_rcpts[k]) for k, n in logins.most_common(top)],
+        top_networks=[(k, n, network_rcpts[k]) for k, n in networks.most_common(top)],
+    )
+
+
+def _network(client: str, v4: int, v6: int) -> str:
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client or "unknown"
+    prefix = v4 if address.version == 4 else v6
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def _reading(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(connect(path, write=False))
