@@ -65,7 +65,11 @@ def find(folder: Path, query: str, *, limit: int = MAX_MESSAGES) -> list[Message
     seen: set[str] = set()
     for path in files:
         with _reading(path) as conn:
-            for (qid,) in conn.execute("SELECT qid FROM key WHERE k = ?", (key,)):
+            # Queue ids sort by time (spool/ids.py): the newest first, at most `limit`.
+            rows = conn.execute(
+                "SELECT qid FROM key WHERE k = ? ORDER BY qid DESC LIMIT ?", (key, limit)
+            )
+            for (qid,) in rows:
                 if qid not in seen:
                     seen.add(qid)
                     qids.append(qid)
