@@ -66,6 +66,9 @@ def test_status_of_a_message(folder: Path) -> None:
                     about="B1")  # fmt: skip
     tracelog.removed("B1")
     accept("B2")
+    accept("B4")
+    tracelog.by_operator("B4", "held")
+    tracelog.by_operator("B4", "deleted")
     tracelog.rejected("B3", mail_from="alice@example.org", rcpts=["c@x.test"], login="alice",
                       service="submission", client="192.0.2.7", sid="S2",
                       reply="554 5.7.1 virus")  # fmt: skip
@@ -74,6 +77,8 @@ def test_status_of_a_message(folder: Path) -> None:
     assert found["B1"].status == "partly bounced"
     assert found["B2"].status == "queued"
     assert found["B3"].status == "rejected"
+    assert found["B4"].status == "deleted"
+    assert [e["kind"] for e in found["B4"].events] == ["accepted", "held", "deleted"]
     assert found["D1"].status == "queued"  # its own delivery is not recorded yet
     assert {t.qid for t in query.find(folder, "B1")} == {"B1", "D1"}  # the bounce, too
 

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from mailgate import tracelog
 from mailgate.cli.common import CommandError, load_config, print_json
 from mailgate.errors import SpoolError
 from mailgate.spool import open_store, spool_exists
@@ -209,17 +210,27 @@ def _flush(args: argparse.Namespace) -> int:
 
 def _hold(args: argparse.Namespace) -> int:
     _open_store(args).hold(args.id)
+    _trace(args, "held")
     print(f"held {args.id}")
     return 0
 
 
 def _release(args: argparse.Namespace) -> int:
     _open_store(args).release(args.id)
+    _trace(args, "released")
     print(f"released {args.id}")
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
     _open_store(args).delete(args.id)
+    _trace(args, "deleted")
     print(f"deleted {args.id}")
     return 0
+
+
+def _trace(args: argparse.Namespace, action: str) -> None:
+    """The operator's action goes into the message's trace (`mailgate trace ID`)."""
+    tracelog.start(load_config(args).trace)
+    tracelog.by_operator(args.id, action)
+    tracelog.stop()

@@ -185,6 +185,11 @@ def dsn(qid: str, *, action: str, dsn_qid: str, to: str) -> None:
     _record("dsn", qid, (), action=action, dsn_qid=dsn_qid, to=to)
 
 
+def by_operator(qid: str, action: str) -> None:
+    """`mailgate queue hold|release|delete ID`: action held, released or deleted."""
+    _record(action, qid, ())
+
+
 def removed(qid: str) -> None:
     """The entry left the spool: every recipient is final."""
     _record("removed", qid, ())

@@ -34,10 +34,12 @@ class MessageTrace:
 
     @property
     def status(self) -> str:
-        """delivered, bounced, partly bounced, rejected, queued (still in the spool)."""
+        """delivered, bounced, partly bounced, rejected, deleted, queued (still in the spool)."""
         kinds = [e["kind"] for e in self.events]
         if "rejected" in kinds:
             return "rejected"
+        if "deleted" in kinds:
+            return "deleted"  # by the operator (`mailgate queue delete`)
         finals: dict[str, str] = {}
         for e in self.events:
             if e["kind"] in ("delivered", "bounced", "deferred"):
@@ -51,7 +53,7 @@ class MessageTrace:
             return "bounced"
         if "bounced" in states:
             return "partly bounced"
-        return "removed"  # by the operator (queue delete), or before any try
+        return "removed"  # every recipient final without a recorded try
 
     def to_json(self) -> dict[str, Any]:
         return {"qid": self.qid, "status": self.status, "events": self.events}
