@@ -32,58 +32,68 @@ from mailgate.tracelog import query, store
 BATCH = 5_000  # events per transaction, about what the writer appends per half second at peak
 
 
+def message_events(at: float, rng: random.Random, logins: list[str]) -> list[store.Event]:
+    """What the server records for one message: accepted, one outcome per recipient (5 %
+    deferred first), for 1 % a bounce with its DSN, removed."""
+    qid = new_queue_id()
+    login = rng.choice(logins)
+    sender = f"{login}@example.ac.uk"
+    rcpts = [f"r{rng.randrange(1_000_000)}@dest{rng.randrange(5000)}.example"
+             for _ in range(1 if rng.random() < 0.7 else 2)]  # fmt: skip
+    msgid = f"<{qid}.{rng.getrandbits(48):x}@client.example.ac.uk>"
+    client = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    keys = tuple(store.normalise(k) for k in (qid, msgid, sender, *rcpts, login))
+    accepted = {"sid": f"{rng.getrandbits(40):010X}", "service": "submission",
+                "client": client, "login": login, "mail_from": sender, "to": rcpts,
+                "size": rng.randrange(2_000, 200_000), "message_id": msgid}  # fmt: skip
+    events = [store.Event(at, qid, "accepted", keys, accepted)]
+    for r in rcpts:
+        relay = "mx.dest.example[192.0.2.1]:25"
+        if rng.random() < 0.05:
+            deferred = {"to": r, "relay": relay, "tls": True, "delay": 1.0,
+                        "reply": "451 4.7.1 Greylisted, try again later"}  # fmt: skip
+            events.append(store.Event(at + 1, qid, "deferred", (), deferred))
+        bounced = rng.random() < 0.01
+        reply = "550 5.1.1 No such user" if bounced else "250 2.0.0 Ok: queued as X"
+        outcome = {"to": r, "relay": relay, "tls": True, "delay": 2.0, "reply": reply}
+        events.append(store.Event(at + 2, qid, "bounced" if bounced else "delivered", (),
+                                  outcome))  # fmt: skip
+        if bounced:
+            dsn = new_queue_id()
+            report: dict[str, object] = {"action": "failed", "dsn_qid": dsn, "to": sender}
+            events.append(store.Event(at + 2, qid, "dsn", (), report))
+            queued: dict[str, object] = {"service": "bounce", "mail_from": "", "to": [sender],
+                                         "about": qid}  # fmt: skip
+            events.append(store.Event(at + 2, dsn, "queued", (dsn, sender, qid), queued))
+    events.append(store.Event(at + 3, qid, "removed", (), {}))
+    return events
+
+
+LOGINS = [f"user{i:05d}" for i in range(20_000)]
+
+
 def generate(folder: Path, messages: int, rng: random.Random) -> dict[str, object]:
     day_start = time.time() - 12 * 3600  # today, UTC (the file is named by the events' day)
     path = store.day_path(folder, store.day_of(time.time()))
     conn = store.connect(path, write=True)
-    conn.execute("PRAGMA cache_size=-262144")  # 256 MiB: the server's writer keeps the default
-    logins = [f"user{i:05d}" for i in range(20_000)]
+    conn.execute("PRAGMA cache_size=-262144")  # 256 MiB, to build the day faster
     sample: dict[str, list[str]] = {"qid": [], "message_id": [], "sender": [], "recipient": [],
                                     "login": []}  # fmt: skip
     batch: list[store.Event] = []
     events = 0
     started = time.perf_counter()
     for i in range(messages):
-        at = day_start + i * (86400 / messages) * 0.5
-        qid = new_queue_id()
-        login = rng.choice(logins)
-        sender = f"{login}@example.ac.uk"
-        rcpts = [f"r{rng.randrange(1_000_000)}@dest{rng.randrange(5000)}.example"
-                 for _ in range(1 if rng.random() < 0.7 else 2)]  # fmt: skip
-        msgid = f"<{qid}.{rng.getrandbits(48):x}@client.example.ac.uk>"
-        client = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-        keys = tuple(store.normalise(k) for k in (qid, msgid, sender, *rcpts, login))
-        accepted = {"sid": f"{rng.getrandbits(40):010X}", "service": "submission",
-                    "client": client, "login": login, "mail_from": sender, "to": rcpts,
-                    "size": rng.randrange(2_000, 200_000), "message_id": msgid}  # fmt: skip
-        batch.append(store.Event(at, qid, "accepted", keys, accepted))
-        for r in rcpts:
-            relay = "mx.dest.example[192.0.2.1]:25"
-            if rng.random() < 0.05:
-                deferred = {"to": r, "relay": relay, "tls": True, "delay": 1.0,
-                            "reply": "451 4.7.1 Greylisted, try again later"}  # fmt: skip
-                batch.append(store.Event(at + 1, qid, "deferred", (), deferred))
-            bounced = rng.random() < 0.01
-            reply = "550 5.1.1 No such user" if bounced else "250 2.0.0 Ok: queued as X"
-            outcome = {"to": r, "relay": relay, "tls": True, "delay": 2.0, "reply": reply}
-            batch.append(store.Event(at + 2, qid, "bounced" if bounced else "delivered", (),
-                                     outcome))  # fmt: skip
-            if bounced:
-                dsn = new_queue_id()
-                report: dict[str, object] = {"action": "failed", "dsn_qid": dsn, "to": sender}
-                batch.append(store.Event(at + 2, qid, "dsn", (), report))
-                queued: dict[str, object] = {
-                    "service": "bounce",
-                    "mail_from": "",
-                    "to": [sender],
-                    "about": qid,
-                }
-                batch.append(store.Event(at + 2, dsn, "queued", (dsn, sender, qid), queued))
-        batch.append(store.Event(at + 3, qid, "removed", (), {}))
+        made = message_events(day_start + i * (86400 / messages) * 0.5, rng, LOGINS)
+        batch += made
         if i % 997 == 0:
-            for kind, value in (("qid", qid), ("message_id", msgid), ("sender", sender),
-                                ("recipient", rcpts[0]), ("login", login)):  # fmt: skip
-                sample[kind].append(value)
+            first = made[0]
+            data = first.data
+            to = data["to"]
+            assert isinstance(to, list)
+            for kind, value in (("qid", first.qid), ("message_id", data["message_id"]),
+                                ("sender", data["mail_from"]), ("recipient", to[0]),
+                                ("login", data["login"])):  # fmt: skip
+                sample[kind].append(str(value))
         if len(batch) >= BATCH:
             store.append(conn, batch)
             events += len(batch)
@@ -99,6 +109,26 @@ def generate(folder: Path, messages: int, rng: random.Random) -> dict[str, objec
             "events_per_second": round(events / elapsed),
             "messages_per_second": round(messages / elapsed), "bytes": size,
             "bytes_per_message": round(size / messages), "sample": sample}  # fmt: skip
+
+
+def late_append(folder: Path, messages: int, rng: random.Random) -> dict[str, object]:
+    """The server's writer at the end of the day: a fresh connection with SQLite's default
+    cache (as tracelog.Writer opens it), batches of BATCH events into the full day file."""
+    conn = store.connect(store.day_path(folder, store.day_of(time.time())), write=True)
+    batches: list[list[store.Event]] = [[]]
+    for _ in range(messages):
+        batches[-1] += message_events(time.time(), rng, LOGINS)
+        if len(batches[-1]) >= BATCH:
+            batches.append([])
+    events = sum(len(b) for b in batches)
+    started = time.perf_counter()
+    for batch in batches:
+        if batch:
+            store.append(conn, batch)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return {"messages": messages, "events": events, "seconds": round(elapsed, 2),
+            "messages_per_second": round(messages / elapsed)}  # fmt: skip
 
 
 def time_queries(folder: Path, sample: dict[str, list[str]], queries: int,
@@ -148,6 +178,7 @@ def main() -> None:
         sample = written.pop("sample")
         assert isinstance(sample, dict)
         result: dict[str, object] = {"write": written}
+        result["late_append"] = late_append(folder, 20_000, rng)
         result["find"] = time_queries(folder, sample, args.queries, rng)
         result["command_ms"] = {kind: time_command(folder, values[0])
                                 for kind, values in sample.items()}  # fmt: skip
