@@ -349,14 +349,18 @@ def test_reload_refuses_a_broken_configuration(gateway: Gateway, sink: SmtpSink)
 # --- graceful stop -----------------------------------------------------------------------------
 
 
-def read_reply(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
+class Lines:
+    """One reply line at a time from a raw socket (replies may arrive in one segment)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rb")
+
+    def reply(self) -> str:
+        return self.file.readline().decode()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
 
 
 def stop_and_wait(gw: Gateway) -> int:
@@ -371,14 +375,15 @@ def stop_and_wait(gw: Gateway) -> int:
 
 def test_sigterm_gives_an_idle_session_421(gateway: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gateway.ports["smarthost"]), timeout=20) as s:
-        assert read_reply(s).startswith("220 ")
-        s.sendall(b"HELO lab.test\r\n")
-        assert read_reply(s).startswith("250 ")
+        c = Lines(s)
+        assert c.reply().startswith("220 ")
+        c.send(b"HELO lab.test\r\n")
+        assert c.reply().startswith("250 ")
         started = time.monotonic()
         assert stop_and_wait(gateway) == 0
         assert time.monotonic() - started < 30
-        assert read_reply(s) == "421 4.3.2 Service shutting down, closing connection\r\n"
-        assert s.recv(100) == b""
+        assert c.reply() == "421 4.3.2 Service shutting down, closing connection\r\n"
+        assert c.reply() == ""  # closed
     gateway.proc = None
 
 
@@ -387,22 +392,25 @@ def test_sigterm_answers_a_data_in_progress_then_421(tmp_path: Path, sink: SmtpS
     gw.start("--no-delivery")
     try:
         s = socket.create_connection(("127.0.0.1", gw.ports["smarthost"]), timeout=20)
-        assert read_reply(s).startswith("220 ")
-        s.sendall(b"HELO lab.test\r\n")
-        assert read_reply(s).startswith("250 ")
+        c = Lines(s)
+        assert c.reply().startswith("220 ")
+        c.send(b"HELO lab.test\r\n")
+        assert c.reply().startswith("250 ")
         for line, code in ((b"MAIL FROM:<cron@lab.test>", "250"),
                            (b"RCPT TO:<late@remote.test>", "250"), (b"DATA", "354")):  # fmt: skip
-            s.sendall(line + b"\r\n")
-            assert read_reply(s).startswith(code)
-        s.sendall(b"Subject: half\r\n\r\nfirst half\r\n")
+            c.send(line + b"\r\n")
+            assert c.reply().startswith(code)
+        c.send(b"Subject: half\r\n\r\nfirst half\r\n")
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "sessions told to finish" in gw.log_text(), timeout=10)
-        s.sendall(b"second half\r\n.\r\n")
-        reply = read_reply(s)
+        c.send(b"second half\r\n.\r\n")
+        reply = c.reply()
         assert reply.startswith("250 2.0.0 Ok: queued as "), reply
         qid = reply.split()[-1]
-        assert read_reply(s) == "421 4.3.2 Service shutting down, closing connection\r\n"
+        assert c.reply() == "421 4.3.2 Service shutting down, closing connection\r\n"
+        assert c.reply() == ""  # closed
+        c.file.close()
         s.close()
         assert gw.proc.wait(timeout=30) == 0
         gw.proc = None
