@@ -123,3 +123,11 @@ def test_a_forked_child_does_not_use_the_parents_writer(folder: Path) -> None:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_day_file_not_yet_given_its_tables_is_skipped(folder: Path) -> None:
+    accept("E1")
+    tracelog.stop()
+    store.day_path(folder, date(2030, 1, 1)).touch()  # what a writer creates before its schema
+    assert [t.qid for t in query.find(folder, "E1")] == ["E1"]
+    assert query.summarise(folder, 0).counts["accepted"] == 1

@@ -43,9 +43,7 @@ def _run(args: argparse.Namespace) -> int:
                 continue
             queue[queue_state(env, now)] += 1
             oldest = min(oldest, env.received_at)
-    limits = cfg.ratelimits
-    summary = summarise(cfg.trace.path, time.time() - WINDOW.total_seconds(), top=args.top,
-                        ipv4_prefix=limits.ipv4_prefix, ipv6_prefix=limits.ipv6_prefix)  # fmt: skip
+    summary = summarise(cfg.trace.path, time.time() - WINDOW.total_seconds(), top=args.top)
     suspended = sorted(u.login for u in open_directory(cfg).list_users() if u.suspended)
     out: dict[str, Any] = {
         "queue": queue,

@@ -7,10 +7,10 @@ Must not: write to the log or import anything from mailgate but `config` and `tr
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import sqlite3
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,16 +65,15 @@ def find(folder: Path, query: str, *, limit: int = MAX_MESSAGES) -> list[Message
     files = [path for _, path in reversed(day_files(folder))]  # newest first
     qids: list[str] = []
     seen: set[str] = set()
-    for path in files:
-        with _reading(path) as conn:
-            # Queue ids sort by time (spool/ids.py): the newest first, at most `limit`.
-            rows = conn.execute(
-                "SELECT qid FROM key WHERE k = ? ORDER BY qid DESC LIMIT ?", (key, limit)
-            )
-            for (qid,) in rows:
-                if qid not in seen:
-                    seen.add(qid)
-                    qids.append(qid)
+    for conn in _open(files):
+        # Queue ids sort by time (spool/ids.py): the newest first, at most `limit`.
+        rows = conn.execute(
+            "SELECT qid FROM key WHERE k = ? ORDER BY qid DESC LIMIT ?", (key, limit)
+        )
+        for (qid,) in rows:
+            if qid not in seen:
+                seen.add(qid)
+                qids.append(qid)
         if len(qids) >= limit:
             break
     qids = qids[:limit]
@@ -82,14 +81,13 @@ def find(folder: Path, query: str, *, limit: int = MAX_MESSAGES) -> list[Message
     if not qids:
         return []
     marks = ",".join("?" * len(qids))
-    for path in files:
-        with _reading(path) as conn:
-            rows = conn.execute(
-                f"SELECT at, qid, kind, data FROM event WHERE qid IN ({marks})",  # noqa: S608
-                qids,
-            )
-            for at, qid, kind, data in rows:
-                traces[qid].events.append({"at": at, "kind": kind, **json.loads(data)})
+    for conn in _open(files):
+        rows = conn.execute(
+            f"SELECT at, qid, kind, data FROM event WHERE qid IN ({marks})",  # noqa: S608
+            qids,
+        )
+        for at, qid, kind, data in rows:
+            traces[qid].events.append({"at": at, "kind": kind, **json.loads(data)})
     out = [t for t in traces.values() if t.events]
     for t in out:
         t.events.sort(key=lambda e: float(e["at"]))
@@ -107,36 +105,31 @@ class Summary:
     top_networks: list[tuple[str, int, int]]  # client network, messages, recipients
 
 
-def summarise(folder: Path, since: float, *, top: int = 10, ipv4_prefix: int = 24,
-              ipv6_prefix: int = 64) -> Summary:  # fmt: skip
-    """accepted, refused, delivered, deferred, bounced since `since` (Unix time); top senders."""
+def summarise(folder: Path, since: float, *, top: int = 10) -> Summary:
+    """accepted, refused, delivered, deferred, bounced since `since` (Unix time); the top
+    senders by login and by client network (/24, /64) among the accepted messages."""
     counts: Counter[str] = Counter()
-    logins: Counter[str] = Counter()
-    login_rcpts: Counter[str] = Counter()
-    networks: Counter[str] = Counter()
-    network_rcpts: Counter[str] = Counter()
-    for _, path in day_files(folder):
-        with _reading(path) as conn:
-            last = conn.execute("SELECT max(at) FROM event").fetchone()[0]
-            if last is None or last < since:
-                continue  # a day file that ended before the window
-            for kind, n in conn.execute(
-                "SELECT kind, count(*) FROM event WHERE at >= ? GROUP BY kind", (since,)
-            ):
-                counts[kind] += n
+    tops: dict[str, Counter[str]] = {"login": Counter(), "net": Counter()}
+    rcpts: dict[str, Counter[str]] = {"login": Counter(), "net": Counter()}
+    for conn in _open(path for _, path in day_files(folder)):
+        last = conn.execute("SELECT max(at) FROM event").fetchone()[0]
+        if last is None or last < since:
+            continue  # a day file that ended before the window
+        for kind, n in conn.execute(
+            "SELECT kind, count(*) FROM event WHERE at >= ? GROUP BY kind", (since,)
+        ):
+            counts[kind] += n
+        for member in ("login", "net"):
             rows = conn.execute(
-                "SELECT json_extract(data, '$.login'), json_extract(data, '$.client'),"
-                " count(*), sum(json_array_length(data, '$.to'))"
-                " FROM event WHERE at >= ? AND kind = 'accepted' GROUP BY 1, 2",
+                f"SELECT json_extract(data, '$.{member}'), count(*),"  # noqa: S608
+                " sum(json_array_length(data, '$.to')) FROM event"
+                " WHERE at >= ? AND kind = 'accepted' GROUP BY 1",
                 (since,),
             )
-            for login, client, n, rcpts in rows:
-                if login:
-                    logins[login] += n
-                    login_rcpts[login] += rcpts or 0
-                net = _network(str(client or ""), ipv4_prefix, ipv6_prefix)
-                networks[net] += n
-                network_rcpts[net] += rcpts or 0
+            for value, n, r in rows:
+                if value:
+                    tops[member][value] += n
+                    rcpts[member][value] += r or 0
     return Summary(
         since=since,
         counts={
@@ -146,19 +139,16 @@ def summarise(folder: Path, since: float, *, top: int = 10, ipv4_prefix: int = 2
             "deferred": counts["deferred"],
             "bounced": counts["bounced"],
         },
-        top_logins=[(k, n, login_rcpts[k]) for k, n in logins.most_common(top)],
-        top_networks=[(k, n, network_rcpts[k]) for k, n in networks.most_common(top)],
+        top_logins=[(k, n, rcpts["login"][k]) for k, n in tops["login"].most_common(top)],
+        top_networks=[(k, n, rcpts["net"][k]) for k, n in tops["net"].most_common(top)],
     )
 
 
-def _network(client: str, v4: int, v6: int) -> str:
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return client or "unknown"
-    prefix = v4 if address.version == 4 else v6
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
-def _reading(path: Path) -> contextlib.closing[sqlite3.Connection]:
-    return contextlib.closing(connect(path, write=False))
+def _open(paths: Iterable[Path]) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to each day file in turn, closed after use; a file a writer has
+    just created and not yet given its tables is skipped (it holds no event yet)."""
+    for path in paths:
+        with contextlib.closing(connect(path, write=False)) as conn:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'key'")
+            if tables.fetchone()[0]:
+                yield conn
