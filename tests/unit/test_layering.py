@@ -31,7 +31,9 @@ FORBIDDEN = {
     "replies": {"*"},
     "errors": {"*"},
     "config": {"*"},
+    "netaddr": {"*"},  # leaf helpers: import nothing from mailgate
     "dnsresolver": {"*"},
+    "dnsname": {"*"},
 }  # fmt: skip
 ALWAYS_ALLOWED = {"replies", "errors", "config"}
 

@@ -16,8 +16,9 @@ import pytest
 
 from mailgate import config, replies
 from mailgate.errors import ConfigError, Rejected
+from mailgate.netaddr import parse_address
 from mailgate.policy import Policy, Sender, check_destination, literal_address
-from mailgate.receive.rdns import client_address, host_name
+from mailgate.receive.rdns import host_name
 from tests.support.memdir import MemoryDirectory
 
 
@@ -139,6 +140,6 @@ def test_rdns_host_names_are_plain_ldh(text: str, name: str | None) -> None:
 
 
 def test_rdns_client_address() -> None:
-    assert client_address("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
-    assert client_address("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
-    assert client_address("unknown") is None
+    assert parse_address("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
+    assert parse_address("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
+    assert parse_address("unknown") is None

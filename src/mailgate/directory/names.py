@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import string
 
+from mailgate.dnsname import domain_name
 from mailgate.errors import DirectoryError
 
 MAX_LOGIN_LENGTH = 255
@@ -21,22 +22,16 @@ WILDCARD_LOCAL = "*"  # "*@domain": every address of the domain (a domain-wide g
 
 # RFC 5322 §3.2.3 atext; "." separates atoms (dot-atom).
 _ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
-_LDH = frozenset(string.ascii_lowercase + string.digits + "-")
 
 
-def normalize_domain(name: str) -> str:
-    """`name` lower-cased without a trailing dot; DirectoryError unless it is an LDH domain."""
-    if not isinstance(name, str) or not name.isascii():
-        raise DirectoryError(f"{name!r} is not a valid domain name (use the xn-- form for IDNs)")
-    domain = name.lower().removesuffix(".")
-    # RFC 1035 §2.3.4: 63 octets per label, 255 in all (253 in text form).
-    if not domain or len(domain) > 253:
-        raise DirectoryError(f"{name!r} is not a valid domain name")
-    for label in domain.split("."):
-        if not 0 < len(label) <= 63 or label[0] == "-" or label[-1] == "-":
-            raise DirectoryError(f"{name!r} is not a valid domain name")
-        if not _LDH.issuperset(label):
-            raise DirectoryError(f"{name!r} is not a valid domain name")
+def normalize_domain(name: str, *, min_labels: int = 1) -> str:
+    """`name` lower-cased without a trailing dot; DirectoryError unless it is an LDH domain
+    (dnsname.domain_name, the one rule) of at least `min_labels` labels."""
+    domain = domain_name(name, min_labels=min_labels)
+    if domain is None:
+        ascii_text = isinstance(name, str) and name.isascii()
+        hint = "" if ascii_text else " (use the xn-- form for IDNs)"
+        raise DirectoryError(f"{name!r} is not a valid domain name{hint}")
     return domain
 
 

@@ -32,6 +32,7 @@ from mailgate.directory.names import (
     normalize_address,
     normalize_domain,
 )
+from mailgate.dnsname import MANAGED_DOMAIN_LABELS
 from mailgate.errors import DirectoryError
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ class SqlDirectory:
     # --- domains and keys ------------------------------------------------------------
 
     def add_domain(self, name: str) -> Domain:
-        domain = normalize_domain(name)
+        domain = normalize_domain(name, min_labels=MANAGED_DOMAIN_LABELS)
         with self._write() as db:
             if db.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone():
                 raise DirectoryError(f"domain {domain} already exists")

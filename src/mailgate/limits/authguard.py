@@ -37,7 +37,8 @@ from typing import Any, Literal
 
 from mailgate import replies
 from mailgate.config import RateLimitsConfig
-from mailgate.limits.keys import is_in, login_key, network_key, printable
+from mailgate.limits.keys import login_key, network_key, printable
+from mailgate.netaddr import in_networks
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class AuthGuard:
         return AuthDecision("refuse", reply=replies.TOO_MANY_AUTH_FAILURES, reason=reason)
 
     def _is_exempt(self, ip: str) -> bool:
-        return is_in(ip, self.cfg.exempt_networks)
+        return in_networks(ip, self.cfg.exempt_networks)
 
     def _is_trusted(self, user: str, client: str, now: float) -> bool:
         since = self._trusted.get((user, client))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 
+from mailgate.netaddr import parse_address
+
 # An attacker chooses the login string; a bounded length keeps counters' memory bounded.
 MAX_LOGIN_KEY = 256
 
@@ -23,13 +25,9 @@ def network_key(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     reports IPv4 clients that way). Anything that is not an IP address (a Unix socket peer,
     "") is its own key, so it is still counted, just not grouped.
     """
-    text = ip.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
+    address = parse_address(ip)
+    if address is None:
         return ip[:MAX_LOGIN_KEY]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     if prefix >= address.max_prefixlen:
         return str(address)  # one host: '192.0.2.7' reads better than '192.0.2.7/32'
@@ -39,20 +37,6 @@ def network_key(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
 def login_key(login: str) -> str:
     """Logins compare case-insensitively, as the directory looks them up."""
     return login.strip().lower()[:MAX_LOGIN_KEY]
-
-
-def is_in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    """True when `ip` (possibly IPv4-mapped) lies in one of `networks`."""
-    if not networks:
-        return False
-    text = ip.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == net.version and address in net for net in networks)
 
 
 def printable(text: str) -> str:

@@ -40,7 +40,8 @@ from mailgate import metrics, replies
 from mailgate.config import RATE_LIMIT_NAMES, RateLimitsConfig, ServiceRateLimits
 from mailgate.errors import Rejected
 from mailgate.limits.backend import Backend, MemoryBackend
-from mailgate.limits.keys import is_in, login_key, network_key, printable
+from mailgate.limits.keys import login_key, network_key, printable
+from mailgate.netaddr import in_networks
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class Limits:
                         ),
                         reason=f"ratelimit breaker login={printable(login)} {trip.reason}",
                     )
-            if is_in(ip, self.cfg.exempt_networks):
+            if in_networks(ip, self.cfg.exempt_networks):
                 return
             refusal: _Exceeded | None = None
             for exceeded in self._exceeded(service, login, ip, nrcpt, now):

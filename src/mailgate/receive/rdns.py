@@ -26,7 +26,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -40,7 +39,9 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from mailgate.dnsname import domain_name
 from mailgate.dnsresolver import make_async_resolver
+from mailgate.netaddr import IPAddress, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ MAX_PTR_NAMES = 10  # forward-check at most this many PTR names (a PTR set can b
 DEFAULT_TTL = 300.0  # seconds a confirmed or failed answer is remembered
 DEFAULT_MAX_ENTRIES = 10_000  # cached addresses; the least recently used go first
 
-_LDH_NAME = re.compile(
-    r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-)
 _NEGATIVE = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,19 +68,7 @@ class RdnsResult:
 
 def host_name(text: str) -> str | None:
     """`text` as a lower-case LDH host name without the final dot, or None when it is not one."""
-    name = text.rstrip(".").lower()
-    return name if _LDH_NAME.fullmatch(name) else None
-
-
-def client_address(ip: str) -> IPAddress | None:
-    """The address to check: scope ids dropped, IPv4-mapped IPv6 as IPv4; None if not an IP."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return domain_name(text)
 
 
 class ReverseDns:
@@ -116,7 +100,7 @@ class ReverseDns:
 
     async def check(self, ip: str) -> RdnsResult:
         """Check `ip`; never raises for DNS trouble (that is a "temporary" result)."""
-        addr = client_address(ip)
+        addr = parse_address(ip)
         if addr is None:
             return RdnsResult("failed", detail=f"not an IP address: {ip!r}")
         cached = self._cache.get(addr)
@@ -190,8 +174,5 @@ class ReverseDns:
             except dns.exception.DNSException as e:  # no /etc/resolv.conf, say
                 log.error("rdns: cannot configure a resolver: %s", e)
                 return None
-            # One query may use the whole budget; _bounded caps the check as a whole.
-            resolver.lifetime = self._timeout
-            resolver.timeout = self._timeout
             self._resolver = resolver
         return self._resolver

@@ -1,0 +1,41 @@
+"""IP addresses of clients and peers: parsing them, and testing network membership.
+
+Owns: the one rule that an IPv4-mapped IPv6 address (::ffff:a.b.c.d, how a dual-stack listener
+reports IPv4 clients) counts as the IPv4 address it carries, and that a network only ever
+contains addresses of its own version. Must not: import anything else from mailgate, resolve
+names, or do any I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def unmapped(address: IPAddress) -> IPAddress:
+    """`address`, or the IPv4 address an IPv4-mapped IPv6 address carries."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """`text` (a peer address, perhaps in brackets or with a scope id) as an IP address,
+    IPv4-mapped ones as IPv4; None when it is not an IP address (a Unix socket peer, "")."""
+    bare = text.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+    try:
+        return unmapped(ipaddress.ip_address(bare))
+    except ValueError:
+        return None
+
+
+def in_networks(address: str | IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    """Whether `address` (text or parsed; IPv4-mapped counts as IPv4) lies in one of
+    `networks`. Text that is not an IP address lies in none."""
+    ip = parse_address(address) if isinstance(address, str) else unmapped(address)
+    if ip is None:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
