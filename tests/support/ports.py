@@ -1,36 +1,48 @@
 """Free loopback ports for the servers tests start: never a fixed port.
 
 Owns: `free_port`, and `free_privileged_port` (below 1024, for tests started as root).
-The kernel picks an unused port for a socket bound to port 0; the socket
-is closed again and the port handed to whoever listens next (a small race that a test run on
-one machine does not lose in practice, as the kernel does not hand the port out again soon).
+Ports are drawn at random from below the kernel's ephemeral range and probed with a bind: a
+port the kernel hands out for port 0 is also one it hands out as the source port of the next
+outgoing connection, so a server started a moment later could find it taken ("Address already
+in use"). Below the ephemeral range only listeners compete, and a random draw makes two test
+runs on one machine unlikely to pick the same port.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nobody listens on right now."""
+    """A TCP port on `host` that nobody listens on right now, outside the ephemeral range."""
+    low = _ephemeral_low()
+    return _probe(host, range(max(1024, low - 20000), low))
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _probe(host: str, ports: range) -> int:
+    """A random port of `ports` that `host` can bind (bounded tries)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_privileged_port(host: str = "127.0.0.1") -> int:
-    """A port below 1024 on `host` that nobody listens on (probing needs root): random ones are
-    tried, since the kernel hands out only ephemeral ports for port 0."""
     rng = random.Random()
-    for _ in range(500):  # bounded; loopback has hundreds of free ports there
-        port = rng.randrange(600, 1024)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for _ in range(500):  # bounded; thousands of ports are free there
+        port = rng.choice(ports)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port below 1024 on {host}")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
+
+
+def free_privileged_port(host: str = "127.0.0.1") -> int:
+    """A port below 1024 on `host` that nobody listens on (binding there needs root)."""
+    return _probe(host, range(600, 1024))
