@@ -72,8 +72,10 @@ def message_events(at: float, rng: random.Random, logins: list[str]) -> list[sto
 LOGINS = [f"user{i:05d}" for i in range(20_000)]
 
 
-def generate(folder: Path, messages: int, rng: random.Random) -> dict[str, object]:
-    day_start = time.time() - 12 * 3600  # today, UTC (the file is named by the events' day)
+def generate(folder: Path, messages: int, hours: float,
+             rng: random.Random) -> dict[str, object]:  # fmt: skip
+    """`messages` spread evenly over the `hours` before now, in today's file."""
+    start = time.time() - hours * 3600
     path = store.day_path(folder, store.day_of(time.time()))
     conn = store.connect(path, write=True)
     conn.execute("PRAGMA cache_size=-262144")  # 256 MiB, to build the day faster
@@ -83,7 +85,7 @@ def generate(folder: Path, messages: int, rng: random.Random) -> dict[str, objec
     events = 0
     started = time.perf_counter()
     for i in range(messages):
-        made = message_events(day_start + i * (86400 / messages) * 0.5, rng, LOGINS)
+        made = message_events(start + i * (hours * 3600 / messages), rng, LOGINS)
         batch += made
         if i % 997 == 0:
             first = made[0]
@@ -167,6 +169,8 @@ def main() -> None:
         "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
     )
     parser.add_argument("--messages", type=int, default=2_000_000)
+    parser.add_argument("--hours", type=float, default=12.0,
+                        help="the messages are spread over this many hours before now")  # fmt: skip
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the generated log")
     args = parser.parse_args()
@@ -174,7 +178,7 @@ def main() -> None:
     folder = root / "trace"
     rng = random.Random(16)
     try:
-        written = generate(folder, args.messages, rng)
+        written = generate(folder, args.messages, args.hours, rng)
         sample = written.pop("sample")
         assert isinstance(sample, dict)
         result: dict[str, object] = {"write": written}
@@ -183,8 +187,9 @@ def main() -> None:
         result["command_ms"] = {kind: time_command(folder, values[0])
                                 for kind, values in sample.items()}  # fmt: skip
         started = time.perf_counter()
-        query.summarise(folder, time.time() - 3600)
+        summary = query.summarise(folder, time.time() - 3600)
         result["status_last_hour_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        result["status_last_hour_accepted"] = summary.counts["accepted"]
         print(json.dumps(result, indent=2))
     finally:
         if not args.keep:

@@ -58,6 +58,7 @@ _EXPLAINED = {
     "scanner": ("clamd", "blocked_extensions"),
     "limits": ("max_message_size",),
     "server": ("user",),
+    "trace": ("path",),
 }
 
 
@@ -353,6 +354,11 @@ blocked_extensions = {q(list(defaults.scanner.blocked_extensions))}
 max_message_size = {defaults.limits.max_message_size}
 """,
     }
+    if state_dir:  # the trace log is written by the service: beside its database
+        explained["trace"] = f"""\
+# The message event log behind `mailgate trace` and `mailgate status` (one file a day).
+path = "{state}trace"
+"""
     if user:
         explained["server"] = f"""\
 # Started as root, `mailgate serve` checks its ports and reads its keys, then runs as this

@@ -106,30 +106,26 @@ class Summary:
 
 
 def summarise(folder: Path, since: float, *, top: int = 10) -> Summary:
-    """accepted, refused, delivered, deferred, bounced since `since` (Unix time); the top
-    senders by login and by client network (/24, /64) among the accepted messages."""
+    """accepted, refused, delivered, deferred, bounced since the minute of `since` (Unix
+    time); the top senders by login and by client network (/24, /64) among the accepted
+    messages. Reads the per-minute roll-ups (store.py), not the events."""
+    minute = int(since // 60)
     counts: Counter[str] = Counter()
     tops: dict[str, Counter[str]] = {"login": Counter(), "net": Counter()}
     rcpts: dict[str, Counter[str]] = {"login": Counter(), "net": Counter()}
-    for conn in _open(path for _, path in day_files(folder)):
-        last = conn.execute("SELECT max(at) FROM event").fetchone()[0]
-        if last is None or last < since:
-            continue  # a day file that ended before the window
+    for conn in _open((path for _, path in day_files(folder)), table="minute_sender"):
         for kind, n in conn.execute(
-            "SELECT kind, count(*) FROM event WHERE at >= ? GROUP BY kind", (since,)
+            "SELECT kind, sum(n) FROM minute_count WHERE minute >= ? GROUP BY kind", (minute,)
         ):
             counts[kind] += n
-        for member in ("login", "net"):
-            rows = conn.execute(
-                f"SELECT json_extract(data, '$.{member}'), count(*),"  # noqa: S608
-                " sum(json_array_length(data, '$.to')) FROM event"
-                " WHERE at >= ? AND kind = 'accepted' GROUP BY 1",
-                (since,),
-            )
-            for value, n, r in rows:
-                if value:
-                    tops[member][value] += n
-                    rcpts[member][value] += r or 0
+        rows = conn.execute(
+            "SELECT axis, who, sum(messages), sum(rcpts) FROM minute_sender WHERE minute >= ?"
+            " GROUP BY axis, who",
+            (minute,),
+        )
+        for axis, who, n, r in rows:
+            tops[axis][who] += n
+            rcpts[axis][who] += r
     return Summary(
         since=since,
         counts={
@@ -144,11 +140,11 @@ def summarise(folder: Path, since: float, *, top: int = 10) -> Summary:
     )
 
 
-def _open(paths: Iterable[Path]) -> Iterator[sqlite3.Connection]:
+def _open(paths: Iterable[Path], table: str = "key") -> Iterator[sqlite3.Connection]:
     """A read-only connection to each day file in turn, closed after use; a file a writer has
     just created and not yet given its tables is skipped (it holds no event yet)."""
     for path in paths:
         with contextlib.closing(connect(path, write=False)) as conn:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'key'")
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (table,))
             if tables.fetchone()[0]:
                 yield conn

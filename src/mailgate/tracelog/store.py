@@ -35,6 +35,22 @@ CREATE TABLE IF NOT EXISTS key (
     qid TEXT NOT NULL,
     PRIMARY KEY (k, qid)
 ) WITHOUT ROWID;
+-- Per-minute roll-ups for `mailgate status`, kept by append(): the last hour of a busy day is
+-- sixty rows per kind here instead of a hundred thousand events to read.
+CREATE TABLE IF NOT EXISTS minute_count (
+    minute INTEGER NOT NULL,  -- Unix time // 60
+    kind   TEXT NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (minute, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS minute_sender (
+    minute   INTEGER NOT NULL,
+    axis     TEXT NOT NULL,   -- 'login' or 'net' (the client's /24 or /64)
+    who      TEXT NOT NULL,
+    messages INTEGER NOT NULL,
+    rcpts    INTEGER NOT NULL,
+    PRIMARY KEY (minute, axis, who)
+) WITHOUT ROWID;
 """
 _PREFIX, _SUFFIX = "events-", ".sqlite"
 BUSY_TIMEOUT_MS = 10_000  # another process's batch is a few milliseconds
@@ -113,10 +129,44 @@ def append(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
             "INSERT OR IGNORE INTO key (k, qid) VALUES (?, ?)",
             [(k, e.qid) for e in events for k in e.keys if k and e.qid],
         )
+        counts, senders = _roll_up(events)
+        conn.executemany(
+            "INSERT INTO minute_count (minute, kind, n) VALUES (?, ?, ?)"
+            " ON CONFLICT (minute, kind) DO UPDATE SET n = n + excluded.n",
+            [(*k, n) for k, n in counts.items()],
+        )
+        conn.executemany(
+            "INSERT INTO minute_sender (minute, axis, who, messages, rcpts) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (minute, axis, who) DO UPDATE SET messages = messages"
+            " + excluded.messages, rcpts = rcpts + excluded.rcpts",
+            [(*k, m, r) for k, (m, r) in senders.items()],
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _roll_up(
+    events: Sequence[Event],
+) -> tuple[dict[tuple[int, str], int], dict[tuple[int, str, str], tuple[int, int]]]:
+    """Events per (minute, kind); accepted messages and recipients per (minute, login) and
+    (minute, client network)."""
+    counts: dict[tuple[int, str], int] = {}
+    senders: dict[tuple[int, str, str], tuple[int, int]] = {}
+    for e in events:
+        minute = int(e.at // 60)
+        counts[(minute, e.kind)] = counts.get((minute, e.kind), 0) + 1
+        if e.kind != "accepted":
+            continue
+        to = e.data.get("to")
+        rcpts = len(to) if isinstance(to, list) else 0
+        for by in ("login", "net"):
+            who = str(e.data.get(by) or "")
+            if who:
+                m, r = senders.get((minute, by, who), (0, 0))
+                senders[(minute, by, who)] = (m + 1, r + rcpts)
+    return counts, senders
 
 
 def prune(folder: Path, *, retention_days: int, max_size_mb: int,
