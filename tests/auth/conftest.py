@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
 import subprocess
 from pathlib import Path
 
+from mailgate.directory import passwords
 from tests.e2e.conftest import client_tls
 from tests.support.gateway import Gateway
 
@@ -74,3 +76,29 @@ def msmtp(gw: Gateway, folder: Path, login: str, password: str, frm: str, *,
     text = f"From: {frm}\r\nTo: msmtp@remote.test\r\nSubject: hello\r\n\r\nHello.\r\n"
     return subprocess.run(["msmtp", "-C", str(rc), "msmtp@remote.test"], input=text,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
+def app_password_lifecycle(gw: Gateway, login: str, frm: str) -> None:
+    """`mailgate app-password add|list|remove` against a running gateway, whatever its
+    backend: the password is printed once and works at once; the log names it, Received:
+    names only the login; list shows it without the secret and with its last use; remove
+    refuses it at once (the credential cache follows the directory)."""
+    name = f"mail-client-of-{login}"
+    secret = gw.cli("app-password", "add", login, name).stdout.strip()
+    assert passwords.is_app_password_shaped(secret), secret
+    client = connect(gw)
+    assert auth_plain(client, login, secret) == (235, b"2.7.0 Authentication successful")
+    client.mail(frm)
+    client.rcpt("someone@remote.test")
+    code, text = client.data(f"From: {frm}\r\nSubject: app\r\n\r\nHi.\r\n".encode())
+    client.quit()
+    assert code == 250, text
+    head = head_of(gw, text.decode().rsplit(" ", 1)[1])
+    assert f"(PLAIN:{login})" in head and name not in head
+    assert f"auth ok mech=PLAIN login={login} app_password={name}" in gw.log_text()
+    listed = json.loads(gw.cli("app-password", "list", login, "--json").stdout)
+    assert [(a["login"], a["name"]) for a in listed] == [(login, name)]
+    assert listed[0]["created"] and listed[0]["last_used"]
+    assert secret not in gw.cli("app-password", "list").stdout
+    gw.cli("app-password", "remove", login, name)
+    assert try_login(gw, login, secret) == (535, b"5.7.8 Authentication credentials invalid")

@@ -10,6 +10,7 @@ import pytest
 
 from tests.auth.conftest import (
     QUIET_GUARD,
+    app_password_lifecycle,
     auth_plain,
     connect,
     head_of,
@@ -120,3 +121,7 @@ def test_swaks_and_msmtp_with_a_dovecot_login(gateway: Gateway, tmp_path: Path) 
     assert "(PLAIN:dora)" in head_of(gateway, qid)
     bad = msmtp(gateway, tmp_path / "bad", "dora", "wrong", "dora@example.org")
     assert bad.returncode != 0 and "535 5.7.8" in bad.stderr
+
+
+def test_app_passwords_with_a_dovecot_login(gateway: Gateway) -> None:
+    app_password_lifecycle(gateway, "dora", "dora@example.org")

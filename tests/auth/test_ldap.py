@@ -13,6 +13,7 @@ import pytest
 
 from tests.auth.conftest import (
     QUIET_GUARD,
+    app_password_lifecycle,
     auth_plain,
     connect,
     head_of,
@@ -208,3 +209,28 @@ def test_swaks_and_msmtp_with_an_ldap_login(gateway: Gateway, tmp_path: Path) ->
     assert "(PLAIN:carol)" in head_of(gateway, qid)
     bad = msmtp(gateway, tmp_path / "bad", CAROL.uid, "wrong", "carol@example.org")
     assert bad.returncode != 0 and "535 5.7.8" in bad.stderr
+
+
+def test_app_passwords_with_an_ldap_login(gateway: Gateway) -> None:
+    app_password_lifecycle(gateway, ERIN.uid, "erin@example.org")  # addresses from LDAP
+
+
+def test_the_account_breaker_suspends_an_ldap_login(
+    tmp_path: Path, slapd: Slapd, ca: TestCA
+) -> None:
+    gw = ldap_gateway(tmp_path, slapd, ca.cert_path, breaker_recipients_per_hour=3)
+    gw.start("--no-delivery")
+    try:
+        client = connect(gw)
+        assert auth_plain(client, FRANK.uid, FRANK.password) == OK_AUTH
+        for _ in range(2):  # 4 recipients > 3: the second message trips the breaker
+            client.sendmail("frank@example.org", ["a@remote.test", "b@remote.test"],
+                            message(frm="frank@example.org"))  # fmt: skip
+        client.quit()
+        assert "ALERT account suspended login=frank" in gw.log_text()
+        assert "suspended=yes" in gw.log_text()  # LDAP login: a users row was made for it
+        assert try_login(gw, FRANK.uid, FRANK.password) == BAD
+        gw.cli("user", "enable", FRANK.uid)
+        assert try_login(gw, FRANK.uid, FRANK.password) == OK_AUTH
+    finally:
+        gw.finish()

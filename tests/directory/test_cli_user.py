@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailgate import cli
-from mailgate.directory import User, open_url
+from mailgate.directory import User, migrate, open_url, passwords
 from mailgate.directory.sql import SqlDirectory
 from tests.support.databases import postgres_database
 
@@ -63,7 +63,8 @@ def mg(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monke
         r = mg("directory", "migrate")
         assert (r.status, r.err) == (0, "")
         assert r.out.startswith("migrated postgresql://postgres@127.0.0.1:5432/mailgate_test_")
-        assert r.out.endswith(" to schema version 1 (0001_initial.sql)\n")
+        steps = [m.name for m in migrate.migrations("postgresql")]
+        assert r.out.endswith(f" to schema version {len(steps)} ({', '.join(steps)})\n")
         yield mg
 
 
@@ -231,7 +232,8 @@ def test_address_errors(mg: Mailgate) -> None:
 def test_directory_migrate_again_changes_nothing(mg: Mailgate) -> None:
     r = mg("directory", "migrate")
     assert (r.status, r.err) == (0, "")
-    assert r.out.endswith(" is at schema version 1 (latest: 1): nothing to do\n")
+    latest = migrate.latest("postgresql")
+    assert r.out.endswith(f" is at schema version {latest} (latest: {latest}): nothing to do\n")
     assert r.out.startswith((str(mg.root / "state.db"), mg.url))
 
 
@@ -263,11 +265,12 @@ def test_copy_a_sqlite_directory_to_postgresql(
     mg("user", "disable", "bob")
     mg("domain", "add", "dept.example.org", "--ed25519")
     mg("address", "add", "*@dept.example.org", "--owner", "alice")
+    app = mg("app-password", "add", "alice", "phone").out.strip()
     with postgres_database() as url:
         r = mg("directory", "copy", "--to", url)
         assert (r.status, r.err) == (0, "")
         assert r.out == (f"copied {mg.root / 'state.db'} to {url}: 2 users, 1 domains, "
-                         "2 dkim_keys, 1 grants\n")  # fmt: skip
+                         "2 dkim_keys, 1 grants, 1 app_passwords\n")  # fmt: skip
         with open_url(url, default_domain="example.org", data_dir=mg.root) as pg, \
                 mg.directory() as lite:  # fmt: skip
             assert pg.list_users() == lite.list_users()
@@ -276,6 +279,7 @@ def test_copy_a_sqlite_directory_to_postgresql(
             # The hashes came along: nobody's password changed.
             assert pg.verify_password("alice", "alice's secret") is not None
             assert pg.verify_password("bob", "bob's secret") is None  # still disabled
+            assert pg.use_app_password("alice", passwords.app_password_hash(app)) == "phone"
         fails(mg("directory", "copy", "--to", url),
               f"mailgate: {url}: table users already has 2 rows; copy only into an empty "
               "directory\n")  # fmt: skip

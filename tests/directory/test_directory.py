@@ -100,7 +100,7 @@ def test_reopening_keeps_the_data(backend: Backend, d: SqlDirectory) -> None:
     d.close()
     with backend.open() as again:
         assert again.get_user("alice") == User("alice", "alice@example.org")
-        assert backend.sql("SELECT version FROM schema_version") == [(migrate.latest(
+        assert backend.sql("SELECT max(version) FROM schema_version") == [(migrate.latest(
             "sqlite" if backend.is_sqlite else "postgresql"),)]  # fmt: skip
 
 
@@ -108,14 +108,14 @@ def test_migrate_is_idempotent(backend: Backend, d: SqlDirectory) -> None:
     assert d.migrate() == []
     assert d.schema_version() == len(migrate.migrations(d.dialect))
     d.check_schema()
-    assert len(backend.sql("SELECT version FROM schema_version")) == 1
+    assert len(backend.sql("SELECT version FROM schema_version")) == migrate.latest(d.dialect)
 
 
 def test_a_newer_schema_is_refused(backend: Backend, d: SqlDirectory) -> None:
     d.close()
     backend.sql("UPDATE schema_version SET version = 7")
-    with pytest.raises(DirectoryError, match=r": database schema version 7, this "
-                       r"mailgate understands version 1$"):  # fmt: skip
+    with pytest.raises(DirectoryError, match=r": database schema version 7, this mailgate "
+                       rf"understands version {migrate.latest(d.dialect)}$"):  # fmt: skip
         backend.open()
 
 
@@ -138,7 +138,8 @@ def test_new_database_is_private_wal_and_versioned(
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(v,) for v in range(1, migrate.latest("sqlite") + 1)]
         assert db.execute("SELECT value FROM generation").fetchall() == [(0,)]
     db.close()
 
@@ -581,3 +582,57 @@ def test_close_then_use_again(tmp_path: Path, sqlite_d: SqliteDirectory) -> None
     sqlite_d.close()
     assert sqlite_d.get_user("alice") is not None  # reconnects on demand
     assert os.path.exists(tmp_path / "state.db")
+
+
+# --- app passwords (migration 0002) -------------------------------------------------------------
+def test_app_passwords(d: SqlDirectory) -> None:
+    from mailgate.directory import passwords
+
+    d.add_user("alice", "alice@example.org", "pw")
+    secret = passwords.new_app_password()
+    assert passwords.is_app_password_shaped(secret) and not passwords.is_app_password_shaped("pw")
+    before = d.generation()
+    app = d.add_app_password("Alice", "phone", passwords.app_password_hash(secret))
+    assert d.generation() != before  # the server's credential cache empties
+    assert (app.login, app.name, app.last_used_at) == ("alice", "phone", None)
+    assert d.use_app_password("alice", passwords.app_password_hash("wrong-" + secret)) is None
+    before = d.generation()
+    # Case and surrounding blanks do not matter (people type them from a screen).
+    assert (
+        d.use_app_password("alice", passwords.app_password_hash(f" {secret.upper()} ")) == "phone"
+    )
+    assert d.generation() == before  # recording a use changes nothing anyone caches
+    [listed] = d.list_app_passwords("alice")
+    assert listed.last_used_at is not None and listed.created_at == app.created_at
+    with pytest.raises(DirectoryError, match="already has an app password 'phone'"):
+        d.add_app_password("alice", "phone", passwords.app_password_hash(secret + "x"))
+    with pytest.raises(DirectoryError, match="unknown login 'bob'"):
+        d.add_app_password("bob", "phone", "0" * 64)
+    before = d.generation()
+    d.remove_app_password("alice", "phone")
+    assert d.generation() != before
+    assert d.use_app_password("alice", passwords.app_password_hash(secret)) is None
+    with pytest.raises(DirectoryError, match="'alice' has no app password 'phone'"):
+        d.remove_app_password("alice", "phone")
+    d.add_app_password("alice", "laptop", passwords.app_password_hash(secret))
+    d.remove_user("alice")  # its app passwords go with it
+    assert d.list_app_passwords() == []
+
+
+def test_a_version_1_database_gains_app_passwords(backend: Backend, d: SqlDirectory) -> None:
+    d.add_user("old", "old@example.org", "pw")
+    d.close()
+    # Back to version 1, as a database made before migration 0002 is.
+    backend.sql("DROP TABLE app_passwords")
+    backend.sql("DELETE FROM schema_version WHERE version > 1")
+    with (
+        backend.open()
+        if backend.is_sqlite
+        else open_url(
+            backend.url, default_domain=DEFAULT, data_dir=backend.data_dir, check=False
+        ) as again
+    ):
+        if not backend.is_sqlite:
+            assert again.migrate() == ["0002_app_passwords.sql"]
+        again.add_app_password("old", "phone", "0" * 64)
+        assert [a.name for a in again.list_app_passwords("old")] == ["phone"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailgate import replies
+from mailgate.directory import migrate
 from tests.e2e.conftest import message, submission
 from tests.support.databases import closed_port_url, postgres_database
 from tests.support.gateway import Gateway, run_cli
@@ -27,7 +28,8 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     with postgres_database() as url:
         a, b = node(tmp_path / "a", url), node(tmp_path / "b", url)
         out = run_cli(a.config, "directory", "migrate").stdout
-        assert out.endswith(" to schema version 1 (0001_initial.sql)\n")
+        steps = [m.name for m in migrate.migrations("postgresql")]
+        assert out.endswith(f" to schema version {len(steps)} ({', '.join(steps)})\n")
         assert run_cli(b.config, "directory", "migrate").stdout.endswith(": nothing to do\n")
         a.start("--no-delivery")
         b.start("--no-delivery")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import replace
 
-from mailgate.directory import DkimKey, Domain, User
+from mailgate.directory import AppPassword, DkimKey, Domain, User
 
 
 class MemoryDirectory:
@@ -15,6 +16,7 @@ class MemoryDirectory:
         self.domains: dict[str, Domain] = {}
         self.grants: set[tuple[str, str]] = set()
         self.gen = 0
+        self.app_passwords: dict[tuple[str, str], tuple[str, AppPassword]] = {}
 
     def add_user(self, login: str, address: str, password: str) -> User:
         user = User(login, address or f"{login}@{self.default_domain}")
@@ -56,6 +58,29 @@ class MemoryDirectory:
         if user is None or not user.enabled or user.suspended:
             return None
         return user if self.passwords.get(login) == password else None
+
+    def add_app_password(self, login: str, name: str, secret_hash: str) -> AppPassword:
+        app = AppPassword(login, name, dt.datetime.now(dt.UTC))
+        self.app_passwords[(login, name)] = (secret_hash, app)
+        self.gen += 1
+        return app
+
+    def list_app_passwords(self, login: str | None = None) -> list[AppPassword]:
+        return [
+            a for (who, _), (_, a) in sorted(self.app_passwords.items()) if login in (None, who)
+        ]
+
+    def remove_app_password(self, login: str, name: str) -> None:
+        del self.app_passwords[(login, name)]
+        self.gen += 1
+
+    def use_app_password(self, login: str, secret_hash: str) -> str | None:
+        for (who, name), (stored, app) in self.app_passwords.items():
+            if who == login and stored == secret_hash:
+                used = replace(app, last_used_at=dt.datetime.now(dt.UTC))
+                self.app_passwords[(who, name)] = (stored, used)
+                return name
+        return None
 
     def add_domain(self, name: str) -> Domain:
         self.domains[name] = Domain(name)

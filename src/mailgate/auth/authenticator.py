@@ -21,17 +21,19 @@ Must not: log passwords, or decide replies (the session maps the outcome).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from mailgate.auth import Backend, Identity
 from mailgate.auth.oauth import TokenVerifier
-from mailgate.directory import Directory
+from mailgate.directory import Directory, passwords
 from mailgate.errors import AuthUnavailable, DirectoryError
 
 _MAX_ENTRIES = 100_000
@@ -81,7 +83,9 @@ class Authenticator:
             pending.add_done_callback(lambda _: self._inflight.pop(token, None))
         # shield: one waiter's timeout or disconnect must not cancel the others' answer.
         identity = await asyncio.shield(pending)
-        if identity is not None and self._ttl > 0:
+        # An app password is not cached: one indexed read per use, and its removal holds at
+        # once on every node (the directory view's generation may lag by a poll interval).
+        if identity is not None and identity.app_password is None and self._ttl > 0:
             self._cache[token] = (now + self._ttl, identity)
             if len(self._cache) > _MAX_ENTRIES:
                 self._cache.popitem(last=False)
@@ -90,6 +94,10 @@ class Authenticator:
     async def _check(self, login: str, password: str) -> Identity | None:
         if not password:
             return None
+        if passwords.is_app_password_shaped(password):
+            app = await self._app_password(login, password)
+            if app is not None:
+                return app
         identity = await self.backend.verify(login, password)
         if identity is None:
             return None
@@ -115,11 +123,35 @@ class Authenticator:
             return None
         return identity
 
+    async def _app_password(self, login: str, password: str) -> Identity | None:
+        """An app password of `login` (any backend): the directory knows its hash, the backend
+        the login's addresses. A miss falls through to the backend: a person's own password
+        may happen to have an app password's shape."""
+        secret_hash = passwords.app_password_hash(password)
+        try:
+            name = await asyncio.to_thread(self._directory.use_app_password, login, secret_hash)
+        except DirectoryError as e:
+            raise AuthUnavailable(str(e)) from None
+        if name is None:
+            return None
+        identity = await self.backend.lookup(login)
+        if identity is None or not self._is_usable(identity.login):
+            return None
+        return replace(identity, app_password=name)
+
     def _is_usable(self, login: str) -> bool:
         """False when the directory has the login disabled or suspended. A login the
         directory does not know (an LDAP or Dovecot account) is usable."""
         user = _directory_call(self._directory.get_user, login)
         return user is None or (user.enabled and not user.suspended)
+
+    def keep_account(self, login: str, addresses: tuple[str, ...]) -> None:
+        """Give an LDAP or Dovecot login (one with backend addresses) a users row, so that the
+        account breaker can suspend it there. Blocking: call it from a thread. A failure is
+        logged by the breaker's own attempt that follows, so it is not raised here."""
+        if addresses:
+            with contextlib.suppress(DirectoryError):
+                self._directory.ensure_account(login, addresses[0])
 
     def close(self) -> None:
         self.backend.close()

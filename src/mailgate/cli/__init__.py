@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from mailgate.cli import (
     address,
+    app_password,
     check_config,
     directory,
     domain,
@@ -31,8 +32,8 @@ from mailgate.cli.common import CommandError
 from mailgate.errors import MailgateError
 
 _MODULES = (
-    init, serve, check_config, user, domain, address, directory, queue, limits, sink, trace,
-    status, reload,
+    init, serve, check_config, user, domain, address, app_password, directory, queue, limits,
+    sink, trace, status, reload,
 )  # fmt: skip
 
 

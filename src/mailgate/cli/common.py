@@ -50,11 +50,16 @@ def open_directory(cfg: Config, *, check: bool = True) -> Any:
                     data_dir=cfg.base_dir, check=check)  # fmt: skip
 
 
+def primary_address(login: str, default_domain: str) -> str:
+    """INTERFACE.md: LOGIN@default_domain; a login that is itself an address is its own."""
+    return login if "@" in login else f"{login}@{default_domain}"
+
+
 def ensure_account(cfg: Config, directory: Any, login: str) -> None:
     """With an external [auth] backend (LDAP, Dovecot), a login mailgate keeps something for
     (a grant, an app password) gets a users row without a password on first use."""
     if cfg.auth.backend != "directory":
-        directory.ensure_account(login, f"{login}@{cfg.directory.default_domain}")
+        directory.ensure_account(login, primary_address(login, cfg.directory.default_domain))
 
 
 def read_password(args: argparse.Namespace) -> str:

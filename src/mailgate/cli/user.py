@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mailgate.cli.common import load_config, open_directory, print_json, read_password
+from mailgate.cli.common import (
+    load_config,
+    open_directory,
+    primary_address,
+    print_json,
+    read_password,
+)
 from mailgate.directory import User
 
 
@@ -47,11 +53,6 @@ def _password_stdin(p: argparse.ArgumentParser) -> None:
     # Never a password on the command line: it would show in ps and the shell history.
     p.add_argument("--password-stdin", action="store_true", required=True,
                    help="read the password (one line) from standard input")  # fmt: skip
-
-
-def primary_address(login: str, default_domain: str) -> str:
-    """INTERFACE.md: LOGIN@default_domain; a login that is itself an address is its own."""
-    return login if "@" in login else f"{login}@{default_domain}"
 
 
 def _add(args: argparse.Namespace) -> int:

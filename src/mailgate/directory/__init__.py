@@ -11,6 +11,7 @@ except that lookups lower-case both (what operators expect).
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +26,22 @@ class User:
     address: str  # primary address
     enabled: bool = True
     suspended: bool = False  # set by the compromised-account breaker; cleared by `user enable`
+
+
+@dataclass(frozen=True, slots=True)
+class AppPassword:
+    """A password for one program of one login (`mailgate app-password`); never the secret.
+
+    login, name:  whose and which (the name is unique per login, e.g. "thunderbird-laptop").
+    created_at:   aware UTC.
+    last_used_at: aware UTC of the last AUTH that used it (not counting answers from the
+                  server's credential cache), or None.
+    """
+
+    login: str
+    name: str
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +78,20 @@ class Directory(Protocol):
     def verify_password(self, login: str, password: str) -> User | None:
         """The user if the login exists, is enabled and not suspended, and the password matches.
         Takes the same time whether or not the login exists (a dummy hash is verified)."""
+        ...
+
+    # app passwords ------------------------------------------------------------------
+    def add_app_password(self, login: str, name: str, secret_hash: str) -> AppPassword:
+        """Store an app password's hash (passwords.app_password_hash) for an existing login."""
+        ...
+
+    def list_app_passwords(self, login: str | None = None) -> list[AppPassword]:
+        """By login, then name."""
+        ...
+
+    def remove_app_password(self, login: str, name: str) -> None: ...
+    def use_app_password(self, login: str, secret_hash: str) -> str | None:
+        """The name of `login`'s app password with this hash, recording the use; else None."""
         ...
 
     # domains and grants -----------------------------------------------------------

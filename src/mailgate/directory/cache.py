@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mailgate.directory import DkimKey, Domain, User
+from mailgate.directory import AppPassword, DkimKey, Domain, User
 from mailgate.directory.names import WILDCARD_LOCAL, normalize_address, normalize_domain
 from mailgate.directory.sql import SqlDirectory
 from mailgate.errors import DirectoryError
@@ -220,6 +220,20 @@ class DirectoryView:
 
     def ensure_account(self, login: str, address: str) -> bool:
         return self.backend.ensure_account(login, address)
+
+    # App passwords are read from the backend when used (auth/authenticator.py, in a thread):
+    # a removed one is refused at once, without waiting for the next snapshot.
+    def add_app_password(self, login: str, name: str, secret_hash: str) -> AppPassword:
+        return self.backend.add_app_password(login, name, secret_hash)
+
+    def list_app_passwords(self, login: str | None = None) -> list[AppPassword]:
+        return self.backend.list_app_passwords(login)
+
+    def remove_app_password(self, login: str, name: str) -> None:
+        self.backend.remove_app_password(login, name)
+
+    def use_app_password(self, login: str, secret_hash: str) -> str | None:
+        return self.backend.use_app_password(login, secret_hash)
 
     def set_password(self, login: str, password: str) -> None:
         self.backend.set_password(login, password)

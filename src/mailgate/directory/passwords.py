@@ -1,11 +1,16 @@
 """Password hashing for the directory: argon2id (RFC 9106) through argon2-cffi.
 
 Owns: the hash parameters, hashing, verification and the rehash decision, and a dummy hash
-so that checking an unknown login costs as much as checking a known one. Must not: store,
+so that checking an unknown login costs as much as checking a known one; and app passwords
+(`mailgate app-password`): making one, recognising its shape, and its stored hash. Must not: store,
 log or return passwords, or know where hashes are kept (that is directory/store.py).
 """
 
 from __future__ import annotations
+
+import hashlib
+import re
+import secrets
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -58,3 +63,33 @@ def needs_rehash(stored_hash: str) -> bool:
         return _hasher.check_needs_rehash(stored_hash)
     except (InvalidHashError, ValueError):
         return True
+
+
+# App passwords: 24 characters from 31 that are hard to confuse (no 0/o, 1/l/i), in five groups
+# of four: about 99 bits, so that a single SHA-256 is enough to store them (nobody can search a
+# 2**99 space offline, unlike a person's password, which is why those get argon2id). The fixed
+# shape also lets AUTH skip the app-password look-up for passwords that cannot be one.
+_APP_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+_APP_GROUPS, _APP_GROUP_LENGTH = 5, 4
+APP_PASSWORD_SHAPE = re.compile(
+    rf"[{_APP_ALPHABET}]{{{_APP_GROUP_LENGTH}}}(?:-[{_APP_ALPHABET}]{{{_APP_GROUP_LENGTH}}})"
+    rf"{{{_APP_GROUPS - 1}}}"
+)
+
+
+def new_app_password() -> str:
+    """A new random app password, e.g. "k7wq-3mzp-ax9d-rt2f-hv6n"."""
+    return "-".join(
+        "".join(secrets.choice(_APP_ALPHABET) for _ in range(_APP_GROUP_LENGTH))
+        for _ in range(_APP_GROUPS)
+    )
+
+
+def is_app_password_shaped(password: str) -> bool:
+    return APP_PASSWORD_SHAPE.fullmatch(password.strip().lower()) is not None
+
+
+def app_password_hash(password: str) -> str:
+    """What the directory stores for an app password: SHA-256 of its normalised form (hex)."""
+    normalised = password.strip().lower()
+    return hashlib.sha256(b"mailgate app password\0" + normalised.encode()).hexdigest()

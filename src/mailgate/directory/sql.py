@@ -13,6 +13,7 @@ message/dkimkeys.py; the directory stores their paths), or log passwords.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import json
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from mailgate.directory import DkimKey, Domain, User, migrate, passwords
+from mailgate.directory import AppPassword, DkimKey, Domain, User, migrate, passwords
 from mailgate.directory.names import (
     DKIM_ALGORITHMS,
     WILDCARD_LOCAL,
@@ -47,7 +48,7 @@ _SET_FLAG = {
 }
 # What `copy_to` copies, parents before children. A migration that adds a table adds it here
 # (and a boolean column to _BOOLEAN_COLUMNS: SQLite stores 0/1, PostgreSQL wants a boolean).
-COPIED_TABLES = ("users", "domains", "dkim_keys", "grants")
+COPIED_TABLES = ("users", "domains", "dkim_keys", "grants", "app_passwords")
 _BOOLEAN_COLUMNS = frozenset({"enabled", "suspended", "active"})
 _SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
@@ -229,6 +230,61 @@ class SqlDirectory:
                 (login, primary, EXTERNAL_PASSWORD),
             )
             return bool(cur.rowcount > 0)
+
+    # --- app passwords (migration 0002) ----------------------------------------------
+
+    def add_app_password(self, login: str, name: str, secret_hash: str) -> AppPassword:
+        created = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        with self._write() as db:
+            user = db.execute("SELECT login FROM users WHERE login = ?", (login,)).fetchone()
+            if user is None:
+                raise DirectoryError(f"unknown login {login!r}")
+            if db.execute("SELECT 1 FROM app_passwords WHERE login = ? AND name = ?",
+                          (login, name)).fetchone():  # fmt: skip
+                raise DirectoryError(f"{login!r} already has an app password {name!r}")
+            db.execute(
+                "INSERT INTO app_passwords (login, name, secret_hash, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (user["login"], name, secret_hash, created.isoformat()),
+            )
+        return AppPassword(login=str(user["login"]), name=name, created_at=created)
+
+    def list_app_passwords(self, login: str | None = None) -> list[AppPassword]:
+        sql = "SELECT login, name, created_at, last_used_at FROM app_passwords"
+        with self._read() as db:
+            if login is None:
+                rows = db.execute(sql + " ORDER BY login, name").fetchall()
+            else:
+                rows = db.execute(sql + " WHERE login = ? ORDER BY name", (login,)).fetchall()
+        return [_app_password(row) for row in rows]
+
+    def remove_app_password(self, login: str, name: str) -> None:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM app_passwords WHERE login = ? AND name = ?", (login, name)
+            )
+            if cur.rowcount == 0:
+                raise DirectoryError(f"{login!r} has no app password {name!r}")
+
+    def use_app_password(self, login: str, secret_hash: str) -> str | None:
+        """The name of `login`'s app password with this hash, recording its use; else None.
+        (The hash is of a 99-bit random secret: an indexed equality look-up is safe.)"""
+        row = self._query_one(
+            "SELECT name FROM app_passwords WHERE login = ? AND secret_hash = ?",
+            (login, secret_hash),
+        )
+        if row is None:
+            return None
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+        try:
+            with self._write() as db:
+                db.execute(
+                    "UPDATE app_passwords SET last_used_at = ? WHERE login = ? AND name = ?",
+                    (now, login, row["name"]),
+                )
+        except DirectoryError as e:  # a busy database must not fail the login
+            log.warning("app password last use not recorded login=%s error=%s", login, e)
+        return str(row["name"])
 
     def set_password(self, login: str, password: str) -> None:
         password_hash = passwords.hash_password(check_password(password))
@@ -557,6 +613,15 @@ class SqlDirectory:
 def _sql(template: str, *names: str) -> str:
     """A statement naming our own tables and columns (never input): `template` filled in."""
     return template.format(*names)
+
+
+def _app_password(row: Row) -> AppPassword:
+    last = row["last_used_at"]
+    return AppPassword(
+        login=str(row["login"]), name=str(row["name"]),
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+        last_used_at=None if last is None else dt.datetime.fromisoformat(last),
+    )  # fmt: skip
 
 
 def _user(row: Row) -> User:

@@ -432,6 +432,7 @@ class Session:
 
         assert self.login is not None
         metrics.SUSPENSIONS.labels(self.profile.name).inc()
+        await asyncio.to_thread(self.s.authenticator.keep_account, self.login, self.addresses)
         await asyncio.to_thread(suspend_account, self.s.directory, self.s.store, self.login, reason)
 
     def _facts(self) -> SessionFacts:
