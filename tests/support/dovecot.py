@@ -8,15 +8,13 @@ client listener on a unix socket (`unix_spec`) and on a loopback TCP port (`tcp_
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.processes import accepts, start_logged, terminate
 from tests.support.waiting import wait_for
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -81,27 +79,16 @@ service anvil {{
         return f"tcp:127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = (self.folder / "out.log").open("ab")
-        self.proc = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(self.folder / "dovecot.conf")],
-            stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
-        log.close()
+        self.proc = start_logged(
+            [DOVECOT, "-F", "-c", str(self.folder / "dovecot.conf")], self.folder / "out.log"
+        )
         wait_for(self._listens, timeout=20, what="dovecot auth listening")
 
     def _listens(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"dovecot exited: {(self.folder / 'out.log').read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
-            return (self.folder / "auth-client").exists()
-        return False
+        return accepts(self.port) and (self.folder / "auth-client").exists()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         self.proc = None

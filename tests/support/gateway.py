@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -23,6 +22,7 @@ from mailgate.spool import open_store
 from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope
 from tests.support.ports import free_port
+from tests.support.processes import accepts, start_logged, terminate
 from tests.support.waiting import wait_for
 
 HOSTNAME = "mail.example.org"
@@ -111,12 +111,10 @@ class Gateway:
 
     def start(self, *extra: str) -> None:
         env = dict(os.environ, MAILGATE_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = start_logged(
             [sys.executable, "-m", "mailgate", "-c", str(self.config), "serve", *extra],
-            stdout=log, stderr=log, env=env, start_new_session=True,
+            self.log_path, env,
         )  # fmt: skip
-        log.close()
         for port in self.ports.values():
             wait_for(partial(self._greets, port), timeout=20, what=f"listener on {port}")
         for address in self.settings.get("admin", {}).get("listen", []):  # [admin] listen
@@ -126,21 +124,13 @@ class Gateway:
     def _greets(self, port: int) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"mailgate serve exited: {self.log_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return True
-        return False
+        return accepts(port)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         self.proc = None
 
     def finish(self) -> None:

@@ -10,15 +10,13 @@ may search, anonymous users may not (so anonymous-search tests use `anonymous_se
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.processes import accepts, start_logged, terminate
 from tests.support.testca import TestCA
 from tests.support.waiting import wait_for
 
@@ -110,27 +108,17 @@ class Slapd:
         return f"ldap://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = (self.folder / "slapd.log").open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = start_logged(
             [SLAPD, "-d", "0", "-f", str(self.folder / "slapd.conf"), "-h", f"{self.url}/"],
-            stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
-        log.close()
+            self.folder / "slapd.log",
+        )
         wait_for(self._listens, timeout=20, what="slapd listening")
 
     def _listens(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"slapd exited: {(self.folder / 'slapd.log').read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
-            return True
-        return False
+        return accepts(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         self.proc = None
