@@ -26,6 +26,7 @@ from tests.e2e.conftest import message
 from tests.support.gateway import Gateway
 from tests.support.slapd import PEOPLE, SERVICE_DN, Person, Slapd
 from tests.support.testca import TestCA
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -229,8 +230,12 @@ def test_the_account_breaker_suspends_an_ldap_login(
         client.quit()
         assert "ALERT account suspended login=frank" in gw.log_text()
         assert "suspended=yes" in gw.log_text()  # LDAP login: a users row was made for it
-        assert try_login(gw, FRANK.uid, FRANK.password) == BAD
+        # The server's directory view learns of it within its poll interval (INTERFACE:
+        # "within 10 seconds"); so does it of the operator's `user enable`.
+        wait_for(lambda: try_login(gw, FRANK.uid, FRANK.password) == BAD, timeout=15,
+                 what="the suspension")  # fmt: skip
         gw.cli("user", "enable", FRANK.uid)
-        assert try_login(gw, FRANK.uid, FRANK.password) == OK_AUTH
+        wait_for(lambda: try_login(gw, FRANK.uid, FRANK.password) == OK_AUTH, timeout=15,
+                 what="the login again")  # fmt: skip
     finally:
         gw.finish()
