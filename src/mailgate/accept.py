@@ -1,8 +1,11 @@
 """After end-of-data: check, scan, stamp, sign, commit, and answer.
 
-Owns: the order of the acceptance steps and the one place where their exceptions become
-replies (STYLE.md §4): Rejected -> its reply; ScannerUnavailable -> 451 4.7.1; SpoolFull ->
-452 4.3.1; SpoolError and anything unexpected -> 451 4.3.0 with the details in the log only.
+Owns: the order of the acceptance steps (read the header section once -> hop count -> author
+fields and policy -> scan -> stamp -> sign -> commit), the one `HeaderSection` every step is
+given (so the policy, the MIME walk and the signer read the same fields; issue #11), and the
+one place where their exceptions become replies (STYLE.md §4): Rejected -> its reply;
+ScannerUnavailable -> 451 4.7.1; SpoolFull -> 452 4.3.1; SpoolError and anything unexpected
+-> 451 4.3.0 with the details in the log only.
 Must not: talk SMTP or touch sockets; it returns a Reply and the session writes it.
 "The 250 is written only after commit() returns": commit fsyncs the message and its envelope.
 """
@@ -17,7 +20,9 @@ from typing import Protocol
 
 from mailgate import metrics, replies, tracelog
 from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
-from mailgate.message import stamp
+from mailgate.message import headers, stamp
+from mailgate.message.authors import read_authors
+from mailgate.message.headers import HeaderSection
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
 from mailgate.scan import Verdict
@@ -33,11 +38,13 @@ class Committer(Protocol):
 
 
 class ScannerLike(Protocol):
-    async def check(self, message: bytes, log_prefix: str = "") -> Verdict: ...
+    async def check(
+        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+    ) -> Verdict: ...
 
 
 class SignerLike(Protocol):
-    def sign(self, message: bytes, domain: str) -> bytes: ...
+    def sign_section(self, section: HeaderSection, body: bytes, domain: str) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -71,6 +78,7 @@ class Acceptor:
         scanner: ScannerLike | None,
         signer: SignerLike | None,
         hop_limit: int,
+        max_header_size: int = headers.DEFAULT_MAX_HEADER_SIZE,
         on_committed: Callable[[Envelope], None] = lambda env: None,
     ) -> None:
         self._hostname = hostname
@@ -79,6 +87,7 @@ class Acceptor:
         self._scanner = scanner
         self._signer = signer
         self._hop_limit = hop_limit
+        self._max_header_size = max_header_size
         self._on_committed = on_committed
 
     async def accept(self, facts: SessionFacts, txn: Transaction, incoming: Incoming) -> Reply:
@@ -129,36 +138,55 @@ class Acceptor:
     ) -> tuple[Envelope, str]:
         """The committed envelope and the message's Message-ID (added here if missing)."""
         message = incoming.getvalue()
-        summary = stamp.summarize(message)
-        if summary.received_count >= self._hop_limit:
-            raise Rejected(replies.HOP_LIMIT_EXCEEDED, f"{summary.received_count} Received fields")
-        decision = self._policy.check_from(facts.sender, summary.from_addresses)
+        # The one parse of the header section (552 5.3.4 over the limit, 554 5.6.0 malformed).
+        section = headers.parse(message, limit=self._max_header_size)
+        if not section.separated and section.body_offset < len(message):
+            # RFC 5322 §2.1: an empty line separates the body. Readers differ on a header that
+            # just stops; with the line inserted they all find the body where we did.
+            message = section.raw + b"\r\n" + message[section.body_offset :]
+            incoming.replace(message)
+            section = headers.parse(message, limit=self._max_header_size)
+        received = section.count("received")
+        if received >= self._hop_limit:
+            raise Rejected(replies.HOP_LIMIT_EXCEEDED, f"{received} Received fields")
+        try:
+            authors = read_authors(section)  # 554 5.6.0 for a field it cannot read strictly
+        except Rejected:
+            if facts.sender.login is not None:
+                raise
+            authors = None  # the smart host promises no identity: such mail is just not signed
+        decision = self._policy.check_identity(facts.sender, authors)
 
         verdict_header = b""
         if self._scanner is not None:
-            verdict = await self._scanner.check(message, log_prefix=ctx)
+            verdict = await self._scanner.check(message, log_prefix=ctx, section=section)
             verdict_header = stamp.scanned_by(verdict.header)
 
         rcpts = [r.address for r in txn.rcpts]
         prefix = stamp.received(facts.trace, hostname=self._hostname, qid=incoming.qid,
                                 recipients=rcpts) + verdict_header  # fmt: skip
         if decision.sender_header is not None:
-            if summary.has_sender:
+            if section.has("sender"):
                 # One Sender: only (RFC 5322 §3.6): ours identifies the authenticated user.
-                _replace_head(incoming, message, lambda b: stamp.remove_fields(b, "sender"))
-                message = incoming.getvalue()
+                trimmed = section.without("sender")
+                message = trimmed.raw + message[len(section.raw) :]
+                incoming.replace(message)
+                section = trimmed
             prefix += stamp.sender(decision.sender_header)
-        message_id = summary.message_id
+        ids = section.get_all("message-id")
+        message_id = ids[0].text() if ids else ""
         if facts.is_submission:
-            if not summary.has_message_id:
+            if not section.has("message-id"):
                 added = stamp.message_id(self._hostname, incoming.qid)
                 message_id = added.decode("ascii").split(":", 1)[1].strip()
                 prefix += added
-            if not summary.has_date:
+            if not section.has("date"):
                 prefix += stamp.date()
         if decision.sign_domain and self._signer is not None:
-            # Sign last: every other header change is already in `prefix`.
-            prefix = self._signer.sign(prefix + message, decision.sign_domain) + prefix
+            # Sign last, over the fields the policy read plus ours: every change is in `prefix`.
+            body = message[section.body_offset :]
+            signed = section.prepend(prefix)
+            prefix = self._signer.sign_section(signed, body, decision.sign_domain) + prefix
 
         envelope = Envelope(
             id=incoming.qid,
@@ -187,8 +215,3 @@ def refused(facts: SessionFacts, txn: Transaction, qid: str, reply: Reply) -> Re
                       client=facts.sender.client_ip, sid=facts.session_id,
                       reply=reply.line())  # fmt: skip
     return reply
-
-
-def _replace_head(incoming: Incoming, message: bytes, change: Callable[[bytes], bytes]) -> None:
-    head = stamp.header_block(message)
-    incoming.replace(change(head) + message[len(head) :])

@@ -150,6 +150,9 @@ class LimitsConfig:
     max_connections: int = 10000
     max_connections_per_ip: int = 50
     greeting_delay: float = 0.0  # smarthost: seconds before the 220; early talkers get 554
+    # A header section longer than this is refused (552 5.3.4) before any of it is examined:
+    # the policy, the scan and the DKIM signature all read the same, bounded, section.
+    max_header_size: int = 262144
 
 
 # The nine rate limits: {scope}_{metric}; scope service (one listener, all clients), login (one
@@ -311,6 +314,18 @@ class TraceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """[policy]: the sender policy (policy.py).
+
+    foreign_subdomains: subdomains of the default or a managed domain that are *not* the
+    institution's (say a list server run by a third party); every other subdomain is, and
+    its addresses are refused to a login that was not granted them. A-label form.
+    """
+
+    foreign_subdomains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the configuration file itself
     hostname: str = "localhost"
@@ -329,6 +344,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -388,6 +404,7 @@ _SECTIONS = {
     "admin": AdminConfig,
     "log": LogConfig,
     "trace": TraceConfig,
+    "policy": PolicyConfig,
 }
 # Tables inside a section ([auth.ldap]): section -> key -> dataclass.
 _SUBSECTIONS: dict[str, dict[str, type]] = {
@@ -452,6 +469,8 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _directory_url(key, value, base)
     if kind == "domain":
         return _hostname(value, key)
+    if kind == "domains":
+        return tuple(_hostname(v, key) for v in _list(key, value))
     if kind == "listen":
         return tuple(_listen(key, v) for v in _list(key, value))
     if kind == "networks":
@@ -566,6 +585,8 @@ _KINDS = {
     "retry_schedule": "schedule",
     "postmaster": "address_or_empty",
     "max_message_size": "posint",
+    "max_header_size": "posint",
+    "foreign_subdomains": "domains",
     "max_recipients": "posint",
     "max_errors": "posint",
     "max_connections": "posint",

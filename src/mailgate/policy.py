@@ -4,15 +4,27 @@ Owns: the decisions of INTERFACE.md's sender policy (the seed: any address may b
 authenticated sender is always identified) and the smart host's relay rule. Must not: do I/O other
 than directory look-ups, or build reply text (it raises `Rejected` with a named reply).
 
+"The institution's" domains: the default domain, every managed domain, and every subdomain of
+them (`hr.example.ac.uk` passes relaxed DMARC alignment as `example.ac.uk`), except the subtrees
+listed in `[policy] foreign_subdomains`. Every domain is normalised (identity.normalize: UTS-46,
+A-labels) before it is compared, so `bücher.example` is `xn--bcher-kva.example` and
+`example。ac。uk` is `example.ac.uk`.
+
 The rules, for an authenticated session:
   - MAIL FROM:<>                      -> left alone (bounces, RFC 5321 §4.5.5)
   - MAIL FROM an address it may use   -> unchanged
-  - MAIL FROM in a managed/default domain it may not use -> 553 5.7.1
+  - MAIL FROM in an institution domain it may not use -> 553 5.7.1
   - MAIL FROM a foreign address       -> the envelope sender becomes the primary address
-  - From: an address it may use       -> unchanged
-  - From: managed/default, not its own -> 553 5.7.1
-  - From: foreign                     -> add `Sender: <primary address>`
-The smart host has no logins: it relays for `smarthost.networks` only (550 5.7.1 at RCPT).
+  - every address of From:, Sender:, Resent-From:, Resent-Sender: (and every address written
+    in their display names), as read by message/authors.py:
+      one it may use                  -> fine
+      institution, not its own        -> 553 5.7.1 (From: SENDER_NOT_ALLOWED, else naming the field)
+      foreign                         -> our `Sender: <primary address>` replaces the client's
+  - no From: at all                   -> `Sender: <primary address>`
+  - DKIM signing for the first From: domain only when no address is foreign.
+The smart host has no logins: it relays for `smarthost.networks` only (550 5.7.1 at RCPT), and
+its mail is signed only when the single From: address is in a domain that lists the client's
+network and every other author address is too.
 
 Destinations (every service): a recipient whose domain is an address literal (RFC 5321 §4.1.3,
 `user@[10.1.2.3]`, `user@[IPv6:::1]`) inside `smarthost.bad_nets` is refused with 550 5.7.1
@@ -25,15 +37,18 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mailgate import replies
 from mailgate.directory import Directory, Domain
 from mailgate.errors import Rejected
+from mailgate.identity import AuthorField, BadDomain, Mailbox, normalize, parents
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DOMAIN_TTL = 5.0  # seconds a domain look-up is remembered
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,18 +66,15 @@ class Sender:
 
 @dataclass(frozen=True, slots=True)
 class FromDecision:
-    """The outcome of checking the From: header.
+    """The outcome of checking the author fields.
 
-    sender_header: the address for an added `Sender:` header, or None.
+    sender_header: the address for an added `Sender:` header (replacing any the client sent),
+                   or None.
     sign_domain:   the From: domain to DKIM-sign for, or None when signing is not permitted.
     """
 
     sender_header: str | None
     sign_domain: str | None
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 class Policy:
@@ -74,11 +86,14 @@ class Policy:
         *,
         smarthost_networks: Sequence[IPNetwork],
         internal_networks: Sequence[IPNetwork] = (),
+        foreign_subdomains: Iterable[str] = (),
     ) -> None:
         self._directory = directory
         self._networks = tuple(smarthost_networks)
         self._internal = tuple(internal_networks)
+        self._foreign = frozenset(normalize(d) for d in foreign_subdomains)
         self._domains: dict[str, tuple[float, Domain | None]] = {}
+        self._managed: dict[str, tuple[float, bool]] = {}
 
     # --- relay -------------------------------------------------------------------
     def may_relay(self, client_ip: str) -> bool:
@@ -95,66 +110,91 @@ class Policy:
             )
         check_destination(address, self._internal)
 
+    # --- whose domains -------------------------------------------------------------
+    def is_institution(self, domain: str) -> bool:
+        """True when normalised `domain` is the default or a managed domain, or a subdomain of
+        one that is not inside a `foreign_subdomains` subtree (the nearest listed name wins)."""
+        for name in parents(domain):
+            if self._is_managed(name):
+                return True
+            if name in self._foreign:
+                return False
+        return False
+
     # --- envelope sender -------------------------------------------------------
     def check_sender(self, sender: Sender, address: str) -> str:
         """The envelope sender to use for MAIL FROM `address`; raise 553 5.7.1 when forbidden."""
         if sender.login is None or address == "":
             return address
         primary = self._primary(sender)
-        if self._may_send_as(sender, address):
+        mailbox = _mailbox(address)
+        if mailbox is None:
+            # An address literal, or a name no receiver reads as one of ours: foreign. It never
+            # leaves: the envelope sender becomes the primary address below.
+            return primary
+        if self._may_send_as(sender, mailbox):
             return address
-        if self._directory.is_managed(domain_of(address)):
+        if self.is_institution(mailbox.domain):
             raise Rejected(
                 replies.SENDER_NOT_ALLOWED,
-                f"login {sender.login} may not use {address} (managed domain)",
+                f"login {sender.login} may not use {address} (institution domain)",
             )
         # A foreign address: allowed, but bounces must reach the person who really sent it.
         return primary
 
     # --- header sender ----------------------------------------------------------
-    def check_from(self, sender: Sender, from_addresses: Iterable[str]) -> FromDecision:
-        """Decide on the From: header's addresses (RFC 5322 §3.6.2)."""
-        addresses = [a for a in from_addresses if "@" in a]
+    def check_identity(self, sender: Sender, authors: Sequence[AuthorField] | None) -> FromDecision:
+        """Decide on the author fields (RFC 5322 §3.6.2, §3.6.6) read by message/authors.py.
+
+        `authors` is None when a smart-host message's author fields could not be read strictly
+        (an authenticated session's message is refused before it gets here): not signed.
+        """
         if sender.login is None:
-            return FromDecision(None, self._smarthost_sign_domain(sender, addresses))
+            if authors is None:
+                return FromDecision(None, None)
+            return FromDecision(None, self._smarthost_sign_domain(sender, authors))
         primary = self._primary(sender)
         foreign = False
-        for address in addresses:
-            if self._may_send_as(sender, address):
-                continue
-            if self._directory.is_managed(domain_of(address)):
-                raise Rejected(
-                    replies.SENDER_NOT_ALLOWED,
-                    f"login {sender.login} may not use From: {address} (managed domain)",
-                )
-            foreign = True
-        if foreign or not addresses:
+        for field in authors or ():
+            for mailbox in field.mailboxes + field.shown:
+                if self._may_send_as(sender, mailbox):
+                    continue
+                if self.is_institution(mailbox.domain):
+                    reply = (replies.SENDER_NOT_ALLOWED if field.name == "From"
+                             else replies.identity_not_allowed(field.name))  # fmt: skip
+                    raise Rejected(
+                        reply, f"login {sender.login} may not use {field.name}: {mailbox.address}"
+                    )
+                foreign = True
+        froms = [f for f in authors or () if f.name == "From"]
+        if foreign or not froms:
             return FromDecision(primary, None)
         # Sign for the first author's domain (RFC 6376 §3.5: d= should align with From:).
-        return FromDecision(None, domain_of(addresses[0]))
+        return FromDecision(None, froms[0].mailboxes[0].domain)
 
-    def _smarthost_sign_domain(self, sender: Sender, addresses: Sequence[str]) -> str | None:
-        """Smart-host mail is signed only when the From: domain lists the client's network."""
-        if len(addresses) != 1:
+    def _smarthost_sign_domain(self, sender: Sender, authors: Sequence[AuthorField]) -> str | None:
+        """Smart-host mail is signed only when the one From: address is in a domain that lists
+        the client's network, and so is every other address of the author fields."""
+        froms = [m for f in authors if f.name == "From" for m in f.mailboxes]
+        if len(froms) != 1:
             return None
-        domain = self._domain(domain_of(addresses[0]))
-        if domain is None or not domain.smarthost_networks:
-            return None
-        nets = [ipaddress.ip_network(n, strict=False) for n in domain.smarthost_networks]
-        return domain.name if _in_networks(sender.client_ip, nets) else None
+        every = [m for f in authors for m in f.mailboxes + f.shown]
+        for mailbox in every:
+            domain = self._domain(mailbox.domain)
+            if domain is None or not domain.smarthost_networks:
+                return None
+            nets = [ipaddress.ip_network(n, strict=False) for n in domain.smarthost_networks]
+            if not _in_networks(sender.client_ip, nets):
+                return None
+        return froms[0].domain
+
+    def _is_managed(self, name: str) -> bool:
+        """is_managed, remembered: every author address asks it once per label."""
+        return _remembered(self._managed, name, self._directory.is_managed)
 
     def _domain(self, name: str) -> Domain | None:
-        """get_domain with a few seconds of memory: the smart host asks it for every message,
-        and `mailgate domain` changes reach a running server within _DOMAIN_TTL anyway."""
-        now = time.monotonic()
-        hit = self._domains.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        domain = self._directory.get_domain(name)
-        if len(self._domains) > 10_000:
-            self._domains.clear()
-        self._domains[name] = (now + _DOMAIN_TTL, domain)
-        return domain
+        """get_domain, remembered: the smart host asks it for every message."""
+        return _remembered(self._domains, name, self._directory.get_domain)
 
     def _primary(self, sender: Sender) -> str:
         """The primary address: the backend's first address, else the directory user's."""
@@ -166,14 +206,39 @@ class Policy:
             raise Rejected(replies.AUTH_REQUIRED, f"login {sender.login} no longer exists")
         return user.address
 
-    def _may_send_as(self, sender: Sender, address: str) -> bool:
-        """One of the backend's addresses (ASCII case ignored, as the directory does), the
-        directory user's primary address, or a grant."""
+    def _may_send_as(self, sender: Sender, mailbox: Mailbox) -> bool:
+        """One of the backend's addresses (compared normalised, local part ignoring ASCII
+        case, as the directory does), the directory user's primary address, or a grant."""
         assert sender.login is not None
-        folded = address.lower()
-        if any(folded == mine.lower() for mine in sender.addresses):
-            return True
-        return self._directory.may_send_as(sender.login, address)
+        folded = mailbox.address.lower()
+        for mine in sender.addresses:
+            own = _mailbox(mine)
+            if own is not None and own.address.lower() == folded:
+                return True
+        return self._directory.may_send_as(sender.login, mailbox.address)
+
+
+def _mailbox(address: str) -> Mailbox | None:
+    """`local@domain` with its domain normalised, or None when the domain is no host name."""
+    local, _, domain = address.rpartition("@")
+    try:
+        return Mailbox(local, normalize(domain))
+    except BadDomain:
+        return None
+
+
+def _remembered(cache: dict[str, tuple[float, T]], key: str, fetch: Callable[[str], T]) -> T:
+    """`fetch(key)` remembered for _DOMAIN_TTL seconds: `mailgate domain` changes reach a
+    running server within that time anyway, and a message asks the same names several times."""
+    now = time.monotonic()
+    hit = cache.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    value = fetch(key)
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key] = (now + _DOMAIN_TTL, value)
+    return value
 
 
 def literal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -154,3 +154,31 @@ def rate_limited(sentence: str) -> Reply:
 def _one_line(text: str) -> str:
     """Strip CR/LF and control characters so a reply can never be split."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:200]
+
+
+# --- the header section and the sender's identity (issue #11) --------------------------------
+def header_too_big(limit: int) -> Reply:
+    """A header section longer than [limits] max_header_size: refused before any of it is read."""
+    return Reply(552, "5.3.4", f"Message header section too big (limit {limit} bytes)")
+
+
+def malformed_header(what: str) -> Reply:
+    """A header line that is not a field (RFC 5322 section 2.2), e.g. "Subject :"."""
+    return Reply(554, "5.6.0", f"Malformed message header: {_ascii(what)}")
+
+
+def unreadable_author(field: str, what: str) -> Reply:
+    """An author or sender field (From, Sender, Resent-From, Resent-Sender) that a receiver
+    could display as an address but that does not parse strictly (RFC 5322 section 3.4)."""
+    return Reply(554, "5.6.0", f"{_ascii(field)} field cannot be read strictly: {_ascii(what)}")
+
+
+def identity_not_allowed(field: str) -> Reply:
+    """Sender:, Resent-From: or Resent-Sender: naming an institution address the login may not
+    use (From: and MAIL FROM get SENDER_NOT_ALLOWED, the contract's wording)."""
+    return Reply(553, "5.7.1", f"{_ascii(field)} address not allowed for this login")
+
+
+def _ascii(text: str) -> str:
+    """Printable ASCII only (RFC 5321 section 4.2: reply text is US-ASCII), one short line."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:200]

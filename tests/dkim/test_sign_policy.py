@@ -13,6 +13,9 @@ import pytest
 
 from mailgate.directory import Directory
 from mailgate.errors import Rejected
+from mailgate.identity import AuthorField
+from mailgate.message import headers
+from mailgate.message.authors import read_authors
 from mailgate.message.dkim import Signer, may_sign_smarthost
 from mailgate.policy import FromDecision, Policy, Sender
 from tests.dkim.conftest import Site
@@ -26,6 +29,10 @@ MESSAGE = (
     b"\r\n"
     b"Due.\r\n"
 )
+
+
+def froms(address: str) -> tuple[AuthorField, ...]:
+    return read_authors(headers.parse(f"From: {address}\r\n\r\n".encode()))
 
 
 def policy(directory: Directory) -> Policy:
@@ -52,16 +59,16 @@ def college(site: Site) -> Site:
 
 def test_user_without_a_grant_gets_553_and_nothing_is_signed(college: Site) -> None:
     with college.directory() as directory, pytest.raises(Rejected) as refused:
-        policy(directory).check_from(
-            Sender("submission", "192.0.2.7", "clerk"), [f"bursar@{DOMAIN}"]
+        policy(directory).check_identity(
+            Sender("submission", "192.0.2.7", "clerk"), froms(f"bursar@{DOMAIN}")
         )
     assert (refused.value.reply.code, refused.value.reply.status) == (553, "5.7.1")
 
 
 def test_user_with_a_grant_is_signed_and_verifies(college: Site) -> None:
     with college.directory() as directory:
-        decision = policy(directory).check_from(
-            Sender("submission", "192.0.2.7", "bursar"), [f"bursar@{DOMAIN}"]
+        decision = policy(directory).check_identity(
+            Sender("submission", "192.0.2.7", "bursar"), froms(f"bursar@{DOMAIN}")
         )
         assert decision == FromDecision(None, DOMAIN)
         signature = sign_if_decided(directory, decision)
@@ -71,8 +78,8 @@ def test_user_with_a_grant_is_signed_and_verifies(college: Site) -> None:
 def test_domain_wide_grant_signs_every_address(college: Site) -> None:
     assert college.run("address", "add", f"*@{DOMAIN}", "--owner", "clerk").status == 0
     with college.directory() as directory:
-        decision = policy(directory).check_from(
-            Sender("submission", "192.0.2.7", "clerk"), [f"admissions@{DOMAIN}"]
+        decision = policy(directory).check_identity(
+            Sender("submission", "192.0.2.7", "clerk"), froms(f"admissions@{DOMAIN}")
         )
     assert decision.sign_domain == DOMAIN
 
@@ -82,8 +89,8 @@ def test_smarthost_client_is_signed_only_from_an_allowed_network(
     college: Site, client: str, signed: bool
 ) -> None:
     with college.directory() as directory:
-        decision = policy(directory).check_from(
-            Sender("smarthost", client, None), [f"bursar@{DOMAIN}"]
+        decision = policy(directory).check_identity(
+            Sender("smarthost", client, None), froms(f"bursar@{DOMAIN}")
         )
         signature = sign_if_decided(directory, decision)
         domain = directory.get_domain(DOMAIN)

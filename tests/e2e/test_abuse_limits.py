@@ -26,7 +26,7 @@ import dns.reversename
 import pytest
 
 from mailgate import config, replies, tlscert
-from mailgate.message import stamp
+from mailgate.message import headers
 from tests.e2e.conftest import ALICE, BOB
 from tests.e2e.test_attacks import Client, connect, line
 from tests.support.dnsserver import DnsServer
@@ -476,7 +476,7 @@ def test_confirmed_client_relays_and_is_named_in_received(rdns_gw: Gateway) -> N
     with connect(rdns_gw.ports["smarthost"], source="127.0.0.7") as c:
         c.cmd(b"EHLO whatever.test")
         qid = queued_as(send_one(c, [b"ops@remote.test"]))
-    fields = dict(stamp.iter_fields(stamp.header_block(rdns_gw.message(qid))))
+    fields = {f.key: f.text() for f in headers.parse(rdns_gw.message(qid)).fields}
     assert fields["received"].startswith("from whatever.test (relay.lab.test [127.0.0.7])")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mailgate import replies
-from mailgate.message import stamp
+from mailgate.message import headers
 from mailgate.replies import Reply
 from tests.e2e.conftest import ALICE, client_tls
 from tests.support.gateway import HOSTNAME, Gateway
@@ -288,8 +288,8 @@ def test_accepted_envelope_parameters_never_become_header_lines(gw: Gateway) -> 
     envelope = gw.envelope(qid)
     assert envelope.envid == "X-Injected:+yes"
     assert envelope.recipients[0].orcpt == "rfc822;X-Injected:+ops@remote.test"
-    block = stamp.header_block(gw.message(qid))
-    names = [name for name, _ in stamp.iter_fields(block)]
+    block = headers.parse(gw.message(qid)).raw
+    names = [f.key for f in headers.parse(block).fields]
     assert names == ["received", "x-scanned-by", "subject"], names
     for raw in block.split(CRLF)[1:]:
         assert not raw.lower().startswith(b"x-injected"), block

@@ -18,6 +18,7 @@ from mailgate import config
 from mailgate.accept import Acceptor
 from mailgate.auth.authenticator import Authenticator
 from mailgate.auth.directory import DirectoryBackend
+from mailgate.message.headers import HeaderSection
 from mailgate.policy import Policy, Sender
 from mailgate.receive.serve import Listeners
 from mailgate.receive.session import Services
@@ -32,7 +33,9 @@ class FailingScanner:
     def __init__(self) -> None:
         self.fail = True
 
-    async def check(self, message: bytes, log_prefix: str = "") -> Verdict:
+    async def check(
+        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+    ) -> Verdict:
         if self.fail:
             raise RuntimeError("scanner exploded: secret detail")
         return Verdict(header="test ; clean")

@@ -378,9 +378,9 @@ def nested(depth: int) -> bytes:
     return head + opening + b"Content-Type: text/plain\r\n\r\nbottom" + closing
 
 
-def refusal(msg: bytes, **bounds: int) -> Rejected:
+def refusal(msg: bytes, max_depth: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> Rejected:
     with pytest.raises(Rejected) as info:
-        find_blocked(msg, BLOCKED, **bounds)
+        find_blocked(msg, BLOCKED, max_depth=max_depth, max_parts=max_parts)
     assert info.value.reply == replies.BAD_MIME
     assert (
         info.value.reply.line() == "554 5.6.0 Message structure too deep or too broken to inspect"
@@ -626,7 +626,7 @@ def test_fast_path_answers_as_the_mime_walk_does(
     message += (b"\r\n" if separator else b"") + b"".join(line + b"\r\n" for line in body)
     fast = _outcome(message)
     original = attachments._plain_body
-    attachments._plain_body = lambda message: None  # the walk only
+    attachments._plain_body = lambda message, section=None: None  # the walk only
     try:
         walked = _outcome(message)
     finally:

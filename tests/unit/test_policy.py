@@ -8,8 +8,21 @@ import pytest
 
 from mailgate import replies
 from mailgate.errors import Rejected
+from mailgate.identity import AuthorField
+from mailgate.message import headers
+from mailgate.message.authors import read_authors
 from mailgate.policy import Policy, Sender
 from tests.support.memdir import MemoryDirectory
+
+
+def authors(*fields: str) -> tuple[AuthorField, ...]:
+    """The author fields of a header section made of `fields` ("From: a@b.test", ...)."""
+    section = headers.parse("".join(f + "\r\n" for f in fields).encode() + b"\r\nbody\r\n")
+    return read_authors(section)
+
+
+def froms(*addresses: str) -> tuple[AuthorField, ...]:
+    return authors(*(f"From: {a}" for a in addresses))
 
 
 @pytest.fixture
@@ -55,16 +68,16 @@ def test_managed_address_not_granted_is_553(policy: Policy, address: str) -> Non
 
 
 def test_from_header_rules(policy: Policy) -> None:
-    own = policy.check_from(ALICE, ["alice@example.org"])
+    own = policy.check_identity(ALICE, froms("alice@example.org"))
     assert own.sender_header is None and own.sign_domain == "example.org"
-    granted = policy.check_from(ALICE, ["bursar@college.example.org"])
+    granted = policy.check_identity(ALICE, froms("bursar@college.example.org"))
     assert granted.sender_header is None and granted.sign_domain == "college.example.org"
-    foreign = policy.check_from(ALICE, ["alice@gmail.test"])
+    foreign = policy.check_identity(ALICE, froms("alice@gmail.test"))
     assert foreign.sender_header == "alice@example.org" and foreign.sign_domain is None
-    missing = policy.check_from(ALICE, [])
+    missing = policy.check_identity(ALICE, ())
     assert missing.sender_header == "alice@example.org"
     with pytest.raises(Rejected) as e:
-        policy.check_from(ALICE, ["bob@example.org"])
+        policy.check_identity(ALICE, froms("bob@example.org"))
     assert e.value.reply == replies.SENDER_NOT_ALLOWED
 
 
@@ -79,7 +92,7 @@ def test_smarthost_relay_rule(policy: Policy) -> None:
 def test_smarthost_sender_is_not_rewritten(policy: Policy) -> None:
     lab = Sender("smarthost", "10.1.2.3")
     assert policy.check_sender(lab, "bob@example.org") == "bob@example.org"
-    decision = policy.check_from(lab, ["bursar@college.example.org"])
+    decision = policy.check_identity(lab, froms("bursar@college.example.org"))
     assert decision.sign_domain is None  # the domain lists no smart-host network
 
 

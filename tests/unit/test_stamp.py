@@ -9,20 +9,6 @@ from hypothesis import strategies as st
 
 from mailgate.message import stamp
 
-MSG = (
-    b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
-    b"From: Alice <alice@example.org>,\r\n bob@example.org\r\n"
-    b"Sender: someone@example.org\r\n"
-    b"Subject: hi\r\n\r\nFrom: not@header.test\r\n"
-)
-
-
-def test_summary_reads_the_header_block_only() -> None:
-    s = stamp.summarize(MSG)
-    assert s.from_addresses == ("alice@example.org", "bob@example.org")
-    assert s.received_count == 1 and s.has_sender
-    assert not s.has_message_id and not s.has_date
-
 
 def test_received_header_names_everything() -> None:
     trace = stamp.Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
@@ -54,11 +40,6 @@ def test_with_keywords_rfc3848() -> None:
     assert stamp.with_keyword(extended=False, tls=False, authenticated=False) == "SMTP"
 
 
-def test_remove_fields_removes_folded_lines() -> None:
-    block = b"A: 1\r\nSender: x\r\n  continued\r\nB: 2\r\n"
-    assert stamp.remove_fields(block, "sender") == b"A: 1\r\nB: 2\r\n"
-
-
 @given(st.text(max_size=80))
 def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
     trace = stamp.Trace(helo, "192.0.2.1", "", "smarthost", 25, "ESMTP", "", None, None)
@@ -67,8 +48,3 @@ def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
     assert lines[0].startswith(b"Received: from ")
     assert all(line.startswith(b"\t") for line in lines[1:-1])
     assert lines[-1] == b""
-
-
-@given(st.binary(max_size=400))
-def test_summary_never_raises(data: bytes) -> None:
-    stamp.summarize(data)

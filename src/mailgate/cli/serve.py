@@ -151,7 +151,11 @@ class Receiver:
         from mailgate.scan import Scanner
 
         directory = self.directory
-        policy = Policy(directory, smarthost_networks=cfg.smarthost.networks)
+        policy = Policy(
+            directory,
+            smarthost_networks=cfg.smarthost.networks,
+            foreign_subdomains=cfg.policy.foreign_subdomains,
+        )
         acceptor = Acceptor(
             hostname=cfg.hostname,
             policy=policy,
@@ -159,6 +163,7 @@ class Receiver:
             scanner=Scanner(cfg.scanner),
             signer=Signer(directory),
             hop_limit=cfg.delivery.hop_limit,
+            max_header_size=cfg.limits.max_header_size,
             on_committed=self.on_committed,
         )
         return Services(

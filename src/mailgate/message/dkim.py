@@ -8,8 +8,13 @@ Must not: decide *whether* a message is signed (the policy does: From: in a mana
 the sender may use), change the message (the caller prepends what `sign` returns, as the very
 last header change before the spool), read key files per message, or log key material.
 
-How: dkimpy (RFC 6376) parses the message, canonicalises (relaxed/relaxed, §3.4.2 and §3.4.4),
-selects and hashes the header fields and folds the header, exactly as its verifier does. The
+How: the header fields signed are those of `message.headers.HeaderSection`, the one parse the
+policy and the scan read too (issue #11: a field the policy never examined could otherwise be
+signed), so a header section the parse refuses never reaches the signer, and nothing in one
+can make the signer fail (dkimpy's own parser raised on "Subject :", giving a 451 for a message
+that could never succeed). dkimpy (RFC 6376) canonicalises (relaxed/relaxed, §3.4.2 and
+§3.4.4), selects and hashes the header fields and folds the header, exactly as its verifier
+does. The
 signature itself is made by `cryptography` (OpenSSL) with keys loaded once and kept in memory:
 RSA-SHA256 with blinding, and Ed25519-SHA256 (RFC 8463) without needing PyNaCl.
 
@@ -40,7 +45,9 @@ from dkim.canonicalization import CanonicalizationPolicy
 import dkim
 from mailgate.directory import Domain
 from mailgate.errors import MailgateError
+from mailgate.message import headers as header_section
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, load_private_key
+from mailgate.message.headers import HeaderSection
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +142,16 @@ class Signer:
         self._lock = threading.Lock()
 
     def sign(self, message: bytes, domain: str) -> bytes:
+        """`sign_section` for a whole message (CRLF line endings), parsed by the same rule."""
+        section = header_section.parse(message, limit=len(message))
+        return self.sign_section(section, message[section.body_offset :], domain)
+
+    def sign_section(self, section: HeaderSection, body: bytes, domain: str) -> bytes:
         """The DKIM-Signature field(s) to prepend (CRLF-terminated, folded), or b"".
 
-        `message` is the message exactly as it will be spooled, with CRLF line endings. With an
-        RSA and an Ed25519 key both active, the RSA signature comes first: a verifier that
-        knows only RSA and reads the topmost signature still finds one it understands.
+        `section` and `body` are the message exactly as it will be spooled. With an RSA and an
+        Ed25519 key both active, the RSA signature comes first: a verifier that knows only RSA
+        and reads the topmost signature still finds one it understands.
         """
         record = self._directory.get_domain(domain.lower().rstrip("."))
         if record is None:
@@ -148,9 +160,9 @@ class Signer:
         keys = sorted(active, key=lambda k: k.algorithm != ALGORITHM_RSA)  # stable: RSA first
         if not keys:
             return b""
-        # dkimpy parses the header and body exactly as its verifier will (RFC 5322 §2.2).
-        headers, body = dkim.rfc822_parse(message)
-        include = signed_header_names([name for name, _ in headers])
+        # dkimpy's (name, value) pairs, from our parse: the value keeps its folding and CRLF.
+        headers = [(f.name.encode("ascii"), f.value) for f in section.fields]
+        include = signed_header_names(section.names())
         policy = CanonicalizationPolicy.from_c_value(CANONICALIZATION)
         canonical_headers = policy.canonicalize_headers(headers)
         # Both algorithms hash the body with SHA-256 and the same canonicalisation: once.

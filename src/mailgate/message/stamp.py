@@ -1,9 +1,9 @@
-"""The headers mailgate adds to an accepted message, and the few it reads.
+"""The headers mailgate adds to an accepted message.
 
-Owns: reading the header block (From:, Sender:, Message-ID:, Date:, the Received: count) without a
-full MIME parse, and building Received: (RFC 5321 §4.4, `with` keywords from RFC 3848), Sender:
-(RFC 5322 §3.6.2), Message-ID: and Date: (RFC 6409 §8.2, §8.3), X-Scanned-By:. Must not: touch
-the body, the spool or the network. All headers are returned as CRLF-terminated bytes, folded
+Owns: building Received: (RFC 5321 §4.4, `with` keywords from RFC 3848), Sender:
+(RFC 5322 §3.6.2), Message-ID: and Date: (RFC 6409 §8.2, §8.3), X-Scanned-By:. Must not: read the
+client's header section (message/headers.py is the one parse of it), touch the body, the spool
+or the network. All headers are returned as CRLF-terminated bytes, folded
 below 78 columns where they can be (RFC 5322 §2.1.1).
 """
 
@@ -11,83 +11,8 @@ from __future__ import annotations
 
 import email.utils
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-
-_MAX_HEADER_BYTES = 256 * 1024  # a header block larger than this is not inspected further
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderSummary:
-    """What the accept stage needs from the header block."""
-
-    from_addresses: tuple[str, ...] = ()
-    has_message_id: bool = False
-    has_date: bool = False
-    has_sender: bool = False
-    received_count: int = 0
-    message_id: str = ""  # the first Message-ID: field's value, as written
-    header_names: frozenset[str] = field(default_factory=frozenset)
-
-
-def header_block(message: bytes) -> bytes:
-    """The bytes of the header section, up to and excluding the empty line."""
-    if message.startswith(b"\r\n"):
-        return b""  # an empty header section (RFC 5322 §3.5): everything is body
-    end = message.find(b"\r\n\r\n", 0, _MAX_HEADER_BYTES)
-    if end == -1:
-        # No body separator: the whole (bounded) message is headers (RFC 5322 §3.5: body optional).
-        return message[:_MAX_HEADER_BYTES]
-    return message[: end + 2]
-
-
-def iter_fields(block: bytes) -> Iterator[tuple[str, str]]:
-    """(lower-case name, unfolded value) for each header field; malformed lines are skipped."""
-    name: str | None = None
-    parts: list[str] = []
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and name is not None:
-            parts.append(line.decode("utf-8", "replace"))
-            continue
-        if name is not None:
-            yield name, "".join(parts).strip()
-            name = None
-        colon = line.find(b":")
-        if colon <= 0:
-            continue
-        raw_name = line[:colon]
-        if not raw_name.isascii() or b" " in raw_name or b"\t" in raw_name:
-            continue
-        name = raw_name.decode("ascii").lower()
-        parts = [line[colon + 1 :].decode("utf-8", "replace")]
-    if name is not None:
-        yield name, "".join(parts).strip()
-
-
-def summarize(message: bytes) -> HeaderSummary:
-    """Read the header block once for everything the accept stage asks."""
-    froms: list[str] = []
-    names: set[str] = set()
-    received = 0
-    message_id = ""
-    for name, value in iter_fields(header_block(message)):
-        names.add(name)
-        if name == "from":
-            froms.extend(addr for _, addr in email.utils.getaddresses([value]) if addr)
-        elif name == "received":
-            received += 1
-        elif name == "message-id" and not message_id:
-            message_id = value
-    return HeaderSummary(
-        from_addresses=tuple(a.strip() for a in froms),
-        has_message_id="message-id" in names,
-        has_date="date" in names,
-        has_sender="sender" in names,
-        received_count=received,
-        message_id=message_id,
-        header_names=frozenset(names),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,22 +84,6 @@ def scanned_by(value: str) -> bytes:
     """X-Scanned-By is unstructured text: only line breaks and control characters go."""
     text = "".join(c for c in value if c.isprintable())[:200]
     return f"X-Scanned-By: {text}\r\n".encode()
-
-
-def remove_fields(block: bytes, name: str) -> bytes:
-    """The header block without every field called `name` (with its folded lines)."""
-    lower = name.lower().encode() + b":"
-    out: list[bytes] = []
-    skipping = False
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line[: len(lower)].lower() == lower
-        if not skipping:
-            out.append(line)
-    return b"\r\n".join(out)
 
 
 def _comment_safe(text: str) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from mailgate import metrics, replies
 from mailgate.config import ScannerConfig
 from mailgate.errors import Rejected, ScannerUnavailable
+from mailgate.message.headers import HeaderSection
 from mailgate.scan.attachments import find_blocked
 from mailgate.scan.clamd import ClamdAddress, ClamdClient
 
@@ -77,9 +78,13 @@ class Scanner:
         self._version = ""
         self._version_at = float("-inf")
 
-    async def check(self, message: bytes, log_prefix: str = "") -> Verdict:
+    async def check(
+        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+    ) -> Verdict:
         """Return the verdict of an acceptable message, or raise.
 
+        `section`: the message's header section as accept.py parsed it (the MIME walk checks
+        it found the same fields).
         Raises ``Rejected`` (blocked_file 554 5.7.1, virus_found 554 5.7.1, BAD_MIME 554 5.6.0,
         too_big_to_scan 552 5.3.4) and ``ScannerUnavailable``; nothing else.
         """
@@ -95,9 +100,11 @@ class Scanner:
 
         try:
             if len(message) > _THREAD_PARSE_SIZE:
-                found = await asyncio.to_thread(find_blocked, message, self._blocked)
+                found = await asyncio.to_thread(
+                    find_blocked, message, self._blocked, section=section
+                )
             else:
-                found = find_blocked(message, self._blocked)
+                found = find_blocked(message, self._blocked, section=section)
         except Rejected as e:  # BAD_MIME is the only refusal find_blocked raises
             record("badmime", detail=e.reason)
             if e.__cause__ is not None:  # the email package raised: keep the traceback

@@ -10,6 +10,12 @@ go to clamd, which unpacks archives itself.
 Must not: do I/O, log, or know about clamd. It parses the message exactly once, with the
 stdlib ``email`` package (``policy.default``), and decodes each part's payload at most once.
 
+One reading of header sections (issue #11): the accept stage hands over its `HeaderSection`
+(message/headers.py), the walk checks that the parser found exactly those top-level fields,
+and in every part a header line that is not a field ("Content-Type : ...", white space before
+the colon, which the parser takes for the start of the body while other programs take it for
+the field) is refused with 554 5.6.0, the rule message/headers.py applies to the top level.
+
 RFCs: 2045 §6 (Content-Transfer-Encoding), 2046 §5.1 (multipart), §5.2.1 (message/rfc822 is
 7bit/8bit/binary only), 2183 (Content-Disposition filename), 2231 (parameter continuations and
 charsets), 2047 §5 (encoded words; forbidden in quoted parameters, but produced by common
@@ -32,6 +38,7 @@ import unicodedata
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from email import policy as email_policy
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
@@ -39,6 +46,7 @@ from typing import Any
 
 from mailgate import replies
 from mailgate.errors import Rejected
+from mailgate.message.headers import HeaderSection
 
 MAX_DEPTH = 20  # nesting levels below the top-level message; real mail rarely exceeds 5
 MAX_PARTS = 500  # message objects in the whole tree, the top-level message included
@@ -115,17 +123,23 @@ def find_blocked(
     *,
     max_depth: int = MAX_DEPTH,
     max_parts: int = MAX_PARTS,
+    section: HeaderSection | None = None,
 ) -> Blocked | None:
     """The first blocked part in document order, or None.
 
+    `section` is the message's parsed header section when the caller has it (accept.py).
     Raises ``Rejected(replies.BAD_MIME)`` (and nothing else) when the structure cannot be
     inspected: past ``max_depth`` or ``max_parts``, ambiguous, or making the parser fail.
     """
     blocked = frozenset(ext.strip(". ").casefold() for ext in blocked_extensions)
-    body = _plain_body(message)
+    body = _plain_body(message, section)
     if body is not None:  # one text/plain part: what the walk would check, without the parser
         return _check_text(body, "part 1 (text/plain)", blocked)
     root = _parse_bounded(message, max_depth=max_depth, max_parts=max_parts)
+    if section is not None and len(root) != len(section.fields):
+        # Unreachable while both follow RFC 5322 §2.2 (headers.py refuses every other line);
+        # kept so that a difference can only ever refuse, never let a part through unseen.
+        raise Rejected(replies.BAD_MIME, reason="MIME parser and header parse disagree")
     try:
         for path, part, facts in _walk(root):
             found = _check_part(path, part, facts, blocked)
@@ -366,6 +380,12 @@ def _refuse_ambiguous(path: str, part: Message, facts: _Facts) -> None:
     A client that finds parts we did not see would show attachments we never checked.
     """
     where = f"part {path or 'top'}"
+    if path and any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in part.defects):
+        # A part header line that is not a field ("Content-Type : x"): the parser ended the
+        # header there and read the field as body text; a program that accepts the obsolete
+        # white space before the colon (RFC 5322 §4.5) reads it as this part's type. (The
+        # top level is message/headers.py's, which the accept stage applied before the scan.)
+        raise Rejected(replies.BAD_MIME, reason=f"{where}: header line that is not a field")
     if len({v.split(";", 1)[0].strip() for v in facts.declared}) > 1:
         raise Rejected(replies.BAD_MIME, reason=f"{where}: conflicting Content-Type headers")
     if facts.maintype not in ("multipart", "message") and any(
@@ -428,9 +448,13 @@ _FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n|[ \t][^\r\n]*\r\n)*")
 _MIME_FIELD = re.compile(rb"(?:^|\n)content-", re.IGNORECASE)
 
 
-def _plain_body(message: bytes) -> bytes | None:
+def _plain_body(message: bytes, section: HeaderSection | None = None) -> bytes | None:
     """The body of a message whose header has no MIME fields; None when the parser must look
     (any Content-* field, a line that is not a field, or no empty line ending the header)."""
+    if section is not None:
+        if any(f.key.startswith("content-") for f in section.fields):
+            return None
+        return message[section.body_offset :]
     end = message.find(b"\r\n\r\n")
     if end < 0:
         return None

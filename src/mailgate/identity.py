@@ -1,0 +1,111 @@
+"""Who a message says it is from: the values the sender policy decides on, and the domain rule.
+
+Owns: `Mailbox` and `AuthorField` (built by message/authors.py from the header section, read
+by policy.py), and turning a domain as written by a client (MAIL FROM, a From: header) into
+the one form every "is this ours / managed / granted" question uses: lower-case A-labels, no
+trailing dot, after UTS-46 mapping (Unicode TR 46 §4, via the `idna` package). Full stops
+other than U+002E (U+3002, U+FF0E, U+FF61), fullwidth letters, upper case and ignorable
+characters map to what a receiver that displays or resolves the name makes of them, and a
+U-label spelling of an A-label domain compares equal to it.
+
+Must not: import anything from mailgate (policy and message share it), do I/O, or accept a
+name two receivers could read as two different domains: a name with a deviation character
+(RFC 5892 §2.6: ß, ς, ZWJ, ZWNJ) is mapped differently by transitional (IDNA 2003) and
+non-transitional processing, so it is refused as ambiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import idna
+
+# Unicode TR 46 §4.2 deviations: mapped (or deleted) by transitional processing only.
+_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+_LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+MAX_DOMAIN_LENGTH = 253  # RFC 1035 §2.3.4, in text form without the trailing dot
+
+
+class BadDomain(ValueError):
+    """The text is not a domain name every receiver reads the same way; str() says why."""
+
+
+def normalize(domain: str) -> str:
+    """`domain` as lower-case A-labels (e.g. "xn--bcher-kva.example"), or BadDomain.
+
+    Refused: empty labels (so a trailing dot, written as "." or as a Unicode full stop),
+    characters outside UTS-46 with STD3 rules (RFC 1123 host names: letters, digits, hyphen),
+    "xn--" labels that are not valid Punycode for a valid U-label, deviation characters (see the
+    module docstring), and names over 253 octets. An all-ASCII label is an LDH label as it
+    stands: IDNA 2008's rule against "--" in the third and fourth positions is for registries,
+    and host names such as "r3---sn-abc.example" exist.
+    """
+    if not domain:
+        raise BadDomain("empty domain")
+    if any(ch in _DEVIATIONS for ch in domain):
+        raise BadDomain("domain with a character that IDNA 2003 and 2008 map differently")
+    try:
+        mapped = idna.uts46_remap(domain, std3_rules=True, transitional=False)
+    except (idna.IDNAError, UnicodeError, ValueError) as e:
+        raise BadDomain(f"not a valid domain name ({e})") from None
+    labels = mapped.split(".")
+    if any(not label for label in labels):
+        raise BadDomain("domain with an empty label (a trailing or doubled dot)")
+    ascii_form = ".".join(_a_label(label) for label in labels)
+    if len(ascii_form) > MAX_DOMAIN_LENGTH:
+        raise BadDomain("domain longer than 253 octets")
+    return ascii_form
+
+
+def _a_label(label: str) -> str:
+    if label.isascii() and not label.startswith("xn--"):
+        if len(label) > 63 or not _LDH.issuperset(label) or label[0] == "-" or label[-1] == "-":
+            raise BadDomain(f"not a valid domain name (label {label[:63]!r})")
+        return label
+    try:
+        return idna.alabel(label).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError) as e:
+        raise BadDomain(f"not a valid domain name ({e})") from None
+
+
+def is_within(domain: str, parent: str) -> bool:
+    """True when normalised `domain` is `parent` or one of its subdomains (both normalised)."""
+    return domain == parent or domain.endswith("." + parent)
+
+
+def parents(domain: str) -> list[str]:
+    """`domain` and every parent domain of it, most specific first ("a.b.c" -> a.b.c, b.c, c)."""
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """One address a receiver could show as (part of) the author or sender of a message.
+
+    local:  the local part as written (a dot-atom; RFC 6532 UTF-8 allowed).
+    domain: the domain, normalised (`normalize`).
+    """
+
+    local: str
+    domain: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorField:
+    """One From:, Sender:, Resent-From: or Resent-Sender: field, read strictly.
+
+    name:      the field's name in its usual spelling ("From", "Resent-Sender").
+    mailboxes: its addresses, in order.
+    shown:     addresses written inside its display names or comments ("ceo@example.org"
+               <x@y.test>): many mail programs show only the display name, so these must
+               pass the same policy as the addresses themselves.
+    """
+
+    name: str
+    mailboxes: tuple[Mailbox, ...]
+    shown: tuple[Mailbox, ...] = ()
