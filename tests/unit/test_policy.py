@@ -102,8 +102,9 @@ def test_backend_addresses_count_like_grants_and_the_first_is_primary(policy: Po
                    addresses=("carol@example.org", "Dean@College.example.org"))  # fmt: skip
     assert policy.check_sender(carol, "dean@college.example.org") == "dean@college.example.org"
     assert policy.check_sender(carol, "carol@gmail.test") == "carol@example.org"
-    assert policy.check_from(carol, ["dean@college.example.org"]).sender_header is None
-    assert policy.check_from(carol, ["carol@gmail.test"]).sender_header == "carol@example.org"
+    assert policy.check_identity(carol, froms("dean@college.example.org")).sender_header is None
+    decision = policy.check_identity(carol, froms("carol@gmail.test"))
+    assert decision.sender_header == "carol@example.org"
     for address in ("alice@example.org", "bursar@college.example.org"):
         with pytest.raises(Rejected) as e:
             policy.check_sender(carol, address)
