@@ -68,11 +68,6 @@ def _a_label(label: str) -> str:
         raise BadDomain(f"not a valid domain name ({e})") from None
 
 
-def is_within(domain: str, parent: str) -> bool:
-    """True when normalised `domain` is `parent` or one of its subdomains (both normalised)."""
-    return domain == parent or domain.endswith("." + parent)
-
-
 def parents(domain: str) -> list[str]:
     """`domain` and every parent domain of it, most specific first ("a.b.c" -> a.b.c, b.c, c)."""
     labels = domain.split(".")
