@@ -50,7 +50,7 @@ from mailgate.replies import Reply
 from mailgate.scan import Scanner
 from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.entry import Envelope
-from mailgate.spool.store import Incoming
+from mailgate.spool.incoming import Incoming
 from tests.dkim.verifier import ensure_ed25519_verifier
 from tests.support.memdir import MemoryDirectory
 
