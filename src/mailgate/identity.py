@@ -68,6 +68,18 @@ def _a_label(label: str) -> str:
         raise BadDomain(f"not a valid domain name ({e})") from None
 
 
+def is_canonical(written: str, normalized: str) -> bool:
+    """True when `written` is `normalized` (its A-label form) or that form's U-labels, ignoring
+    case: what every receiver displays the same way, whether or not it applies UTS-46."""
+    folded = written.lower()
+    if folded == normalized:
+        return True
+    try:
+        return folded == idna.decode(normalized)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
+
+
 def parents(domain: str) -> list[str]:
     """`domain` and every parent domain of it, most specific first ("a.b.c" -> a.b.c, b.c, c)."""
     labels = domain.split(".")

@@ -31,7 +31,7 @@ import email.utils
 import os
 import re
 import unicodedata
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from pathlib import Path
 from typing import cast
 
@@ -179,12 +179,23 @@ def shown_in(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in _SHOWN.finditer(text)]
 
 
+def utf8(value: object) -> str:
+    """A compat32 header value as a mail program shows it: compat32 keeps 8-bit octets as
+    surrogate escapes, or hands back a Header of "unknown-8bit" chunks; both are UTF-8 here."""
+    if isinstance(value, Header):
+        return "".join(
+            chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
+            for chunk, _charset in decode_header(value)
+        )
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def views(message: bytes) -> dict[str, list[tuple[str, str]]]:
     """(local, domain) pairs of every author field, as each outside parser reads it."""
     out: dict[str, list[tuple[str, str]]] = {"compat32": [], "default": [], "dkimpy": []}
     old = email.message_from_bytes(message, policy=email.policy.compat32)
     for name in AUTHOR_NAMES:
-        values = [str(v) for v in old.get_all(name, [])]
+        values = [utf8(v) for v in old.get_all(name, [])]
         for display, address in email.utils.getaddresses(values):
             local, _, domain = address.rpartition("@")
             out["compat32"] += [(local, domain)] if address else []
@@ -199,9 +210,9 @@ def views(message: bytes) -> dict[str, list[tuple[str, str]]]:
             except Exception:  # an unparseable structured header shows as its text
                 addresses = ()
             for a in addresses:
-                out["default"].append((a.username, a.domain))
-                out["default"] += shown_in(a.display_name)
-            out["default"] += shown_in(str(header))
+                out["default"].append((utf8(a.username), utf8(a.domain)))
+                out["default"] += shown_in(utf8(a.display_name))
+            out["default"] += shown_in(utf8(header))
     for name, value in dkim.rfc822_parse(message)[0]:
         if name.decode("ascii", "replace").lower() in AUTHOR_NAMES:
             text = value.decode("utf-8", "replace")

@@ -16,7 +16,9 @@ Refused, each with its reason in the reply: an empty field; a group ("undisclose
 local part; a domain literal ("[192.0.2.1]") or a quoted domain; an RFC 2047 encoded word
 inside an address ("=?utf-8?q?ceo=40example.org?="), which some programs decode; a domain that
 does not normalise (trailing dot, empty label, characters no host name may have; see
-identity.py); octets that are not UTF-8 and control characters; more than one From: or Sender:
+identity.py) or is not written canonically (A-labels or U-labels, any case: "example。org" and
+"ｅｘａｍｐｌｅ.org" normalise to example.org, but a receiver that does not apply UTS-46 shows
+another domain); octets that are not UTF-8 and control characters; more than one From: or Sender:
 field (RFC 5322 §3.6: at most one; receivers pick different ones). Resent-* fields may repeat,
 one set per resending (§3.6.6), and every one is read.
 
@@ -34,7 +36,7 @@ from email.header import decode_header, make_header
 
 from mailgate import replies
 from mailgate.errors import Rejected
-from mailgate.identity import AuthorField, BadDomain, Mailbox, normalize
+from mailgate.identity import AuthorField, BadDomain, Mailbox, is_canonical, normalize
 from mailgate.message.headers import HeaderSection
 
 # field key -> (usual spelling, may hold a list of mailboxes, may appear more than once)
@@ -53,6 +55,7 @@ _ATEXT_ASCII = frozenset(
 # (every character but the delimiters), so that look-alike characters stay in the match.
 _SHOWN_ADDRESS = re.compile(r"""([^\s<>()\[\],;:"'@]+)@([^\s<>()\[\],;:"'@]+)""")
 _TRAILING_STOPS = ".\u3002\uff0e\uff61"
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[qQbB]\?[^?]*\?=")
 
 
 class _Unreadable(Exception):
@@ -158,7 +161,8 @@ class _Parser:
         if self.peek() == "<":
             # The display name as written, quotes and all: some programs decode encoded
             # words that the grammar does not allow there, so the raw text is decoded too.
-            display = self.s[start : self.i].replace('"', " ").strip()
+            # Quotes go without a trace: '"a@"b.org' shows as "a@b.org" in some programs.
+            display = self.s[start : self.i].replace('"', "").strip()
             self.i += 1
             mailbox = self.addr_spec()
             if not self.take(">"):
@@ -245,6 +249,13 @@ class _Parser:
             domain = normalize(domain_text)
         except BadDomain as e:
             raise _Unreadable(str(e)) from None
+        if not is_canonical(domain_text, domain):
+            # "example。org", "ｅｘａｍｐｌｅ.org": a reader that applies UTS-46 shows one domain,
+            # one that does not shows another; only the canonical spellings are unambiguous.
+            raise _Unreadable(
+                f"a domain written with characters that receivers may read differently"
+                f" (write {domain})"
+            )
         return Mailbox(local, domain)
 
 
@@ -253,7 +264,14 @@ def _is_atext(ch: str) -> bool:
 
 
 def _decoded(text: str) -> str:
-    """A display name or comment as a reader sees it: RFC 2047 words decoded, then NFKC."""
+    """A display name or comment as a reader sees it: RFC 2047 words decoded, then NFKC.
+
+    An encoded word with characters other than ASCII in it (RFC 2047 §2: encoded-text is
+    printable ASCII) is refused: decoders disagree about it (Python's writes the characters as
+    backslash escapes, others decode them as UTF-8), so what it shows cannot be checked.
+    """
+    if any(not word.isascii() for word in _ENCODED_WORD.findall(text)):
+        raise _Unreadable("an encoded word (RFC 2047) with characters other than ASCII in it")
     if "=?" in text:
         try:
             text = str(make_header(decode_header(text)))
