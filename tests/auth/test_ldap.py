@@ -167,6 +167,18 @@ def test_slapd_stopped_gives_454_and_its_return_is_noticed(gateway: Gateway, sla
     assert "auth unavailable mech=PLAIN login=frank backend=ldap" in gateway.log_text()
 
 
+def test_ldaps_implicit_tls(tmp_path: Path, slapd: Slapd, ca: TestCA) -> None:
+    gw = ldap_gateway(tmp_path, slapd, ca.cert_path)
+    gw.settings["auth"]["ldap"].update(url=slapd.ldaps_url, starttls=False)
+    gw.write_config()
+    gw.start("--no-delivery")
+    try:
+        assert try_login(gw, CAROL.uid, CAROL.password) == OK_AUTH
+        assert try_login(gw, CAROL.uid, "wrong") == BAD
+    finally:
+        gw.finish()
+
+
 def test_a_server_certificate_from_another_ca_gives_454(
     tmp_path: Path, slapd: Slapd, ca: TestCA
 ) -> None:

@@ -53,6 +53,7 @@ class Slapd:
     anonymous_search: bool = False
     service_password: str = "service secret"
     port: int = field(default_factory=free_port)
+    ldaps_port: int = field(default_factory=free_port)  # listened on when a CA is given
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -107,9 +108,21 @@ class Slapd:
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
 
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.ldaps_port}"
+
     def start(self) -> None:
         self.proc = start_logged(
-            [SLAPD, "-d", "0", "-f", str(self.folder / "slapd.conf"), "-h", f"{self.url}/"],
+            [
+                SLAPD,
+                "-d",
+                "0",
+                "-f",
+                str(self.folder / "slapd.conf"),
+                "-h",
+                f"{self.url}/" + (f" {self.ldaps_url}/" if self.ca is not None else ""),
+            ],
             self.folder / "slapd.log",
         )
         wait_for(self._listens, timeout=20, what="slapd listening")
