@@ -42,10 +42,11 @@ def enable_metrics(cfg: Config) -> None:
     import shutil
     import sys
 
+    run_dir(cfg).mkdir(mode=0o700, exist_ok=True)  # the spool's own modes (ARCHITECTURE)
     directory = run_dir(cfg) / "metrics"
     if directory.exists():
         shutil.rmtree(directory)  # the previous run's counts must not add up with ours
-    directory.mkdir(mode=0o700, parents=True)
+    directory.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     if "prometheus_client.values" in sys.modules:  # imported already (cli/limits -> metrics)
         from prometheus_client import values

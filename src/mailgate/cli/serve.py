@@ -68,6 +68,10 @@ def _run(args: argparse.Namespace) -> int:
     mglog.setup(fmt=cfg.log.format)
     # Until the event loop handles it, a reload must not kill us (SIGHUP's default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Whatever the caller's umask (the unit file sets 0077 too): what the server creates
+    # without an explicit mode (the metrics files of prometheus-client, the trace log's WAL,
+    # spool/run) is the service account's alone.
+    os.umask(0o077)
     _raise_fd_limit()
     _limit_malloc_arenas()
     deliver = not args.no_delivery
