@@ -72,11 +72,15 @@ class TlsConfig:
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     listen: tuple[Listen, ...] = ()
+    # Balancers whose connections start with a PROXY header naming the real client
+    # (receive/proxy.py); a header from anybody else is refused.
+    proxy_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class SmarthostConfig:
     listen: tuple[Listen, ...] = ()
+    proxy_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Only clients whose address has forward-confirmed reverse DNS may relay (receive/rdns.py).
     require_rdns: bool = False
@@ -429,6 +433,12 @@ def _build(raw: dict[str, Any], path: Path) -> Config:
     for name, cls in _SECTIONS.items():
         if name not in top:
             top[name] = _section(name, cls, {}, base)
+    if top["submissions"].proxy_networks:
+        # The header comes before the TLS handshake, and asyncio's TLS upgrade cannot be
+        # handed the ClientHello bytes a balancer may send in the same segment.
+        raise ConfigError("submissions.proxy_networks: not supported on the implicit-TLS "
+                          "listener; put 465 behind the balancer in TCP mode without PROXY, "
+                          "or use 587")  # fmt: skip
     cfg = Config(**top)
     _check_auth(cfg.auth)
     return cfg
@@ -576,6 +586,7 @@ _KINDS = {
     "key": "path",
     "listen": "listen",
     "networks": "networks",
+    "proxy_networks": "networks",
     "nameservers": "nameservers",
     "smtp_port": "port",
     "relay": "relay",

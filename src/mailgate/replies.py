@@ -106,6 +106,9 @@ RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded, please try agai
 ACCOUNT_SUSPENDED = Reply(535, "5.7.8", "Authentication credentials invalid")
 RELAY_TO_INTERNAL_DENIED = Reply(550, "5.7.1", "Relaying to internal networks denied")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+# A PROXY protocol header from outside the listener's proxy_networks (or a bad one from a
+# balancer inside them): the connection is closed.
+PROXY_REFUSED = Reply(554, "5.7.0", "PROXY protocol header refused")
 NUL_IN_DATA = Reply(554, "5.6.0", "NUL octet in message data, closing connection")
 # Smart host hygiene (issue #6): pipelining before the greeting, and forward-confirmed rDNS.
 EARLY_TALKER = Reply(554, "5.7.0", "Talking before the greeting is not allowed, closing connection")

@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
-from mailgate.receive.channel import Channel
+from mailgate.receive.channel import Channel, ProxyPolicy
+from mailgate.receive.proxy import build_v1, build_v2
+from tests.support.waiting import wait_for_async
 
 
 class FakeTransport:
@@ -49,5 +51,65 @@ def test_a_passed_deadline_times_out_even_with_bytes_buffered() -> None:
         with pytest.raises(TimeoutError):
             await channel.read(loop.time() - 0.001)
         assert await channel.read(loop.time() + 1) == b"M"
+
+    asyncio.run(main())
+
+
+# --- PROXY protocol --------------------------------------------------------------------
+
+
+class PeerTransport(FakeTransport):
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+
+def proxied(peer: tuple[str, int], timeout: float = 10.0
+            ) -> tuple[Channel, list[Channel], list[str]]:  # fmt: skip
+    connected: list[Channel] = []
+    refused: list[str] = []
+    policy = ProxyPolicy(lambda ip: ip == "10.0.0.5",
+                         lambda ch, why: refused.append(why), timeout)  # fmt: skip
+    channel = Channel(connected.append, policy)
+    channel.connection_made(PeerTransport(peer))  # type: ignore[arg-type]
+    return channel, connected, refused
+
+
+def test_a_balancer_header_names_the_client_before_the_session_starts() -> None:
+    async def main() -> None:
+        channel, connected, refused = proxied(("10.0.0.5", 40000))
+        header = build_v2(("192.0.2.7", 51234), ("198.51.100.1", 587))
+        channel.data_received(header[:10])  # split anywhere: nothing happens yet
+        assert connected == []
+        channel.data_received(header[10:] + b"EHLO x\r\n")
+        assert connected == [channel] and refused == []
+        assert channel.get_extra_info("peername") == ("192.0.2.7", 51234)
+        assert await channel.read() == b"EHLO x\r\n"  # what followed the header
+
+    asyncio.run(main())
+
+
+def test_a_balancer_without_a_header_is_refused() -> None:
+    async def main() -> None:
+        channel, connected, refused = proxied(("10.0.0.5", 40000))
+        channel.data_received(b"EHLO x\r\n")
+        assert connected == [] and refused == ["bad PROXY header: no PROXY header"]
+        channel, connected, refused = proxied(("10.0.0.5", 40000), timeout=0.01)
+        await wait_for_async(lambda: refused, timeout=5.0)  # the header timer fires
+        assert connected == [] and refused == ["no PROXY header in time"]
+
+    asyncio.run(main())
+
+
+def test_a_header_from_anybody_else_is_refused_and_never_believed() -> None:
+    async def main() -> None:
+        channel, connected, refused = proxied(("192.0.2.99", 40000))
+        assert connected == [channel]  # an ordinary client: served at once
+        channel.data_received(build_v1(("10.1.2.3", 1), ("198.51.100.1", 25)))
+        assert refused == ["PROXY header from a peer outside proxy_networks"]
+        assert channel.get_extra_info("peername") == ("192.0.2.99", 40000)
+        assert await channel.read() == b""  # the session sees the end, never the header
 
     asyncio.run(main())

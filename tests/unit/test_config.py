@@ -242,6 +242,20 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> Non
     assert error(tmp_path, text) == message
 
 
+def test_proxy_networks(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[submission]\nproxy_networks = ["10.0.0.5/32"]\n'
+               '[smarthost]\nproxy_networks = ["10.0.0.0/24", "::1"]\n')  # fmt: skip
+    assert [str(n) for n in cfg.submission.proxy_networks] == ["10.0.0.5/32"]
+    assert [str(n) for n in cfg.smarthost.proxy_networks] == ["10.0.0.0/24", "::1/128"]
+    assert cfg.submissions.proxy_networks == ()
+    assert error(tmp_path, '[submissions]\nproxy_networks = ["10.0.0.5/32"]').startswith(
+        "submissions.proxy_networks: not supported on the implicit-TLS listener"
+    )
+    assert error(tmp_path, '[smarthost]\nproxy_networks = ["not a net"]').startswith(
+        "smarthost.proxy_networks: "
+    )
+
+
 def test_a_postgresql_directory_url_is_kept_as_given(tmp_path: Path) -> None:
     url = "postgresql://mailgate@db.example.org:5432/mailgate"
     cfg = load(tmp_path, f'[directory]\nurl = "{url}"\n')

@@ -9,6 +9,12 @@ injection of CVE-2011-0411. Here the session sees every received byte, and `star
 to upgrade while any unread byte is buffered; `loop.start_tls()` pauses reading synchronously, so
 nothing can slip in between the check and the upgrade.
 
+PROXY protocol (receive/proxy.py): on a listener with `proxy_networks`, a connection from a
+balancer inside them must start with a PROXY header; the channel reads it before it tells
+the listener about the connection, and from then on `get_extra_info("peername")` is the real
+client's address, so every user of the address (limits, the smart host's network check,
+Received:) sees the client, not the balancer. A header from anybody else is refused.
+
 Why a deadline on read() instead of asyncio.wait_for(): a session reads a dozen times per
 message, and each wait_for() wraps the read in a new Task with its own timer. The channel keeps
 one timer per connection instead, moved forward lazily: when it fires early (the session made
@@ -20,9 +26,28 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
+from mailgate.receive import proxy
+
 _HIGH_WATER = 256 * 1024  # pause reading above this many unread bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPolicy:
+    """PROXY protocol on one listener.
+
+    is_trusted: the TCP peer's address -> True for a balancer (inside proxy_networks), whose
+                connections must start with a header.
+    refuse:     answers and closes a connection whose header is bad, late, or comes from
+                outside proxy_networks; the string says why (for the log).
+    timeout:    seconds a balancer's connection may take to send its header.
+    """
+
+    is_trusted: Callable[[str], bool]
+    refuse: Callable[[Channel, str], None]
+    timeout: float = 10.0
 
 
 class PlaintextAfterStartTls(Exception):
@@ -36,8 +61,14 @@ class Interrupted(Exception):
 class Channel(asyncio.Protocol):
     """One connection's transport wrapped for a single reading coroutine."""
 
-    def __init__(self, on_connect: Callable[[Channel], None]) -> None:
+    def __init__(
+        self, on_connect: Callable[[Channel], None], proxy_policy: ProxyPolicy | None = None
+    ) -> None:
         self._on_connect = on_connect
+        self._proxy = proxy_policy
+        self._header: bytes | None = None  # a balancer's bytes until its header is complete
+        self._watch_first = False  # refuse a PROXY header in the first bytes (untrusted peer)
+        self._peername: tuple[str, int] | None = None  # the client named by the header
         self.transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -54,9 +85,28 @@ class Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        if self._proxy is not None:
+            peer = transport.get_extra_info("peername")
+            if self._proxy.is_trusted(str(peer[0]) if isinstance(peer, tuple) else ""):
+                self._header = b""
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._proxy.timeout, self._header_timeout)
+                return  # the listener hears of it once the header names the client
+            self._watch_first = True
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._header is not None:
+            rest = self._read_header(data)
+            if not rest:
+                return
+            data = rest
+        elif self._watch_first:
+            self._watch_first = False
+            if proxy.is_header_start(data) and self._proxy is not None:
+                self._eof = True
+                self._proxy.refuse(self, "PROXY header from a peer outside proxy_networks")
+                return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._reading_paused and self.transport:
@@ -64,7 +114,37 @@ class Channel(asyncio.Protocol):
             self._reading_paused = True
         self._wake()
 
+    def _read_header(self, data: bytes) -> bytes:
+        """Collect a balancer's PROXY header; the bytes after it once it is complete."""
+        assert self._header is not None and self._proxy is not None
+        self._header += data
+        try:
+            header = proxy.parse(self._header)
+        except proxy.ProxyError as e:
+            self._header = None
+            self._proxy.refuse(self, f"bad PROXY header: {e}")
+            return b""
+        if header is None:
+            return b""
+        rest = self._header[header.length :]
+        self._header = None
+        self._stop_timer()
+        if header.source is not None:
+            self._peername = header.source
+        self._on_connect(self)
+        return rest
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._header is not None and self._proxy is not None:
+            self._header = None
+            self._proxy.refuse(self, "no PROXY header in time")
+
     def eof_received(self) -> bool:
+        if self._header is not None:
+            self._header = None  # a balancer that closed before its header: nothing to serve
+            self.close()
+            return False
         self._eof = True
         self._wake()
         return False
@@ -158,6 +238,8 @@ class Channel(asyncio.Protocol):
             self._waiter.set_exception(Interrupted())
 
     def get_extra_info(self, name: str) -> object:
+        if name == "peername" and self._peername is not None:
+            return self._peername  # the client named by a balancer's PROXY header
         return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def close(self) -> None:

@@ -2,8 +2,9 @@
 
 Owns: binding the sockets (SO_REUSEPORT, so several worker processes can share the ports),
 implicit TLS for `submissions`, connection limits overall and per client IP, refusing a client
-the AUTH guard locked out (421 at connect, then a kernel ban if it keeps reconnecting), and
-graceful stop.
+the AUTH guard locked out (421 at connect, then a kernel ban if it keeps reconnecting), the
+PROXY protocol from a listener's `proxy_networks` (the channel reads the header; a header from
+anybody else is refused with 554 5.7.0), and graceful stop.
 Must not: interpret SMTP or deliver mail.
 """
 
@@ -19,7 +20,7 @@ from collections import Counter
 
 from mailgate import metrics, replies
 from mailgate.config import Listen
-from mailgate.receive.channel import Channel
+from mailgate.receive.channel import Channel, ProxyPolicy
 from mailgate.receive.kernelban import KernelBan
 from mailgate.receive.reuseport import steer_by_client_address
 from mailgate.receive.session import Services, Session
@@ -27,6 +28,7 @@ from mailgate.replies import Reply
 from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
 
 log = logging.getLogger(__name__)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
 
 
@@ -76,21 +78,42 @@ class Listeners:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
         sock.listen(1024)
-        if profile.offers_auth:
+        proxy_networks = getattr(self.services.cfg, profile.name).proxy_networks
+        if profile.offers_auth and not proxy_networks:
             # Internet-facing AUTH services: one client address, one worker, so the AUTH
             # guard and per-IP limits see all of a client's attempts. The smart host keeps
             # the kernel's 4-tuple hash: its clients are few busy internal hosts (a web server
             # sending a mailing), which must be able to use every core.
+            # Behind a balancer (proxy_networks) every connection comes from the balancer:
+            # neither steering nor a kernel ban can tell clients apart there.
             steer_by_client_address(sock, self.workers)  # after listen(): the group exists
             self.kernel_ban.add_socket(sock)
         sock.setblocking(False)
+        proxy_policy = self._proxy_policy(profile, proxy_networks) if proxy_networks else None
         return await loop.create_server(
-            lambda: Channel(lambda ch: self._connected(ch, profile)),
+            lambda: Channel(lambda ch: self._connected(ch, profile), proxy_policy),
             sock=sock,
             ssl=tls,
             ssl_handshake_timeout=30.0 if tls else None,
             start_serving=serve,
         )
+
+    def _proxy_policy(self, profile: Profile, networks: tuple[IPNetwork, ...]) -> ProxyPolicy:
+        def is_trusted(ip: str) -> bool:
+            try:
+                address = ipaddress.ip_address(ip)
+            except ValueError:
+                return False
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            return any(address in net for net in networks)
+
+        def refuse(channel: Channel, why: str) -> None:
+            peer = channel.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+            self._refuse(channel, ip, profile, replies.PROXY_REFUSED, why)
+
+        return ProxyPolicy(is_trusted, refuse)
 
     def _connected(self, channel: Channel, profile: Profile) -> None:
         limits = self.services.cfg.limits
