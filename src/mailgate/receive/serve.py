@@ -20,6 +20,7 @@ from collections import Counter
 
 from mailgate import metrics, replies
 from mailgate.config import Listen
+from mailgate.limits.keys import is_in
 from mailgate.receive.channel import Channel, ProxyPolicy
 from mailgate.receive.kernelban import KernelBan
 from mailgate.receive.reuseport import steer_by_client_address
@@ -99,21 +100,12 @@ class Listeners:
         )
 
     def _proxy_policy(self, profile: Profile, networks: tuple[IPNetwork, ...]) -> ProxyPolicy:
-        def is_trusted(ip: str) -> bool:
-            try:
-                address = ipaddress.ip_address(ip)
-            except ValueError:
-                return False
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            return any(address in net for net in networks)
-
         def refuse(channel: Channel, why: str) -> None:
             peer = channel.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
             self._refuse(channel, ip, profile, replies.PROXY_REFUSED, why)
 
-        return ProxyPolicy(is_trusted, refuse)
+        return ProxyPolicy(lambda ip: is_in(ip, networks), refuse)
 
     def _connected(self, channel: Channel, profile: Profile) -> None:
         limits = self.services.cfg.limits
