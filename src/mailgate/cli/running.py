@@ -154,7 +154,9 @@ async def start_admin(
     from mailgate.admin.health import Readiness
     from mailgate.cli.common import open_directory
 
-    directory = open_directory(cfg)
+    # check=False: a PostgreSQL directory that is down when the server starts must make
+    # /readyz answer 503 with the reason, not stop the server.
+    directory = open_directory(cfg, check=False)
     readiness = Readiness(
         spool=cfg.spool.path,
         min_free=cfg.limits.max_message_size,
