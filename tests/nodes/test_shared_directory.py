@@ -12,8 +12,10 @@ import pytest
 from mailgate import replies
 from mailgate.directory import migrate
 from tests.e2e.conftest import message, submission
+from tests.e2e.test_operations import http_get
 from tests.support.databases import closed_port_url, postgres_database
 from tests.support.gateway import Gateway, run_cli
+from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
 PASSWORD = "correct horse battery"
@@ -82,12 +84,17 @@ def test_a_change_on_one_node_holds_on_the_other(two_nodes: tuple[Gateway, Gatew
 
 
 def test_postgresql_unreachable_answers_454(tmp_path: Path) -> None:
-    gw = node(tmp_path / "gw", closed_port_url())  # nobody listens there
+    url = closed_port_url()  # nobody listens there
+    gw = Gateway(tmp_path / "gw", {"directory": {"url": url}, "server": {"workers": 1},
+                                   "admin": {"listen": [f"127.0.0.1:{free_port()}"]}})  # fmt: skip
     gw.start("--no-delivery")
     try:
         code, text = auth_reply(gw, "alice", PASSWORD)
         assert (code, text) == (454, b"4.7.0 Temporary authentication failure")
         wait_for(lambda: "directory unavailable" in gw.log_text(), timeout=10.0)
+        # One line a minute, not one per reconnection attempt.
+        assert gw.log_text().count("directory unavailable") == 1
+        assert "psycopg.pool" not in gw.log_text()
         # The smart host keeps relaying for its networks (no directory needed).
         with smtplib.SMTP("127.0.0.1", gw.ports["smarthost"], timeout=10) as client:
             client.ehlo("printer.test")
@@ -95,5 +102,9 @@ def test_postgresql_unreachable_answers_454(tmp_path: Path) -> None:
                                       message(frm="printer@example.org"))  # fmt: skip
             assert refused == {}
         assert len(gw.queued()) == 1
+        # /readyz names the directory (the server started nevertheless).
+        status, ready = http_get(gw, "/readyz")
+        assert status == 503
+        assert f"directory: {url}: cannot connect to the database" in ready, ready
     finally:
         gw.finish()

@@ -7,7 +7,7 @@ with SQLite. Must not: know about SMTP, or put a password from the URL in a mess
 
 The interface is synchronous, like SQLite's: the CLI calls it directly, the server from worker
 threads (never on the event loop; see directory/cache.py). A pool connection is checked out
-per transaction; when the server cannot be reached, a call fails after CONNECT_TIMEOUT with
+per transaction; when the server cannot be reached, a call fails after CONNECT_TIMEOUT (2 s) with
 DirectoryUnavailable, which AUTH answers with 454 4.7.0.
 """
 
@@ -29,9 +29,12 @@ from mailgate.directory.sql import SqlDirectory
 from mailgate.errors import DirectoryError, DirectoryUnavailable
 
 log = logging.getLogger(__name__)
+# The pool logs every failed reconnection attempt (several a second while the database is
+# down); the directory's users log one line a minute instead (directory/cache.py, auth/).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 CHANNEL = "mailgate_directory"  # the NOTIFY channel of directory changes (see the migrations)
-CONNECT_TIMEOUT = 3.0  # seconds to wait for a connection before answering "unavailable"
+CONNECT_TIMEOUT = 2.0  # seconds to wait for a connection before answering "unavailable"
 _MIGRATION_LOCK = 0x6D61696C67617465  # pg_advisory_xact_lock key ("mailgate")
 _PLACEHOLDER = re.compile(r"\?")
 
