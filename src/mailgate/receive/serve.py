@@ -20,7 +20,7 @@ from collections import Counter
 
 from mailgate import metrics, replies
 from mailgate.config import Listen
-from mailgate.limits.keys import is_in
+from mailgate.netaddr import IPNetwork, in_networks
 from mailgate.receive.channel import Channel, ProxyPolicy
 from mailgate.receive.kernelban import KernelBan
 from mailgate.receive.reuseport import steer_by_client_address
@@ -29,7 +29,6 @@ from mailgate.replies import Reply
 from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
 
 log = logging.getLogger(__name__)
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
 
 
@@ -105,7 +104,7 @@ class Listeners:
             ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
             self._refuse(channel, ip, profile, replies.PROXY_REFUSED, why)
 
-        return ProxyPolicy(lambda ip: is_in(ip, networks), refuse)
+        return ProxyPolicy(lambda ip: in_networks(ip, networks), refuse)
 
     def _connected(self, channel: Channel, profile: Profile) -> None:
         limits = self.services.cfg.limits
