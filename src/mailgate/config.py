@@ -366,7 +366,10 @@ def load(path: Path, *, check_files: bool = True) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(
+            f"{path}: configuration file not found (name it with -c or $MAILGATE_CONFIG, "
+            "or create one with `mailgate init`)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:

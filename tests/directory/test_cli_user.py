@@ -173,7 +173,11 @@ def test_user_list(mg: Mailgate) -> None:
 
 def test_a_missing_configuration(mg: Mailgate) -> None:
     mg.config.unlink()
-    fails(mg("user", "list"), f"mailgate: {mg.config}: configuration file not found\n")
+    fails(
+        mg("user", "list"),
+        f"mailgate: {mg.config}: configuration file not found (name it with -c or "
+        "$MAILGATE_CONFIG, or create one with `mailgate init`)\n",
+    )
 
 
 # --- address -----------------------------------------------------------------------
@@ -253,7 +257,11 @@ def test_domain_commands(mg: Mailgate) -> None:
        "granted *@dept.example.org to alice\n")  # fmt: skip
     r = mg("domain", "remove", "dept.example.org")
     assert r.out.startswith("removed domain dept.example.org and 1 grant(s)")
-    ok(mg("domain", "list"), "no managed domains\n")
+    ok(
+        mg("domain", "list"),
+        "no domains with DKIM keys; example.org (directory.default_domain) "
+        "is managed for senders: `mailgate domain add example.org` gives it a key\n",
+    )
 
 
 def test_copy_a_sqlite_directory_to_postgresql(

@@ -264,7 +264,11 @@ def test_a_postgresql_directory_url_is_kept_as_given(tmp_path: Path) -> None:
 
 def test_unreadable_files(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
-    with pytest.raises(ConfigError, match=r"nope\.toml: configuration file not found$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"nope\.toml: configuration file not found \(name it with -c or "
+        r"\$MAILGATE_CONFIG, or create one with `mailgate init`\)$",
+    ):
         config.load(missing)
     (tmp_path / "mailgate.toml").write_bytes(b'hostname = "\xff"\n')
     with pytest.raises(ConfigError, match=r"mailgate\.toml: cannot read: "):

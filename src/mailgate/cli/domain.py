@@ -221,7 +221,10 @@ def _list(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
         print_json([_domain_json(d) for d in domains])
         return 0
     if not domains:
-        print("no managed domains")
+        # Not "none": the default domain counts as managed for senders even without a key.
+        default = cfg.directory.default_domain
+        print(f"no domains with DKIM keys; {default} (directory.default_domain) is managed for "
+              f"senders: `mailgate domain add {default}` gives it a key")  # fmt: skip
         return 0
     rows = [
         (

@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         _give(account, path.parent / "dkim", 0o700)  # `domain add` writes keys there as it
         if not args.system:  # DIR holds the database: SQLite makes its journal files there
             _give(account, path.parent, 0o755)
-    _next_steps(cfg, explicit=args.dir is not None or bool(args.config) or args.system)
+    _next_steps(cfg, explicit=args.dir is not None or bool(args.config) or args.system,
+                system=args.system)  # fmt: skip
     return 0
 
 
@@ -237,8 +238,14 @@ def _tls(cfg: Config, account: privileges.Account | None) -> None:
     print(f"created {cert} and {key} (self-signed for {cfg.hostname}, valid {years} years)")
 
 
-def _next_steps(cfg: Config, *, explicit: bool) -> None:
+def _next_steps(cfg: Config, *, explicit: bool, system: bool = False) -> None:
     c = f"mailgate -c {cfg.path}" if explicit else "mailgate"
+    start = (
+        "systemctl enable --now mailgate   (install packaging/mailgate.service first: "
+        "docs/INSTALL.md)"
+        if system
+        else f"{c} serve"
+    )
     clamd = next((p for p in CLAMD_SOCKETS if p.exists()), None)
     scanner = (
         f'set scanner.clamd = "unix:{clamd}" to scan for viruses'
@@ -253,7 +260,7 @@ next steps:
   2. replace the self-signed certificate {cfg.tls.cert} with one from a CA
   3. add an account:   echo 'PASSWORD' | {c} user add alice --password-stdin
   4. add a domain:     {c} domain add {cfg.directory.default_domain}   (prints its DKIM record)
-  5. check and start:  {c} check-config && {c} serve"""
+  5. check and start:  {c} check-config && {start}"""
     )
 
 

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -288,8 +289,10 @@ def _check_ports_free(cfg: Config) -> None:
                 try:
                     probe.bind((address.host, address.port))
                 except OSError as e:
+                    hint = (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+                            "docs/INSTALL.md)" if e.errno == errno.EACCES else "")  # fmt: skip
                     raise ConfigError(f"{service}.listen: cannot listen on {address}: "
-                                      f"{e.strerror}") from None  # fmt: skip
+                                      f"{e.strerror}{hint}") from None  # fmt: skip
 
 
 def _become_service_account(cfg: Config) -> None:
