@@ -64,8 +64,11 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Whatever serve creates (spool, run/ files, snapshots) is for the service account alone,
+    # whatever umask it was started with (systemd's UMask=0077 says the same).
+    os.umask(0o077)
     mglog.setup()
-    cfg = load_config(args, check_files=True, as_service_user=False)  # switched in _enter()
+    cfg = load_config(args, check_files=True, as_service_user=False)  # switches later
     mglog.setup(fmt=cfg.log.format)
     # Until the event loop handles it, a reload must not kill us (SIGHUP's default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -593,9 +596,8 @@ async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> N
     stop = _stop_event_on_signals()
 
     def serving() -> None:
-        with contextlib.suppress(
-            OSError
-        ):  # the pipe is empty at start; a lost line only delays READY
+        # The pipe is empty at start; a lost line would only delay READY.
+        with contextlib.suppress(OSError):
             os.write(wake_fd, _LISTENING + str(index).encode("ascii") + b"\n")
 
     await receiver.start()  # binding drops a capability per thread: before the log's thread
