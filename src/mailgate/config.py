@@ -210,6 +210,8 @@ class RateLimitsConfig:
     auth_refuse_after: int = 10  # failures from one client before 454 4.7.0
     auth_login_refuse_after: int = 10  # failures for one login before 454 4.7.0
     auth_trust_period: float = 7 * 86400.0  # a client that logged in is exempt from login locks
+    auth_parallel_per_client: int = 4  # AUTH attempts of one client in flight at once
+    auth_parallel_per_login: int = 4  # AUTH attempts of one login in flight at once
     auth_ban_after: int = 20  # refused reconnects of a locked-out client before a ban; 0: never
     auth_ban_period: float = 900.0  # seconds a banned client's packets are dropped in the kernel
     snapshot_interval: float = 10.0  # seconds between <spool>/limits.json snapshots
@@ -633,6 +635,8 @@ _KINDS = {
     "auth_refuse_after": "posint",
     "auth_login_refuse_after": "posint",
     "auth_trust_period": "seconds",
+    "auth_parallel_per_client": "posint",
+    "auth_parallel_per_login": "posint",
     "auth_ban_after": "nonnegint",
     "auth_ban_period": "seconds",
     "snapshot_interval": "seconds",

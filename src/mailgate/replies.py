@@ -91,6 +91,10 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_TEMPORARILY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 CLIENT_LOCKED_OUT = Reply(421, "4.7.0", "Too many authentication failures, try again later")
 TOO_MANY_AUTH_FAILURES = Reply(454, "4.7.0", "Too many authentication failures, try again later")
+# More AUTH attempts of one client or login in flight than [ratelimits] auth_parallel_per_*.
+TOO_MANY_AUTH_IN_PROGRESS = Reply(
+    454, "4.7.0", "Too many authentication attempts in progress, try again later"
+)
 SMUGGLING = Reply(
     554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)"
 )

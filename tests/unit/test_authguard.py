@@ -175,3 +175,68 @@ def test_a_refused_client_is_known_at_connect_time() -> None:
     assert not g.is_client_refused("198.51.100.5")  # exempt networks are never locked out
     clock.advance(901)
     assert not g.is_client_refused(IP)  # the window passed
+
+
+# --- issue #11, class 6: counted before the hash, a cap on attempts in flight ---------------
+
+
+def test_an_attempt_counts_as_a_failure_from_the_moment_it_begins() -> None:
+    g = guard(Clock(), auth_parallel_per_client=100, auth_parallel_per_login=100)
+    # A burst: ten attempts begin before any hash has finished (no end_attempt yet).
+    actions = [g.begin_attempt(IP, f"user{n}").action for n in range(10)]
+    assert actions == ["allow"] * 3 + ["delay"] * 7
+    # The right password in the same burst finds the client locked, not "0 failures".
+    decision = g.begin_attempt(IP, "alice")
+    assert decision.reply == replies.TOO_MANY_AUTH_FAILURES
+    assert g.is_client_refused(IP)
+
+
+def test_a_success_takes_back_only_its_own_count() -> None:
+    g = guard(Clock(), auth_parallel_per_client=100)
+    for n in range(3):
+        assert not g.begin_attempt(IP, f"user{n}").is_refused
+    assert g.begin_attempt(IP, "alice").action == "delay"  # 3 failures counted so far
+    g.end_attempt(IP, "alice", succeeded=True)
+    for n in range(3):
+        g.end_attempt(IP, f"user{n}", succeeded=False)
+    assert g.snapshot()["clients"] == [{"key": IP, "failures": 3, "state": "delayed"}]
+
+
+def test_attempts_beyond_the_parallel_cap_are_refused_and_counted() -> None:
+    g = guard(Clock(), auth_parallel_per_client=2, auth_refuse_after=100,
+              auth_login_refuse_after=100, auth_delay_after=100)  # fmt: skip
+    assert [g.begin_attempt(IP, "alice").action for _ in range(2)] == ["allow", "allow"]
+    busy = g.begin_attempt(IP, "bob")
+    assert busy.reply == replies.TOO_MANY_AUTH_IN_PROGRESS
+    assert busy.reply.line() == (
+        "454 4.7.0 Too many authentication attempts in progress, try again later"
+    )
+    assert g.snapshot()["clients"][0]["failures"] == 3  # the refused one counts too
+    g.end_attempt(IP, "alice", succeeded=False)  # a slot frees up
+    assert g.begin_attempt(IP, "bob").action == "allow"
+    # Another client has its own slots.
+    assert g.begin_attempt("192.0.2.8", "carol").action == "allow"
+
+
+def test_the_login_cap_spares_trusted_clients_and_exempt_networks_skip_the_client_cap() -> None:
+    g = guard(Clock(), auth_parallel_per_login=2, auth_parallel_per_client=1,
+              auth_refuse_after=100, auth_login_refuse_after=100, auth_delay_after=100,
+              exempt_networks=(ipaddress.ip_network("10.0.0.0/8"),))  # fmt: skip
+    g.record_success(IP, "alice")  # alice's usual client
+    for n in range(2):
+        assert g.begin_attempt(f"203.0.113.{n}", "alice").action == "allow"
+    refused = g.begin_attempt("203.0.113.9", "alice")
+    assert refused.reply == replies.TOO_MANY_AUTH_IN_PROGRESS
+    assert refused.reason == "login=alice in_flight"
+    assert g.begin_attempt(IP, "alice").action == "allow"  # trusted: not capped per login
+    # Webmail in an exempt network: many of its users at once, no per-client cap.
+    assert [g.begin_attempt("10.0.0.5", f"u{n}").action for n in range(3)] == ["allow"] * 3
+
+
+def test_an_attempt_the_backend_could_not_check_is_taken_back() -> None:
+    g = guard(Clock(), auth_parallel_per_client=100)
+    for _ in range(3):
+        assert not g.begin_attempt(IP, "alice").is_refused
+        g.end_attempt(IP, "alice", succeeded=False, verified=False)  # 454: backend down
+    assert g.snapshot() == {"window_seconds": 900.0, "clients": [], "logins": []}
+    assert g.begin_attempt(IP, "alice").action == "allow"

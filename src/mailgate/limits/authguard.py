@@ -10,11 +10,24 @@ nothing), or do I/O.
 
 How the session uses it:
 
-    decision = guard.before_attempt(ip, login)
+    decision = guard.begin_attempt(ip, login)   # counts the attempt *now*, as a failure
     if decision.is_refused: send decision.reply, close       # costs us no password hash
-    await asyncio.sleep(decision.delay)                       # 0.0 when allowed at once
-    user = await asyncio.to_thread(directory.verify_password, login, password)
-    guard.record_success(ip, login) if user else guard.record_failure(ip, login)
+    try:
+        await asyncio.sleep(decision.delay)                   # 0.0 when allowed at once
+        user = await verify(login, password)                  # may raise "unavailable"
+    finally:
+        guard.end_attempt(ip, login, succeeded=user is not None, verified=not unavailable)
+
+Every attempt is counted when it begins, before its password hash is verified, and stays
+counted as a failure unless `end_attempt(succeeded=True)` takes it back: a burst of parallel
+connections cannot all pass the guard while the first hashes are still running (issue #11,
+class 6). At most `auth_parallel_per_client` attempts of one client and
+`auth_parallel_per_login` of one login are in flight (between begin and end) at a time; one
+beyond that is refused at once with 454 4.7.0 (`replies.TOO_MANY_AUTH_IN_PROGRESS`), stays
+counted as a failure, and the connection is closed. Refused rather than queued: a waiting
+attempt would hold a connection for nothing, an honest client rarely opens more than a few
+AUTH sessions at the same instant (identical credentials in flight share one hash anyway,
+receive.auth), and a refusal costs no hash.
 
 Clients are counted by address (an IPv4 address, or the IPv6 network of `ipv6_prefix`, since
 one IPv6 site owns a whole /64); clients in `exempt_networks` (webmail, NAT gateways) are not
@@ -22,7 +35,14 @@ counted per client, only per login. A success forgets that login's failures from
 (the user's own typos) and nothing else: other logins tried from the same client, and the same
 login tried from elsewhere, stay counted, so one valid account cannot be used to wash an
 attacker's counters. A client that has logged in as a login within `auth_trust_period` is
-not subject to that login's lock, so an attacker cannot lock a user out of their usual client.
+not subject to that login's lock (nor to its parallel cap), so an attacker cannot lock a user
+out of their usual client.
+
+State: every counter of this module lives in `AuthState` (failures per client and per login,
+trusted pairs, attempts in flight), the one interface a shared backend (Redis) would
+implement; `AuthGuard` holds the rules and calls it under one lock, so a shared backend must
+make `begin_attempt`'s read-check-add atomic (a script) and give in-flight counters an expiry
+(a worker that dies must not leave them raised).
 """
 
 from __future__ import annotations
@@ -74,9 +94,110 @@ class AuthDecision:
 
 ALLOW = AuthDecision("allow")
 
+_Table = OrderedDict[str, deque[tuple[float, str]]]
+
+
+class AuthState:
+    """Every counter of the AUTH guard, in this process's memory (a restart forgets them).
+
+    failures: per client key and per login key, (time, other side) entries in the window.
+    trusted:  (login, client) pairs that logged in, with when.
+    inflight: attempts begun and not yet ended, per client key and per login key.
+    Not locked: AuthGuard calls it under its lock. Memory is bounded by `max_keys` per table.
+    """
+
+    def __init__(self, window: float, depth: int, max_keys: int) -> None:
+        self.window = window
+        self.depth = depth  # entries per key; more add nothing to a decision
+        self.max_keys = max_keys
+        self.clients: _Table = OrderedDict()  # client -> (t, login)
+        self.logins: _Table = OrderedDict()  # login -> (t, client)
+        self.trusted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (login, client)
+        self.inflight_clients: dict[str, int] = {}
+        self.inflight_logins: dict[str, int] = {}
+
+    def failures(self, table: _Table, key: str, now: float) -> int:
+        entries = table.get(key)
+        if entries is None:
+            return 0
+        self._expire(entries, now)
+        if not entries:
+            del table[key]
+            return 0
+        return len(entries)
+
+    def add_failure(self, table: _Table, key: str, entry: tuple[float, str]) -> None:
+        entries = table.get(key)
+        if entries is None:
+            if len(table) >= self.max_keys:
+                table.popitem(last=False)  # the least recently failing key
+            entries = table[key] = deque(maxlen=self.depth)
+        else:
+            table.move_to_end(key)
+        entries.append(entry)
+
+    def forget(self, table: _Table, key: str, other: str) -> None:
+        """Drop `key`'s entries whose other side is `other`."""
+        entries = table.get(key)
+        if entries is None:
+            return
+        kept = [entry for entry in entries if entry[1] != other]
+        if kept:
+            table[key] = deque(kept, maxlen=entries.maxlen)
+        else:
+            del table[key]
+
+    def take_back(self, table: _Table, key: str, other: str) -> None:
+        """Drop the newest of `key`'s entries whose other side is `other`."""
+        entries = table.get(key)
+        if entries is None:
+            return
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][1] == other:
+                del entries[i]
+                break
+        if not entries:
+            del table[key]
+
+    def is_trusted(self, user: str, client: str, now: float, period: float) -> bool:
+        since = self.trusted.get((user, client))
+        return since is not None and now - since < period
+
+    def trust(self, user: str, client: str, now: float) -> None:
+        self.trusted[(user, client)] = now
+        self.trusted.move_to_end((user, client))
+        while len(self.trusted) > self.max_keys:
+            self.trusted.popitem(last=False)
+
+    @staticmethod
+    def inflight(table: dict[str, int], key: str) -> int:
+        return table.get(key, 0)
+
+    @staticmethod
+    def change_inflight(table: dict[str, int], key: str, delta: int) -> None:
+        n = table.get(key, 0) + delta
+        if n > 0:
+            table[key] = n
+        else:
+            table.pop(key, None)
+
+    def top(self, table: _Table, n: int, now: float) -> list[tuple[str, int]]:
+        counts = []
+        for key in list(table):
+            count = self.failures(table, key, now)
+            if count:
+                counts.append((key, count))
+        counts.sort(key=lambda kv: (-kv[1], kv[0]))
+        return counts[:n]
+
+    def _expire(self, entries: deque[tuple[float, str]], now: float) -> None:
+        oldest = now - self.window
+        while entries and entries[0][0] <= oldest:
+            entries.popleft()
+
 
 class AuthGuard:
-    """Failed-AUTH counters of one server process (in memory; a restart forgets them)."""
+    """The AUTH defence's rules over one `AuthState`."""
 
     def __init__(
         self,
@@ -88,11 +209,8 @@ class AuthGuard:
         self.cfg = cfg
         self._now = now
         self.max_keys = max_keys
-        # Enough entries per key to reach the refusal threshold; older ones add nothing.
-        self._depth = max(cfg.auth_refuse_after, cfg.auth_login_refuse_after, cfg.auth_delay_after)
-        self._clients: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()  # (t, login)
-        self._logins: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()  # (t, client)
-        self._trusted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (login, client)
+        depth = max(cfg.auth_refuse_after, cfg.auth_login_refuse_after, cfg.auth_delay_after)
+        self.state = AuthState(cfg.auth_window, depth, max_keys)
         self._lock = threading.Lock()
 
     def client_key(self, ip: str) -> str:
@@ -105,55 +223,63 @@ class AuthGuard:
         with self._lock:
             if self._is_exempt(ip):
                 return False
-            n_client = self._count(self._clients, self.client_key(ip), self._now())
+            n_client = self.state.failures(self.state.clients, self.client_key(ip), self._now())
             return n_client >= self.cfg.auth_refuse_after
 
     def before_attempt(self, ip: str, login: str) -> AuthDecision:
-        """Call before verifying the password of `login` from `ip`."""
+        """What `begin_attempt` would decide by the failure counts, without counting."""
+        with self._lock:
+            return self._decide(ip, login, self._now())
+
+    def begin_attempt(self, ip: str, login: str) -> AuthDecision:
+        """Call before verifying the password of `login` from `ip`. Unless refused by the
+        failure counts, the attempt is counted as a failure now; unless refused at all, it is
+        in flight until `end_attempt()`, which the caller must then call exactly once."""
         with self._lock:
             now = self._now()
+            decision = self._decide(ip, login, now)
+            if decision.is_refused:
+                return decision
             client, user = self.client_key(ip), login_key(login)
-            n_client = 0 if self._is_exempt(ip) else self._count(self._clients, client, now)
-            n_login = self._count(self._logins, user, now)
-            if self._is_trusted(user, client, now):
-                n_login = 0
-            if n_client >= self.cfg.auth_refuse_after:
-                return self._refuse(f"client={client} failures={n_client}")
-            if n_login >= self.cfg.auth_login_refuse_after:
-                return self._refuse(f"login={printable(user)} failures={n_login}")
-            excess = max(n_client, n_login) - self.cfg.auth_delay_after
-            if excess < 0:
-                return ALLOW
-            delay = min(
-                self.cfg.auth_base_delay * 2.0 ** min(excess, _MAX_DOUBLINGS),
-                self.cfg.auth_max_delay,
-            )
-            return AuthDecision(
-                "delay",
-                delay=delay,
-                reason=f"client={client} client_failures={n_client} login_failures={n_login}",
-            )
+            self._add_failure(ip, client, user, now)
+            st = self.state
+            if not self._is_exempt(ip) and (
+                st.inflight(st.inflight_clients, client) >= self.cfg.auth_parallel_per_client
+            ):
+                return self._refuse_busy(f"client={client} in_flight")
+            if not st.is_trusted(user, client, now, self.cfg.auth_trust_period) and (
+                st.inflight(st.inflight_logins, user) >= self.cfg.auth_parallel_per_login
+            ):
+                return self._refuse_busy(f"login={printable(user)} in_flight")
+            st.change_inflight(st.inflight_clients, client, 1)
+            st.change_inflight(st.inflight_logins, user, 1)
+            return decision
+
+    def end_attempt(self, ip: str, login: str, *, succeeded: bool, verified: bool = True) -> None:
+        """The attempt `begin_attempt` let through has its answer (or was abandoned, and then
+        stays counted). `verified=False`: the backend could not check anything (454), so the
+        attempt's count is taken back and nobody is trusted."""
+        with self._lock:
+            client, user = self.client_key(ip), login_key(login)
+            st = self.state
+            st.change_inflight(st.inflight_clients, client, -1)
+            st.change_inflight(st.inflight_logins, user, -1)
+            if succeeded:
+                self._succeeded(client, user, self._now())
+            elif not verified:
+                if not self._is_exempt(ip):
+                    st.take_back(st.clients, client, user)
+                st.take_back(st.logins, user, client)
 
     def record_failure(self, ip: str, login: str) -> None:
-        """The password (or the login) was wrong."""
+        """A failed attempt that was not counted by `begin_attempt` (tests, imports)."""
         with self._lock:
-            now = self._now()
-            client, user = self.client_key(ip), login_key(login)
-            if not self._is_exempt(ip):
-                self._append(self._clients, client, (now, user))
-            self._append(self._logins, user, (now, client))
+            self._add_failure(ip, self.client_key(ip), login_key(login), self._now())
 
     def record_success(self, ip: str, login: str) -> None:
         """`login` authenticated from `ip`: forget that pair's failures and trust the pair."""
         with self._lock:
-            now = self._now()
-            client, user = self.client_key(ip), login_key(login)
-            self._forget(self._clients, client, lambda entry: entry[1] == user)
-            self._forget(self._logins, user, lambda entry: entry[1] == client)
-            self._trusted[(user, client)] = now
-            self._trusted.move_to_end((user, client))
-            while len(self._trusted) > self.max_keys:
-                self._trusted.popitem(last=False)
+            self._succeeded(self.client_key(ip), login_key(login), self._now())
 
     def snapshot(self, top: int = 20) -> dict[str, Any]:
         """Failure counts for `mailgate limits report`:
@@ -163,82 +289,60 @@ class AuthGuard:
             now = self._now()
             return {
                 "window_seconds": self.cfg.auth_window,
-                "clients": self._top(self._clients, self.cfg.auth_refuse_after, top, now),
-                "logins": self._top(self._logins, self.cfg.auth_login_refuse_after, top, now),
+                "clients": self._top(self.state.clients, self.cfg.auth_refuse_after, top, now),
+                "logins": self._top(self.state.logins, self.cfg.auth_login_refuse_after, top, now),
             }
 
     # --- internals ---------------------------------------------------------------------
+
+    def _decide(self, ip: str, login: str, now: float) -> AuthDecision:
+        st = self.state
+        client, user = self.client_key(ip), login_key(login)
+        n_client = 0 if self._is_exempt(ip) else st.failures(st.clients, client, now)
+        n_login = st.failures(st.logins, user, now)
+        if st.is_trusted(user, client, now, self.cfg.auth_trust_period):
+            n_login = 0
+        if n_client >= self.cfg.auth_refuse_after:
+            return self._refuse(f"client={client} failures={n_client}")
+        if n_login >= self.cfg.auth_login_refuse_after:
+            return self._refuse(f"login={printable(user)} failures={n_login}")
+        excess = max(n_client, n_login) - self.cfg.auth_delay_after
+        if excess < 0:
+            return ALLOW
+        delay = min(
+            self.cfg.auth_base_delay * 2.0 ** min(excess, _MAX_DOUBLINGS),
+            self.cfg.auth_max_delay,
+        )
+        return AuthDecision(
+            "delay",
+            delay=delay,
+            reason=f"client={client} client_failures={n_client} login_failures={n_login}",
+        )
+
+    def _add_failure(self, ip: str, client: str, user: str, now: float) -> None:
+        if not self._is_exempt(ip):
+            self.state.add_failure(self.state.clients, client, (now, user))
+        self.state.add_failure(self.state.logins, user, (now, client))
+
+    def _succeeded(self, client: str, user: str, now: float) -> None:
+        self.state.forget(self.state.clients, client, user)
+        self.state.forget(self.state.logins, user, client)
+        self.state.trust(user, client, now)
 
     def _refuse(self, reason: str) -> AuthDecision:
         log.warning("auth refused too_many_failures %s", reason)
         return AuthDecision("refuse", reply=replies.TOO_MANY_AUTH_FAILURES, reason=reason)
 
+    def _refuse_busy(self, reason: str) -> AuthDecision:
+        log.warning("auth refused too_many_in_flight %s", reason)
+        return AuthDecision("refuse", reply=replies.TOO_MANY_AUTH_IN_PROGRESS, reason=reason)
+
     def _is_exempt(self, ip: str) -> bool:
         return in_networks(ip, self.cfg.exempt_networks)
 
-    def _is_trusted(self, user: str, client: str, now: float) -> bool:
-        since = self._trusted.get((user, client))
-        return since is not None and now - since < self.cfg.auth_trust_period
-
-    def _expire(self, entries: deque[tuple[float, str]], now: float) -> None:
-        oldest = now - self.cfg.auth_window
-        while entries and entries[0][0] <= oldest:
-            entries.popleft()
-
-    def _count(
-        self, table: OrderedDict[str, deque[tuple[float, str]]], key: str, now: float
-    ) -> int:
-        entries = table.get(key)
-        if entries is None:
-            return 0
-        self._expire(entries, now)
-        if not entries:
-            del table[key]
-            return 0
-        return len(entries)
-
-    def _append(
-        self, table: OrderedDict[str, deque[tuple[float, str]]], key: str, entry: tuple[float, str]
-    ) -> None:
-        entries = table.get(key)
-        if entries is None:
-            if len(table) >= self.max_keys:
-                table.popitem(last=False)  # the least recently failing key
-            entries = table[key] = deque(maxlen=self._depth)
-        else:
-            table.move_to_end(key)
-        entries.append(entry)
-
-    @staticmethod
-    def _forget(
-        table: OrderedDict[str, deque[tuple[float, str]]],
-        key: str,
-        matches: Callable[[tuple[float, str]], bool],
-    ) -> None:
-        entries = table.get(key)
-        if entries is None:
-            return
-        kept = [entry for entry in entries if not matches(entry)]
-        if kept:
-            table[key] = deque(kept, maxlen=entries.maxlen)
-        else:
-            del table[key]
-
-    def _top(
-        self,
-        table: OrderedDict[str, deque[tuple[float, str]]],
-        refuse_after: int,
-        n: int,
-        now: float,
-    ) -> list[dict[str, Any]]:
-        counts = []
-        for key in list(table):
-            count = self._count(table, key, now)
-            if count:
-                counts.append((key, count))
-        counts.sort(key=lambda kv: (-kv[1], kv[0]))
+    def _top(self, table: _Table, refuse_after: int, n: int, now: float) -> list[dict[str, Any]]:
         rows = []
-        for key, count in counts[:n]:
+        for key, count in self.state.top(table, n, now):
             if count >= refuse_after:
                 state = "refused"
             elif count >= self.cfg.auth_delay_after:

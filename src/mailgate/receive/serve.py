@@ -1,10 +1,21 @@
 """Listeners: one asyncio server per configured address, each bound to a service profile.
 
 Owns: binding the sockets (SO_REUSEPORT, so several worker processes can share the ports),
-implicit TLS for `submissions`, connection limits overall and per client IP, refusing a client
-the AUTH guard locked out (421 at connect, then a kernel ban if it keeps reconnecting), the
-PROXY protocol from a listener's `proxy_networks` (the channel reads the header; a header from
-anybody else is refused with 554 5.7.0), and graceful stop.
+connection limits overall and per client IP, refusing a client the AUTH guard locked out (421
+at connect, then a kernel ban if it keeps reconnecting), the PROXY protocol from a listener's
+`proxy_networks` (the channel reads the header; a header from anybody else is refused with
+554 5.7.0; not on 465, where config refuses the key), and graceful stop.
+
+Implicit TLS (`submissions`, port 465, RFC 8314) is not asyncio's `create_server(ssl=...)`:
+that runs the handshake before the protocol hears of the connection, so no limit applied to a
+connection still handshaking (hundreds of idle ones were held) and a locked-out client got a
+full handshake before its refusal (issue #11, class 7). (Upgrading a plain connection with
+`loop.start_tls()` instead cannot work on uvloop: it starts reading right after
+`connection_made()`, so the ClientHello may already be consumed.) The 465 listener accepts
+with `loop.sock_accept()`, checks the limits and the lock-out on the bare TCP socket, closes a
+refused one without a byte (a plaintext 421 means nothing to a TLS client; it gets no
+handshake), and hands an admitted one to `loop.connect_accepted_socket(ssl=...)` as a
+connection that is already counted, handshake included.
 Must not: interpret SMTP or deliver mail.
 """
 
@@ -14,9 +25,10 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import ssl
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mailgate import metrics, replies
 from mailgate.config import Listen
@@ -30,6 +42,7 @@ from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS, Profile
 
 log = logging.getLogger(__name__)
 _REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one refused client
+_TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an admitted 465 connection has for its handshake
 
 
 class Listeners:
@@ -39,6 +52,8 @@ class Listeners:
         self.services = services
         self.workers = workers  # processes sharing each port (for reuseport steering)
         self.servers: list[asyncio.Server] = []
+        self._tls_sockets: list[tuple[socket.socket, Profile]] = []  # implicit TLS (465)
+        self._accepting: list[tuple[socket.socket, asyncio.Task[None]]] = []  # their accept loops
         self.sessions: set[asyncio.Task[None]] = set()
         self.open: set[Session] = set()  # told to stop by stop()
         self.per_ip: Counter[str] = Counter()
@@ -56,19 +71,29 @@ class Listeners:
             (SUBMISSIONS, cfg.submissions.listen),
             (SMARTHOST, cfg.smarthost.listen),
         ]
+        loop = asyncio.get_running_loop()
         for profile, addresses in plan:
             for address in addresses:
-                self.servers.append(await self._listen(profile, address, serve=serve))
+                sock = self._bind(profile, address)
+                if profile.implicit_tls:
+                    self._tls_sockets.append((sock, profile))
+                else:
+                    self.servers.append(await loop.create_server(
+                        self._factory(profile), sock=sock, start_serving=serve))  # fmt: skip
                 log.info("listening service=%s address=%s", profile.name, address)
+        if serve:
+            await self.serve()
 
     async def serve(self) -> None:
         """Accept connections on every socket `start(serve=False)` bound."""
         for server in self.servers:
             await server.start_serving()
-
-    async def _listen(self, profile: Profile, address: Listen, *, serve: bool) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        tls: ssl.SSLContext | None = self.services.tls if profile.implicit_tls else None
+        for sock, profile in self._tls_sockets:
+            if not any(s is sock for s, _ in self._accepting):
+                self._accepting.append((sock, loop.create_task(self._accept_tls(sock, profile))))
+
+    def _bind(self, profile: Profile, address: Listen) -> socket.socket:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -78,8 +103,7 @@ class Listeners:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
         sock.listen(1024)
-        proxy_networks = getattr(self.services.cfg, profile.name).proxy_networks
-        if profile.offers_auth and not proxy_networks:
+        if profile.offers_auth and not self._proxy_networks(profile):
             # Internet-facing AUTH services: one client address, one worker, so the AUTH
             # guard and per-IP limits see all of a client's attempts. The smart host keeps
             # the kernel's 4-tuple hash: its clients are few busy internal hosts (a web server
@@ -89,59 +113,115 @@ class Listeners:
             steer_by_client_address(sock, self.workers)  # after listen(): the group exists
             self.kernel_ban.add_socket(sock)
         sock.setblocking(False)
-        proxy_policy = self._proxy_policy(profile, proxy_networks) if proxy_networks else None
-        return await loop.create_server(
-            lambda: Channel(lambda ch: self._connected(ch, profile), proxy_policy),
-            sock=sock,
-            ssl=tls,
-            ssl_handshake_timeout=30.0 if tls else None,
-            start_serving=serve,
-        )
+        return sock
+
+    def _proxy_networks(self, profile: Profile) -> tuple[IPNetwork, ...]:
+        networks: tuple[IPNetwork, ...] = getattr(self.services.cfg, profile.name).proxy_networks
+        return networks
+
+    def _factory(self, profile: Profile) -> Callable[[], Channel]:
+        networks = self._proxy_networks(profile)
+        policy = self._proxy_policy(profile, networks) if networks else None
+        return lambda: Channel(lambda ch: self._connected(ch, profile), policy)
 
     def _proxy_policy(self, profile: Profile, networks: tuple[IPNetwork, ...]) -> ProxyPolicy:
         def refuse(channel: Channel, why: str) -> None:
             peer = channel.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-            self._refuse(channel, ip, profile, replies.PROXY_REFUSED, why)
+            self._log_refusal(ip, profile, why)
+            channel.write(replies.PROXY_REFUSED.to_bytes())
+            channel.close()
 
         return ProxyPolicy(lambda ip: in_networks(ip, networks), refuse)
 
     def _connected(self, channel: Channel, profile: Profile) -> None:
-        limits = self.services.cfg.limits
         peer = channel.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        refusal = self._refusal(ip, profile)
+        if refusal is not None:
+            channel.write(refusal.to_bytes())
+            channel.close()
+            return
+        self._track(self._run(Session(self.services, channel, profile)), ip)
+
+    async def _accept_tls(self, sock: socket.socket, profile: Profile) -> None:
+        """Implicit TLS: admit on the TCP connection, then hand over for the handshake."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and friends: keep the listener alive
+                log.warning("accept failed service=%s: %s", profile.name, e)
+                await asyncio.sleep(0.1)
+                continue
+            ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+            if self._refusal(ip, profile) is not None:
+                conn.close()  # no handshake and no bytes
+                continue
+            self._track(self._tls_session(conn, profile), ip)
+
+    async def _tls_session(self, conn: socket.socket, profile: Profile) -> None:
+        loop = asyncio.get_running_loop()
+        made: list[Channel] = []  # uvloop returns its SSL protocol here, not ours
+
+        def channel() -> Channel:
+            made.append(Channel(lambda ch: None))
+            return made[0]
+
+        try:
+            await loop.connect_accepted_socket(
+                channel, conn, ssl=self.services.tls, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT
+            )
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            log.info("tls handshake failed service=%s: %s: %s", profile.name, type(e).__name__, e)
+            conn.close()
+            return
+        await self._run(Session(self.services, made[0], profile))
+
+    async def _run(self, session: Session) -> None:
+        """One session, known to stop() while it runs."""
+        self.open.add(session)
+        try:
+            await session.run()
+        finally:
+            self.open.discard(session)
+
+    def _refusal(self, ip: str, profile: Profile) -> Reply | None:
+        """Why a new connection from `ip` is refused (logged once a minute), or None."""
+        limits = self.services.cfg.limits
         if len(self.sessions) >= limits.max_connections or (
             self.per_ip[ip] >= limits.max_connections_per_ip
         ):
-            self._refuse(channel, ip, profile, replies.TOO_MANY_CONNECTIONS, "too many connections")
+            self._log_refusal(ip, profile, "too many connections")
             metrics.CONNECTIONS_REFUSED.labels(profile.name, "connection_limit").inc()
-            return
+            return replies.TOO_MANY_CONNECTIONS
         guard = self.services.auth_guard
         if profile.offers_auth and guard is not None and guard.is_client_refused(ip):
             # A password guesser that reached auth_refuse_after: refused before any session,
             # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
-            self._refuse(channel, ip, profile, replies.CLIENT_LOCKED_OUT, "too many AUTH failures")
+            self._log_refusal(ip, profile, "too many AUTH failures")
             metrics.AUTH_DEFENCE.labels("locked_out").inc()
             self._count_lockout_refusal(ip)
-            return
+            return replies.CLIENT_LOCKED_OUT
+        return None
+
+    def _track(self, connection: Coroutine[Any, Any, None], ip: str) -> None:
+        """Run one admitted connection (a 465 one from its handshake on), counted overall and
+        against `ip` until it ends."""
         self.per_ip[ip] += 1
-        session = Session(self.services, channel, profile)
-        task = asyncio.get_running_loop().create_task(session.run())
+        task = asyncio.get_running_loop().create_task(connection)
         self.sessions.add(task)
-        self.open.add(session)
 
         def done(t: asyncio.Task[None]) -> None:
             self.sessions.discard(t)
-            self.open.discard(session)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
 
         task.add_done_callback(done)
 
-    def _refuse(self, channel: Channel, ip: str, profile: Profile, reply: Reply,
-                why: str) -> None:  # fmt: skip
-        """Answer `reply` instead of a greeting and close; one log line per client a minute."""
+    def _log_refusal(self, ip: str, profile: Profile, why: str) -> None:
+        """One log line per refused client a minute."""
         now = time.monotonic()
         if self._refusal_logged.get(ip, 0.0) <= now:
             if len(self._refusal_logged) > 10_000:
@@ -149,8 +229,6 @@ class Listeners:
             self._refusal_logged[ip] = now + _REFUSAL_LOG_INTERVAL
             log.warning("refused connection client=[%s] service=%s: %s (logged once a minute)",
                         ip, profile.name, why)  # fmt: skip
-        channel.write(reply.to_bytes())
-        channel.close()
 
     def _count_lockout_refusal(self, ip: str) -> None:
         """A locked-out client that keeps reconnecting is banned in the kernel (receive.kernelban):
@@ -191,6 +269,9 @@ class Listeners:
         is answered first); after `grace` seconds the rest are cancelled."""
         for server in self.servers:
             server.close()
+        for sock, task in self._accepting:
+            task.cancel()
+            sock.close()
         for session in list(self.open):
             session.shutdown()
         log.info("stopping: listeners closed, %d sessions told to finish", len(self.open))

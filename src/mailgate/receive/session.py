@@ -321,36 +321,45 @@ class Session:
 
     async def _auth(self, event: Auth) -> None:
         guard = self.s.auth_guard
+        delay = 0.0
         if guard is not None:
-            decision = guard.before_attempt(self.client_ip, event.login)
-            if decision.refuse:
+            # Counted before the hash is verified (issue #11, class 6): a burst of parallel
+            # connections cannot all get past the guard while the first hashes still run.
+            decision = guard.begin_attempt(self.client_ip, event.login)
+            if decision.is_refused:
+                assert decision.reply is not None
                 metrics.AUTH_DEFENCE.labels("refused").inc()
-                log.warning("sid=%s auth refused (too many failures) client=[%s]",
-                            self.sid, self.client_ip)  # fmt: skip
-                self.conn.send(replies.TOO_MANY_AUTH_FAILURES)
+                log.warning("sid=%s auth refused (%s) client=[%s]",
+                            self.sid, decision.reason, self.client_ip)  # fmt: skip
+                self.conn.send(decision.reply)
                 self.closing = True
                 return
-            if decision.delay > 0:
+            delay = decision.delay
+            if delay > 0:
                 metrics.AUTH_DEFENCE.labels("delayed").inc()
-                await asyncio.sleep(decision.delay)
+        user = None
+        unavailable = False
         try:
+            if delay > 0:
+                await asyncio.sleep(delay)
             user = await self.s.authenticator.verify(event.login, event.password, event.mechanism)
         except AuthUnavailable as e:  # the backend is down or slow: temporary, never 535
+            unavailable = True  # nothing was checked: the attempt is held against no one
             log.warning("sid=%s auth unavailable mech=%s login=%s backend=%s error=%s",
                         self.sid, event.mechanism, _safe(event.login),
                         self.s.authenticator.backend.name, _safe(str(e)))  # fmt: skip
             self.conn.send(replies.AUTH_TEMPORARILY_UNAVAILABLE)
             return
+        finally:
+            if guard is not None:
+                guard.end_attempt(self.client_ip, event.login, succeeded=user is not None,
+                                  verified=not unavailable)  # fmt: skip
         if user is None:
             metrics.AUTH_FAILURES.labels(self.profile.name).inc()
-            if guard is not None:
-                guard.record_failure(self.client_ip, event.login)
             log.info("sid=%s auth failed mech=%s login=%s client=[%s]",
                      self.sid, event.mechanism, _safe(event.login), self.client_ip)  # fmt: skip
             self.conn.send(replies.BAD_CREDENTIALS)
             return
-        if guard is not None:
-            guard.record_success(self.client_ip, event.login)
         self.login = user.login
         self.addresses = user.addresses
         self.mechanism = event.mechanism
