@@ -122,6 +122,9 @@ class DeliveryConfig:
     max_queue_lifetime: int = 5 * 86400  # seconds
     delay_warning_after: int = 4 * 3600  # seconds; 0 disables
     postmaster: str = ""  # double bounces go here; "" means postmaster@default_domain
+    # Recipients at address literals of loopback/private/link-local/reserved networks
+    # (x@[127.0.0.1], x@[10.1.2.3], x@[IPv6:::1]) are refused at RCPT unless this is true.
+    allow_internal_literals: bool = False
     hop_limit: int = 50
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -600,6 +603,7 @@ _KINDS = {
     "default_domain": "domain",
     "retry_schedule": "schedule",
     "postmaster": "address_or_empty",
+    "allow_internal_literals": "bool",
     "max_message_size": "posint",
     "max_header_size": "posint",
     "foreign_subdomains": "domains",

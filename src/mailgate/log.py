@@ -7,6 +7,11 @@ Never log passwords, AUTH payloads or message bodies.
 `pid`, `logger` and `message` (the text line's parts), plus every `key=value` field of the
 message as its own member (`qid`, `sid`, `status`, ...), so that `jq 'select(.qid == "X")'`
 works without parsing the text again. A field never replaces one of the five fixed members.
+
+One escaping rule for every logged value, applied here and not at call sites: both formatters
+render each record's message through `text.visible()`, so an address, EHLO name or header a
+client chose can never put a CR, LF, U+2028 or ESC into the log (a fake log line, a terminal
+escape). A traceback keeps its own line breaks; each of its lines is escaped the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
+
+from mailgate.text import visible
 
 _FORMAT = "%(asctime)s %(levelname)s mailgate[%(process)d] %(name)s: %(message)s"
 # key=value, key="quoted value" or key=<address>; keys as the code writes them.
@@ -27,11 +35,28 @@ _FIELD = re.compile(
 _FIXED = frozenset({"time", "level", "pid", "logger", "message", "exc"})
 
 
-class JsonFormatter(logging.Formatter):
+class Formatter(logging.Formatter):
+    """The standard text formatter, with every control character of a message made visible."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return visible(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _lines_visible(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _lines_visible(super().formatStack(stack_info))
+
+
+def _lines_visible(text: str) -> str:
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
+class JsonFormatter(Formatter):
     """One JSON object per record (no newline inside: tracebacks are one string member)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = visible(record.getMessage())
         out: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -57,7 +82,7 @@ def setup(level: str | None = None, fmt: str = "text") -> None:
     """
     chosen = (level or os.environ.get("MAILGATE_LOG_LEVEL") or "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else Formatter(_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(chosen)

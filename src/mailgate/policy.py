@@ -261,17 +261,42 @@ def literal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
         return None
 
 
-def check_destination(address: str, bad_nets: Sequence[IPNetwork]) -> None:
+def check_destination(
+    address: str, bad_nets: Sequence[IPNetwork], *, allow_special: bool = True
+) -> None:
     """Raise Rejected(RELAY_TO_INTERNAL_DENIED) when `address` is an address literal inside
-    `bad_nets` ([smarthost] bad_nets). Names are not resolved here (no I/O in policy)."""
-    if not bad_nets:
+    `bad_nets` ([smarthost] bad_nets) or, unless `allow_special` ([delivery]
+    allow_internal_literals), in a network that is not globally reachable: loopback, private,
+    link-local, shared, reserved, documentation, multicast (issue #11: delivery into internal
+    networks, loops through our own smart host). Names are not resolved here (no I/O)."""
+    if not bad_nets and allow_special:
         return
     ip = literal_address(address)
+    if ip is not None and not allow_special and is_special_address(ip):
+        raise Rejected(
+            replies.RELAY_TO_INTERNAL_DENIED,
+            f"recipient {address} is an address literal of a special-purpose network",
+        )
     if ip is not None and any(ip in net for net in bad_nets):
         raise Rejected(
             replies.RELAY_TO_INTERNAL_DENIED,
             f"recipient {address} is an address literal inside smarthost.bad_nets",
         )
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+
+
+def is_special_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not a globally reachable unicast address (RFC 6890 registries, as `ipaddress` knows them),
+    looking through IPv6 forms that carry an IPv4 address (mapped, 6to4, NAT64)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and is_special_address(embedded):
+            return True
+    return not ip.is_global or ip.is_multicast
 
 
 def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:

@@ -36,7 +36,9 @@ class Reply:
         return f"{self.code} {self.status} {self.text}"
 
     def to_bytes(self) -> bytes:
-        return (self.line() + "\r\n").encode("utf-8", "replace")
+        # RFC 5321 §4.2 / RFC 6531 §3.7.4: reply text is ASCII (an SMTPUTF8 client may get
+        # UTF-8, an old one would choke). The one place replies become bytes keeps it so.
+        return (self.line() + "\r\n").encode("ascii", "replace")
 
 
 # --- success and flow --------------------------------------------------------
@@ -96,10 +98,10 @@ TOO_MANY_AUTH_IN_PROGRESS = Reply(
     454, "4.7.0", "Too many authentication attempts in progress, try again later"
 )
 SMUGGLING = Reply(
-    554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)"
+    554, "5.5.2", "Bare CR or LF in message data, closing connection (see RFC 5321 section 2.3.8)"
 )
 TEXT_LINE_TOO_LONG = Reply(
-    554, "5.6.0", "Message text line longer than 998 octets (RFC 5322 §2.1.1)"
+    554, "5.6.0", "Message text line longer than 998 octets (RFC 5322 section 2.1.1)"
 )
 HTTP_REFUSED = Reply(554, "5.7.0", "This is an SMTP server, closing connection")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
@@ -126,7 +128,7 @@ SERVICE_READY_TEMPLATE = "220 {hostname} ESMTP mailgate"
 
 def greeting(hostname: str) -> bytes:
     """The 220 banner (RFC 5321 §4.3.1)."""
-    return f"220 {hostname} ESMTP mailgate\r\n".encode()
+    return f"220 {_one_line(hostname)} ESMTP mailgate\r\n".encode("ascii")
 
 
 def virus_found(name: str) -> Reply:
@@ -140,6 +142,16 @@ def blocked_file(filename: str) -> Reply:
         f"Message rejected: attachment {_one_line(filename)!r} is a blocked file type;"
         " put it in a zip archive and send it again",
     )
+
+
+# clamd reported Heuristics.Limits.Exceeded.* (AlertExceedsMax): part of the message was not
+# scanned. Permanent: the same archive exceeds the same limits on every retry.
+UNSCANNABLE_ARCHIVE = Reply(
+    554,
+    "5.7.1",
+    "Message rejected: an archive in it exceeds the virus scanner's limits"
+    " (size, nesting or number of files); send the files unpacked or in smaller parts",
+)
 
 
 def too_big_to_scan(limit: int) -> Reply:
@@ -159,8 +171,8 @@ def rate_limited(sentence: str) -> Reply:
 
 
 def _one_line(text: str) -> str:
-    """Strip CR/LF and control characters so a reply can never be split."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[:200]
+    """Printable ASCII only: a reply can never be split, and its text stays ASCII."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:200]
 
 
 # --- the header section and the sender's identity (issue #11) --------------------------------
@@ -171,21 +183,18 @@ def header_too_big(limit: int) -> Reply:
 
 def malformed_header(what: str) -> Reply:
     """A header line that is not a field (RFC 5322 section 2.2), e.g. "Subject :"."""
-    return Reply(554, "5.6.0", f"Malformed message header: {_ascii(what)}")
+    return Reply(554, "5.6.0", f"Malformed message header: {_one_line(what)}")
 
 
 def unreadable_author(field: str, what: str) -> Reply:
     """An author or sender field (From, Sender, Resent-From, Resent-Sender) that a receiver
     could display as an address but that does not parse strictly (RFC 5322 section 3.4)."""
-    return Reply(554, "5.6.0", f"{_ascii(field)} field cannot be read strictly: {_ascii(what)}")
+    return Reply(
+        554, "5.6.0", f"{_one_line(field)} field cannot be read strictly: {_one_line(what)}"
+    )
 
 
 def identity_not_allowed(field: str) -> Reply:
     """Sender:, Resent-From: or Resent-Sender: naming an institution address the login may not
     use (From: and MAIL FROM get SENDER_NOT_ALLOWED, the contract's wording)."""
-    return Reply(553, "5.7.1", f"{_ascii(field)} address not allowed for this login")
-
-
-def _ascii(text: str) -> str:
-    """Printable ASCII only (RFC 5321 section 4.2: reply text is US-ASCII), one short line."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:200]
+    return Reply(553, "5.7.1", f"{_one_line(field)} address not allowed for this login")

@@ -135,7 +135,11 @@ def test_local_diagnostic_type_and_orcpt() -> None:
 def test_double_bounce_goes_to_the_given_recipient() -> None:
     dsn = bounce.build(original=envelope(mail_from=""), message=ORIGINAL, notices=[failed()],
                        reporting_mta="m", now=NOW, recipient="postmaster@example.org")  # fmt: skip
-    assert email.message_from_bytes(dsn)["To"] == "<postmaster@example.org>"
+    report = email.message_from_bytes(dsn)
+    assert report["To"] == "<postmaster@example.org>"
+    # Headers only: the postmaster learns what failed, not what the sender wrote.
+    assert [p.get_content_type() for p in report.walk()][-1] == "text/rfc822-headers"
+    assert ORIGINAL.split(b"\r\n\r\n", 1)[1].strip() not in dsn
 
 
 @pytest.mark.parametrize(

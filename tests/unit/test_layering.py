@@ -35,8 +35,9 @@ FORBIDDEN = {
     "dnsresolver": {"*"},
     "dnsname": {"*"},
     "identity": {"*"},
+    "text": {"*"},
 }  # fmt: skip
-ALWAYS_ALLOWED = {"replies", "errors", "config", "identity"}
+ALWAYS_ALLOWED = {"replies", "errors", "config", "identity", "text"}
 
 
 def imported_mailgate_parts(path: Path) -> set[str]:
@@ -65,7 +66,13 @@ def test_imports_point_one_way() -> None:
         me = owner(path)
         forbidden = FORBIDDEN.get(me, set())
         for part in imported_mailgate_parts(path) - {me}:
-            if part in ALWAYS_ALLOWED and me not in {"replies", "errors", "config", "identity"}:
+            if part in ALWAYS_ALLOWED and me not in {
+                "replies",
+                "errors",
+                "config",
+                "identity",
+                "text",
+            }:
                 continue
             if (
                 "*" in forbidden and (me, part) not in {("errors", "replies"), ("config", "errors")}

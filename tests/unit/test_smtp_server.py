@@ -564,7 +564,7 @@ def test_smuggling_closes(smuggled: bytes) -> None:
     events, out = feed(conn, b"Subject: x\r\n\r\nbody" + smuggled + b"MAIL FROM:<e@x.test>\r\n")
     assert events == [Close(reason="bare CR or LF in message data")]
     assert out == [
-        "554 5.5.2 Bare CR or LF in message data, closing connection (see RFC 5321 §2.3.8)"
+        "554 5.5.2 Bare CR or LF in message data, closing connection (see RFC 5321 section 2.3.8)"
     ]
     assert conn.is_closed
     assert feed(conn, b"\r\n.\r\n") == ([], [])

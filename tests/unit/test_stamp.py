@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,3 +49,29 @@ def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
     assert lines[0].startswith(b"Received: from ")
     assert all(line.startswith(b"\t") for line in lines[1:-1])
     assert lines[-1] == b""
+    # RFC 5321 §4.4: the from clause is one Domain or address literal, then our TCP-info.
+    assert lines[0].split(b" ")[3:] == [b"([192.0.2.1])"]
+    assert out.count(b";") == 1 and lines[1].startswith(b"\tby m ")
+
+
+@pytest.mark.parametrize(
+    ("helo", "written"),
+    [
+        ("client.example.org", "client.example.org"),
+        ("[192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+        ("x; by trusted.example.ac.uk with ESMTPSA", "[192.0.2.1]"),
+        ("evil;by.example", "[192.0.2.1]"),
+        ("a..b", "[192.0.2.1]"),
+        ("-bad.example", "[192.0.2.1]"),
+        ("[IPv6:192.0.2.1]", "[192.0.2.1]"),
+        ("[300.1.1.1]", "[192.0.2.1]"),
+        ("", "[192.0.2.1]"),
+    ],
+)
+def test_an_ehlo_name_that_is_not_a_domain_is_replaced_by_the_address(
+    helo: str, written: str
+) -> None:
+    trace = stamp.Trace(helo, "192.0.2.1", "", "submission", 587, "ESMTPSA", "", "alice", "PLAIN")
+    out = stamp.received(trace, hostname="mail.example.org", qid="Q", recipients=["a@x"])
+    assert out.startswith(f"Received: from {written} ([192.0.2.1])\r\n".encode())

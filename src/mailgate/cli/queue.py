@@ -6,7 +6,10 @@ without one).
 A running engine notices flush/hold/release/delete through the spool's wakeup file.
 
 Output for people is one entry per line (like Postfix's mailq); `--json` gives the same facts
-for scripts. States: "held" (an operator put it on hold), "deferred" (every pending recipient
+for scripts (JSON escapes control characters itself). Everything a client chose (addresses,
+headers, remote replies) goes to the terminal through `text.visible()`, so an ESC sequence in
+a Subject is shown as `\x1b[...`, never obeyed by the operator's terminal.
+States: "held" (an operator put it on hold), "deferred" (every pending recipient
 waits for its retry time), "active" (due now: not yet tried, flushed, or being delivered).
 """
 
@@ -26,6 +29,7 @@ from mailgate.spool import open_store, spool_exists
 from mailgate.spool.api import NotFound, SpoolStore
 from mailgate.spool.entry import Attempt, Envelope, Recipient, utcnow
 from mailgate.spool.entry import queue_state as state_of
+from mailgate.text import visible
 
 
 def register(sub: Any) -> None:
@@ -130,12 +134,12 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         sender = f"<{row['sender']}>"
         age = format_age(timedelta(seconds=row["age_seconds"]))
-        print(
+        print(visible(
             f"{row['id']:<14}  {row['state']:<8}  {age:>4}  {row['size']:>9}  "
             f"{row['attempts']:>5}  {sender} -> {', '.join(row['recipients'])}"
-        )
+        ))  # fmt: skip
         if row["last_error"]:
-            print(f"{'':<16}last error: {row['last_error']}")
+            print(visible(f"{'':<16}last error: {row['last_error']}"))
     total = sum(int(row["size"]) for row in rows)
     print(f"-- {len(rows)} {'entry' if len(rows) == 1 else 'entries'}, {total} bytes")
     return 0
@@ -184,8 +188,9 @@ def _show(args: argparse.Namespace) -> int:
             tls = " tls" if a.tls else ""
             lines.append(f"    {a.at.isoformat()} {a.status}{host}{tls}: {a.reply}")
     lines += ["", "headers:"]
-    lines += ["  " + line for line in headers.splitlines()]
-    print("\n".join(lines))
+    # Split on CRLF only: splitlines() would also break at U+2028, \x1c, a bare CR ...
+    lines += ["  " + line for line in headers.rstrip("\r\n").split("\r\n")]
+    print("\n".join(visible(line) for line in lines))
     return 0
 
 

@@ -87,8 +87,9 @@ def build(
     """The complete DSN message (CRLF line endings) to be queued from the null sender.
 
     `recipient` is who the DSN goes to: the original sender by default, the postmaster for a
-    double bounce. The original message is returned in full only for failures, when RET is not
-    HDRS (RFC 3461 §4.3) and when it is at most MAX_RETURNED_SIZE; otherwise its headers only.
+    double bounce. The original message is returned in full only to its own sender, only for
+    failures, when RET is not HDRS (RFC 3461 §4.3) and when it is at most MAX_RETURNED_SIZE;
+    otherwise its headers only (always for a double bounce).
     """
     if not notices:
         raise ValueError("a DSN needs at least one recipient notice")
@@ -96,7 +97,15 @@ def build(
     actions = {n.action for n in notices}
     subject = _subject(actions)
     is_global = original.smtputf8
-    full = "failed" in actions and original.ret != "HDRS" and len(message) <= MAX_RETURNED_SIZE
+    # The original goes back in full only to its own sender: a double bounce tells the
+    # postmaster what failed, never what someone else wrote (issue #11).
+    is_own_sender = recipient is None or recipient == original.mail_from
+    full = (
+        is_own_sender
+        and "failed" in actions
+        and original.ret != "HDRS"
+        and len(message) <= MAX_RETURNED_SIZE
+    )
     boundary = f"{secrets.token_hex(8)}/{_clean(reporting_mta)}"
     msgid = f"<{secrets.token_hex(12)}@{_clean(reporting_mta)}>"
 

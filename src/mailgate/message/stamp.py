@@ -10,6 +10,8 @@ below 78 columns where they can be (RFC 5322 §2.1.1).
 from __future__ import annotations
 
 import email.utils
+import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +46,10 @@ def received(trace: Trace, *, hostname: str, qid: str, recipients: list[str],
              now: datetime | None = None) -> bytes:  # fmt: skip
     """The Received: field mailgate prepends (RFC 5321 §4.4)."""
     ip = f"IPv6:{trace.client_ip}" if ":" in trace.client_ip else trace.client_ip
-    helo = _comment_safe(trace.client_helo) or "unknown"
+    # RFC 5321 §4.4: From-domain is a Domain or an address-literal. An EHLO argument that is
+    # neither ("x; by trusted.example ...") would let the client write clauses of its own:
+    # it is replaced by the client's address literal (the log keeps what it said).
+    helo = trace.client_helo if _is_helo_domain(trace.client_helo) else f"[{ip}]"
     name = _comment_safe(trace.client_name).replace(" ", "")
     tcp_info = f"{name} [{ip}]" if name else f"[{ip}]"
     lines = [
@@ -84,6 +89,26 @@ def scanned_by(value: str) -> bytes:
     """X-Scanned-By is unstructured text: only line breaks and control characters go."""
     text = "".join(c for c in value if c.isprintable())[:200]
     return f"X-Scanned-By: {text}\r\n".encode()
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _is_helo_domain(helo: str) -> bool:
+    """A Domain (RFC 5321 §4.1.2: LDH labels) or an IPv4/IPv6 address literal (§4.1.3)."""
+    if len(helo) > 255 or not helo:
+        return False
+    if helo.startswith("[") and helo.endswith("]"):
+        inner = helo[1:-1]
+        try:
+            if inner[:5].upper() == "IPV6:":
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+        except ValueError:
+            return False
+        return True
+    return all(_LABEL.match(label) for label in helo.split("."))
 
 
 def _comment_safe(text: str) -> str:

@@ -384,7 +384,8 @@ class Session:
     def _rcpt(self, event: RcptTo) -> None:
         assert self.txn is not None
         self.s.policy.check_rcpt(self._sender(), event.address)
-        check_destination(event.address, self.s.cfg.smarthost.bad_nets)  # 550 5.7.1
+        check_destination(event.address, self.s.cfg.smarthost.bad_nets,
+                          allow_special=self.s.cfg.delivery.allow_internal_literals)  # fmt: skip
         if self.s.limits is not None:
             self.s.limits.check_recipient(
                 service=self.profile.name, login=self.login, ip=self.client_ip,

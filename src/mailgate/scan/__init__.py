@@ -20,6 +20,14 @@ client retry a message that can never pass, so a message longer than
 before connecting. Keep max_stream_size equal to clamd's StreamMaxLength (both 25 MiB by
 default), and raise both to ``limits.max_message_size`` to scan everything that is received.
 If clamd's limit is the lower one, its refusal is an operator error: 451 and a log line saying so.
+
+Archives: clamd unpacks archives up to its own limits (MaxFileSize, MaxScanSize, MaxRecursion,
+MaxFiles, ...) and, by default, answers OK for whatever it did not reach: a zip bomb or a deeply
+nested archive came back clean (issue #11). With `AlertExceedsMax yes` in clamd.conf (required,
+see docs/SECURITY.md) it answers `Heuristics.Limits.Exceeded.<Limit> FOUND` instead; that is
+refused permanently with `replies.UNSCANNABLE_ARCHIVE` (554 5.7.1, verdict=unscannable), not
+reported as a virus. Other heuristic alerts (`HeuristicAlerts yes`, clamd's default: encrypted
+archives with `AlertEncrypted`, broken executables, phishing) are refused as found viruses.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ log = logging.getLogger(__name__)
 # Messages above this size are parsed in a worker thread so that a 50 MB parse does not stall
 # every other session on the event loop; below it, the thread hop costs more than the parse.
 _THREAD_PARSE_SIZE = 256 * 1024
+
+# clamd's name for "a limit stopped the scan" (MaxFileSize, MaxScanSize, MaxRecursion, MaxFiles,
+# ...), reported only with AlertExceedsMax; without it the unscanned rest comes back "OK".
+_LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded"
 
 # clamd's VERSION names its signature database, which changes on reload; asking once a minute
 # keeps the header honest without a second connection per message.
@@ -136,6 +148,9 @@ class Scanner:
         except ScannerUnavailable as e:
             record("unavailable", detail=str(e))
             raise
+        if result.virus is not None and result.virus.startswith(_LIMITS_EXCEEDED):
+            record("unscannable", _token(result.virus))
+            raise Rejected(replies.UNSCANNABLE_ARCHIVE, reason=f"clamd: {result.virus}")
         if result.virus is not None:
             record("virus", _token(result.virus))
             raise Rejected(replies.virus_found(result.virus), reason=f"clamd: {result.virus}")
