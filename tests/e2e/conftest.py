@@ -24,6 +24,15 @@ def client_tls() -> ssl.SSLContext:
 
 
 @pytest.fixture
+def stopping() -> Iterator[list[Gateway]]:
+    """Gateways a test starts are stopped (and their log shown on failure) afterwards."""
+    started: list[Gateway] = []
+    yield started
+    for gw in started:
+        gw.finish()
+
+
+@pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw = Gateway(tmp_path / "gw")
     gw.add_user(*ALICE)

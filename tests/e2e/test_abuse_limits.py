@@ -53,15 +53,6 @@ def start(root: Path, overrides: dict[str, dict[str, Any]]) -> Gateway:
     return gw
 
 
-@pytest.fixture
-def stopping() -> Iterator[list[Gateway]]:
-    """Gateways a test starts are stopped (and their log shown on failure) afterwards."""
-    started: list[Gateway] = []
-    yield started
-    for gw in started:
-        gw.finish()
-
-
 def plain(login: str, password: str) -> bytes:
     return b"AUTH PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode())
 

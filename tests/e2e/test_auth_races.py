@@ -19,7 +19,6 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,6 @@ pytestmark = pytest.mark.e2e
 BAD = line(replies.BAD_CREDENTIALS)
 LOCKED = line(replies.TOO_MANY_AUTH_FAILURES)
 BUSY = line(replies.TOO_MANY_AUTH_IN_PROGRESS)
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[Gateway]]:
-    started: list[Gateway] = []
-    yield started
-    for gw in started:
-        gw.finish()
 
 
 def burst(gw: Gateway, attempts: list[tuple[str, str, str]], *, last_after: int = 0) -> list[bytes]:
@@ -85,32 +76,45 @@ def burst(gw: Gateway, attempts: list[tuple[str, str, str]], *, last_after: int 
             c.close()
 
 
+def assert_five_counted(answers: list[bytes]) -> None:
+    """Twenty wrong passwords at once against a threshold of five (auth_refuse_after or
+    auth_login_refuse_after): exactly five attempts were counted before the lock; at most
+    auth_parallel_per_* (4 by default) of them were verified (535), the rest of those five were
+    refused because four were already in flight (454 ... in progress); every later one found
+    the lock (454 ... failures)."""
+    seen = Counter(answers)
+    assert set(seen) <= {BAD, LOCKED, BUSY}, seen
+    assert seen[BAD] + seen[BUSY] == 5, seen
+    assert 2 <= seen[BAD] <= 4, seen
+    assert seen[LOCKED] == 15, seen
+
+
 # --- class 6: parallel AUTH ------------------------------------------------------------------
+
+
+def guarded(tmp_path: Path, stopping: list[Gateway], *, per_client: int, per_login: int) -> Gateway:
+    """A gateway (one process) that delays from the third failure and locks at the thresholds."""
+    gw = start(tmp_path / "gw", {"ratelimits": {
+        "auth_delay_after": 2, "auth_base_delay": 0.25, "auth_max_delay": 0.5,
+        "auth_refuse_after": per_client, "auth_login_refuse_after": per_login},
+        **ONE_PROCESS})  # fmt: skip
+    stopping.append(gw)
+    return gw
 
 
 def test_a_burst_from_one_address_is_refused_at_the_thresholds_right_password_included(
     tmp_path: Path, stopping: list[Gateway]
 ) -> None:
-    gw = start(tmp_path / "gw", {"ratelimits": {
-        "auth_delay_after": 2, "auth_base_delay": 0.25, "auth_max_delay": 0.5,
-        "auth_refuse_after": 5, "auth_login_refuse_after": 50}, **ONE_PROCESS})  # fmt: skip
-    stopping.append(gw)
+    gw = guarded(tmp_path, stopping, per_client=5, per_login=50)
     source = "127.0.0.50"
     attempts = [(source, "alice", f"guess{n}") for n in range(20)] + [(source, *ALICE)]
     answers = burst(gw, attempts, last_after=15)
     wrong, right = answers[:20], answers[20]
-    seen = Counter(wrong)
-    assert set(seen) <= {BAD, LOCKED, BUSY}, seen
-    # Exactly auth_refuse_after attempts were counted before the client was locked: at most
-    # auth_parallel_per_client (4 by default) of them were verified (535), the rest of those
-    # five were refused because four were already in flight; every later one found the lock.
-    assert seen[BAD] + seen[BUSY] == 5, seen
-    assert 2 <= seen[BAD] <= 4, seen
-    assert seen[LOCKED] == 15, seen
+    assert_five_counted(wrong)
     # The right password came in the same burst: it is refused like any other attempt.
     assert right == LOCKED, right
     assert "auth ok" not in gw.log_text()
-    # And the client is now locked out at connect, on 465 before any TLS (class 7).
+    # And the client is now locked out at connect: 421 on 587 (on 465 no handshake, below).
     with socket.create_connection(("127.0.0.1", gw.ports["submission"]), timeout=10,
                                   source_address=(source, 0)) as s:  # fmt: skip
         assert s.recv(4096) == line(replies.CLIENT_LOCKED_OUT)
@@ -119,19 +123,13 @@ def test_a_burst_from_one_address_is_refused_at_the_thresholds_right_password_in
 def test_a_burst_at_one_login_from_many_addresses_is_refused_at_the_login_threshold(
     tmp_path: Path, stopping: list[Gateway]
 ) -> None:
-    gw = start(tmp_path / "gw", {"ratelimits": {
-        "auth_delay_after": 2, "auth_base_delay": 0.25, "auth_max_delay": 0.5,
-        "auth_refuse_after": 50, "auth_login_refuse_after": 5}, **ONE_PROCESS})  # fmt: skip
-    stopping.append(gw)
+    gw = guarded(tmp_path, stopping, per_client=50, per_login=5)
     # alice's usual client logged in before the attack: it stays trusted.
     assert auth_once(gw, "127.0.0.61", *ALICE)[0] == line(replies.AUTH_SUCCEEDED)
     attempts = [(f"127.0.4.{n + 1}", "alice", f"guess{n}") for n in range(20)]
     attempts.append(("127.0.4.100", *ALICE))  # the right password from a new address
     answers = burst(gw, attempts, last_after=15)
-    seen = Counter(answers[:20])
-    assert set(seen) <= {BAD, LOCKED, BUSY}, seen
-    assert seen[BAD] + seen[BUSY] == 5, seen
-    assert 2 <= seen[BAD] <= 4, seen
+    assert_five_counted(answers[:20])
     assert answers[20] == LOCKED, answers[20]
     # alice herself, from the client she used before, still logs in.
     assert auth_once(gw, "127.0.0.61", *ALICE)[0] == line(replies.AUTH_SUCCEEDED)
