@@ -10,6 +10,7 @@ clients are unaffected, and after the period the client reaches the server again
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from mailgate.receive.kernelban import KernelBan
 from tests.e2e.conftest import BOB
 from tests.e2e.test_abuse_limits import auth_once, start
 from tests.e2e.test_attacks import Client, connect, line
+from tests.e2e.test_workers import listening
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -112,6 +114,13 @@ def test_ipv6_ban() -> None:
 # --- through the server ---------------------------------------------------------------------
 
 
+def every_worker_listens(log: str) -> bool:
+    started = re.search(r"mailgate started hostname=\S+ workers=(\d+)", log)
+    return started is not None and len(listening(log, "submission")) >= max(
+        1, int(started.group(1))
+    )
+
+
 def test_locked_out_client_that_keeps_reconnecting_is_dropped_in_the_kernel(
     tmp_path: Path,
 ) -> None:
@@ -121,6 +130,10 @@ def test_locked_out_client_that_keeps_reconnecting_is_dropped_in_the_kernel(
                         "auth_ban_after": 3, "auth_ban_period": 3.0}},
     )  # fmt: skip
     try:
+        # The guesses and the reconnects must reach the same worker: until every worker has
+        # joined the port's steering group, the kernel may send them to different ones.
+        wait_for(lambda: every_worker_listens(gw.log_text()), timeout=20,
+                 what="every worker listening")  # fmt: skip
         for n in range(2):
             reply, _ = auth_once(gw, "127.0.0.4", "alice", f"guess{n}")
             assert reply == line(replies.BAD_CREDENTIALS)
