@@ -20,7 +20,7 @@ from typing import Protocol
 
 from mailgate import metrics, replies, tracelog
 from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
-from mailgate.message import headers, stamp
+from mailgate.message import dkim, headers, stamp
 from mailgate.message.authors import read_authors
 from mailgate.message.headers import HeaderSection
 from mailgate.policy import Policy, Sender
@@ -44,7 +44,7 @@ class ScannerLike(Protocol):
 
 
 class SignerLike(Protocol):
-    def sign_section(self, section: HeaderSection, body: bytes, domain: str) -> bytes: ...
+    def sign_section(self, section: HeaderSection, bh: bytes, domain: str) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -184,9 +184,9 @@ class Acceptor:
                 prefix += stamp.date()
         if decision.sign_domain and self._signer is not None:
             # Sign last, over the fields the policy read plus ours: every change is in `prefix`.
-            body = message[section.body_offset :]
+            bh = dkim.body_hash([message[section.body_offset :]])
             signed = section.prepend(prefix)
-            prefix = self._signer.sign_section(signed, body, decision.sign_domain) + prefix
+            prefix = self._signer.sign_section(signed, bh, decision.sign_domain) + prefix
 
         envelope = Envelope(
             id=incoming.qid,

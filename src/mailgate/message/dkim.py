@@ -18,6 +18,13 @@ does. The
 signature itself is made by `cryptography` (OpenSSL) with keys loaded once and kept in memory:
 RSA-SHA256 with blinding, and Ed25519-SHA256 (RFC 8463) without needing PyNaCl.
 
+The body hash (bh=) is ours (`BodyHasher`): the body is fed in chunks as it is read from the
+spool, so a 50 MB body is never held in memory (issue #18; dkimpy canonicalises a whole body
+with regular expressions, several copies of it). It follows RFC 6376 §3.4.3 (simple) and
+§3.4.4 (relaxed) exactly as dkimpy's `canonicalize_body` reads them, byte for byte, including
+on text that SMTP never delivers (bare CR or LF, no final CRLF): tests/unit/test_dkim_body.py
+checks that with hypothesis against dkimpy on random bodies split at random places.
+
 Signed header fields (RFC 6376 §5.4, §5.4.1 and §8.15): the recommended set plus the MIME,
 Sender, Message-ID, Resent-* and List-* fields. Every name in `SIGNED_HEADERS` is listed in h=
 once more than it occurs ("over-signing"; a name that is absent is listed once), so a header
@@ -31,8 +38,10 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +74,96 @@ SIGNED_HEADERS: tuple[str, ...] = (
 )  # fmt: skip
 
 CANONICALIZATION = b"relaxed/relaxed"
+
+_WSP_RUN = re.compile(rb"[\t ]+")
+_CRLF_BLOCK = b"\r\n" * 65536  # trailing empty lines are hashed in slices of this
+
+
+class BodyHasher:
+    """The SHA-256 of a canonicalised body (RFC 6376 §3.4.3, §3.4.4, §3.7), fed in chunks.
+
+    Memory is bounded whatever the body: a chunk is canonicalised on its own, with at most two
+    bytes held back (a space or CR whose fate depends on the next byte), and a run of empty
+    lines at the end is counted, not kept (§3.4.3: they are ignored, unless more text follows).
+    """
+
+    def __init__(self, relaxed: bool = True) -> None:
+        self._relaxed = relaxed
+        self._hash = hashlib.sha256()
+        self._carry = b""  # undecided: "\r", " " or " \r" (relaxed), "\r" (simple)
+        self._empty_lines = 0  # CRLFs held back at the end of what was hashed
+        self._has_text = False  # something other than CRLFs was hashed
+        self._done = False
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise ValueError("BodyHasher.update() after digest()")
+        data = self._carry + bytes(chunk)
+        if self._relaxed:
+            # §3.4.4: runs of WSP become one SP, then WSP at the end of a line goes. In that
+            # order a run before a CRLF is one SP, so one replace removes it.
+            data = _WSP_RUN.sub(b" ", data).replace(b" \r\n", b"\r\n")
+            keep = 2 if data.endswith(b" \r") else 1 if data.endswith((b" ", b"\r")) else 0
+        else:
+            keep = 1 if data.endswith(b"\r") else 0
+        self._carry = data[len(data) - keep :] if keep else b""
+        self._emit(data[: len(data) - keep] if keep else data)
+
+    def digest(self) -> bytes:
+        """The raw SHA-256 digest; the hasher takes no more input afterwards."""
+        if not self._done:
+            self._emit(self._carry)  # nothing follows: the held bytes stand as they are
+            self._carry = b""
+            self._done = True
+            # The body ends with exactly one CRLF (one is added when there is none; a relaxed
+            # body that is empty or all empty lines is empty, §3.4.4 rule c).
+            if self._has_text or not self._relaxed:
+                self._hash.update(b"\r\n")
+        return self._hash.digest()
+
+    def b64digest(self) -> bytes:
+        """The bh= value."""
+        return base64.b64encode(self.digest())
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        crlfs = _trailing_crlfs(data)
+        if crlfs * 2 == len(data):
+            self._empty_lines += crlfs
+            return
+        self._flush_empty_lines()
+        self._hash.update(data[: len(data) - 2 * crlfs])
+        self._has_text = True
+        self._empty_lines = crlfs
+
+    def _flush_empty_lines(self) -> None:
+        block = len(_CRLF_BLOCK) // 2
+        for _ in range(self._empty_lines // block):
+            self._hash.update(_CRLF_BLOCK)
+        self._hash.update(_CRLF_BLOCK[: 2 * (self._empty_lines % block)])
+        self._empty_lines = 0
+
+
+def _trailing_crlfs(data: bytes) -> int:
+    """How many CRLF pairs `data` ends with (counted from the end, as §3.4.3 strips them)."""
+    stripped = len(data.rstrip(b"\r\n"))
+    tail = data[stripped:]
+    if not tail or tail.endswith(b"\r"):
+        return 0
+    # In a run of CR and LF the pairs from the end stop at a doubled CR or LF.
+    tail = tail[max(tail.rfind(b"\r\r"), tail.rfind(b"\n\n")) + 1 :]
+    if tail.startswith(b"\n"):
+        tail = tail[1:]
+    return len(tail) // 2
+
+
+def body_hash(chunks: Iterable[bytes | bytearray | memoryview], relaxed: bool = True) -> bytes:
+    """The bh= value of the body given as `chunks`."""
+    hasher = BodyHasher(relaxed)
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.b64digest()
 
 
 class SigningError(MailgateError):
@@ -144,12 +243,18 @@ class Signer:
     def sign(self, message: bytes, domain: str) -> bytes:
         """`sign_section` for a whole message (CRLF line endings), parsed by the same rule."""
         section = header_section.parse(message, limit=len(message))
-        return self.sign_section(section, message[section.body_offset :], domain)
+        return self.sign_section(section, body_hash([message[section.body_offset :]]), domain)
 
-    def sign_section(self, section: HeaderSection, body: bytes, domain: str) -> bytes:
+    def may_sign(self, domain: str) -> bool:
+        """Whether `domain` has an active key (so the body hash is worth computing)."""
+        record = self._directory.get_domain(domain.lower().rstrip("."))
+        return record is not None and any(k.active for k in record.keys)
+
+    def sign_section(self, section: HeaderSection, bh: bytes, domain: str) -> bytes:
         """The DKIM-Signature field(s) to prepend (CRLF-terminated, folded), or b"".
 
-        `section` and `body` are the message exactly as it will be spooled. With an RSA and an
+        `section` is the header section exactly as it will be spooled, `bh` the bh= value of
+        the body that follows it (`body_hash()`, relaxed). With an RSA and an
         Ed25519 key both active, the RSA signature comes first: a verifier that knows only RSA
         and reads the topmost signature still finds one it understands.
         """
@@ -165,8 +270,6 @@ class Signer:
         include = signed_header_names(section.names())
         policy = CanonicalizationPolicy.from_c_value(CANONICALIZATION)
         canonical_headers = policy.canonicalize_headers(headers)
-        # Both algorithms hash the body with SHA-256 and the same canonicalisation: once.
-        body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
         now = str(int(time.time())).encode("ascii")
         d = record.name.encode("ascii")
         fields: list[bytes] = []
@@ -182,7 +285,7 @@ class Signer:
                 # Spaces around the colons give the folding a place to break: RFC 6376 §3.5
                 # allows FWS around a colon but not inside a header field name.
                 (b"h", b" : ".join(include)),
-                (b"bh", body_hash),
+                (b"bh", bh),  # both algorithms hash the body with SHA-256: one hash
                 # A placeholder as long as a signature, so that the folding of the tags before
                 # it does not move when the real b= is filled in (dkimpy's own convention).
                 (b"b", b"0" * 60),

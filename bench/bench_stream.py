@@ -1,0 +1,228 @@
+"""Large messages: a worker's memory and its responsiveness while ten 25 MB messages arrive.
+
+Starts a real `mailgate serve` (tests/support/gateway.py) with one worker, a real clamd
+(tests/support/clamd.py) and a recording sink as the relay, makes `example.org` a managed
+domain that signs mail from 127.0.0.0/8 on the smart host (so every message is scanned by the
+MIME walk and clamd, stamped and DKIM-signed), sends one small message to warm up, then sends
+--count messages of --size bytes on concurrent smart-host connections while another
+connection to the same worker sends NOOP after NOOP. It samples the RSS of the worker(s)
+(summed) and of the supervisor (delivery) from /proc every 20 ms.
+
+Prints one JSON object: the RSS raise over the warmed-up baseline (peak minus baseline) of the
+workers and of the supervisor, the NOOP latencies (max, p99, count) while the messages were
+being sent and accepted, the replies to the messages, and how long it all took.
+
+    python bench/bench_stream.py                      # ten 25 MB messages, MIME shape
+    python bench/bench_stream.py --shape plain        # one text part, no MIME fields
+
+Targets (issue #18): the workers' RSS raise < 150 MB in total; every NOOP answered within
+100 ms. Bounded: every loop stops at --max-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.clamd import running_clamd
+from tests.support.gateway import Gateway
+from tests.support.ports import free_port
+from tests.support.smtpsink import SmtpSink
+
+MB = 1_000_000
+
+
+def make_message(size: int, shape: str, seed: int) -> bytes:
+    """A message of about `size` bytes from bench@example.org (CRLF lines)."""
+    head = (
+        "From: Bench <bench@example.org>\r\n"
+        "To: someone@example.net\r\n"
+        f"Subject: large message {seed}\r\n"
+        "Date: Thu, 03 Dec 2026 12:00:00 +0000\r\n"
+        f"Message-ID: <large{seed}@example.org>\r\n"
+    )
+    rng = random.Random(seed)
+    if shape == "plain":
+        line = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(76)) + "\r\n"
+        body = line * ((size - len(head)) // len(line))
+        return (head + "\r\n" + body).encode("ascii")
+    boundary = "b1_bench_boundary"
+    text = f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nThe report is attached.\r\n"
+    attach_head = (
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n"
+        'Content-Disposition: attachment; filename="report.dat"\r\n\r\n'
+    )
+    tail = f"\r\n--{boundary}--\r\n"
+    mime = f"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
+    room = size - len(head) - len(mime) - len(text) - len(attach_head) - len(tail)
+    raw = rng.randbytes(room * 3 // 4 * 76 // 78)
+    encoded = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+    return (head + mime + text + attach_head).encode() + encoded + tail.encode()
+
+
+def dot_stuff(message: bytes) -> bytes:
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+async def reply(reader: asyncio.StreamReader, limit: float) -> str:
+    lines = []
+    for _ in range(100):
+        line = (await asyncio.wait_for(reader.readline(), limit)).decode()
+        lines.append(line.rstrip("\r\n"))
+        if len(line) < 4 or line[3] != "-":
+            break
+    return lines[-1]
+
+
+async def send_one(port: int, wire: bytes, limit: float) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reply(reader, limit)
+        for command in (b"EHLO bench.test\r\n", b"MAIL FROM:<bench@example.org>\r\n",
+                        b"RCPT TO:<someone@example.net>\r\n", b"DATA\r\n"):  # fmt: skip
+            writer.write(command)
+            answer = await reply(reader, limit)
+            if answer[:1] not in ("2", "3"):
+                return answer
+        view = memoryview(wire)
+        for start in range(0, len(view), 256 * 1024):
+            writer.write(view[start : start + 256 * 1024])
+            await writer.drain()
+        answer = await reply(reader, limit)
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        return answer
+    finally:
+        writer.close()
+
+
+async def noops(port: int, stop: asyncio.Event, latencies: list[float], limit: float) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reply(reader, limit)
+    writer.write(b"EHLO noop.test\r\n")
+    await reply(reader, limit)
+    deadline = time.monotonic() + limit
+    while not stop.is_set() and time.monotonic() < deadline:
+        started = time.perf_counter()
+        writer.write(b"NOOP\r\n")
+        await reply(reader, limit)
+        latencies.append(time.perf_counter() - started)
+        await asyncio.sleep(0.01)
+    writer.write(b"QUIT\r\n")
+    writer.close()
+
+
+async def sample(pids: list[int], sup: int, stop: asyncio.Event,
+                 peaks: dict[str, int], limit: float) -> None:  # fmt: skip
+    deadline = time.monotonic() + limit
+    while not stop.is_set() and time.monotonic() < deadline:
+        peaks["workers"] = max(peaks["workers"], sum(rss_kb(p) for p in pids))
+        peaks["supervisor"] = max(peaks["supervisor"], rss_kb(sup))
+        await asyncio.sleep(0.02)
+
+
+async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
+              max_seconds: float) -> dict[str, object]:  # fmt: skip
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    peaks = {"workers": 0, "supervisor": 0}
+    sampler = asyncio.create_task(sample(pids, sup, stop, peaks, max_seconds))
+    pinger = asyncio.create_task(noops(port, stop, latencies, max_seconds))
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(send_one(port, w, max_seconds) for w in wires), return_exceptions=True
+    )
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.gather(sampler, pinger, return_exceptions=True)
+    lat = sorted(latencies)
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+    return {
+        "replies": [a if isinstance(a, str) else repr(a) for a in answers],
+        "seconds": round(elapsed, 2),
+        "noop_count": len(lat),
+        "noop_max_ms": round(lat[-1] * 1000, 1) if lat else None,
+        "noop_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "noop_median_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+        "peak_kb": peaks,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--size", type=int, default=25 * MB)
+    ap.add_argument("--shape", choices=("mime", "plain"), default="mime")
+    ap.add_argument("--max-seconds", type=float, default=300.0)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mgbench-stream-") as tmp:
+        root = Path(tmp)
+        sink = SmtpSink("127.0.0.1", free_port(), count_only=True).start()
+        with running_clamd(root) as clamd:
+            gw = Gateway(root / "gw", {
+                "server": {"workers": 1},
+                "scanner": {"clamd": clamd.unix_spec},
+                "delivery": {"relay": f"127.0.0.1:{sink.port}"},
+            })  # fmt: skip
+            gw.cli("domain", "add", "example.org", "--allow-network", "127.0.0.0/8")
+            gw.start()
+            try:
+                port = gw.ports["smarthost"]
+                assert gw.proc is not None
+                sup = gw.proc.pid
+                pids = sorted(gw.pids() - {sup})
+                warm = asyncio.run(send_one(port, dot_stuff(make_message(20_000, a.shape, 0)), 60))
+                time.sleep(2)  # let the warm-up delivery finish and the heap settle
+                base = {"workers": sum(rss_kb(p) for p in pids), "supervisor": rss_kb(sup)}
+                wires = [dot_stuff(make_message(a.size, a.shape, i + 1)) for i in range(a.count)]
+                result = asyncio.run(run(port, pids, sup, wires, a.max_seconds))
+                peaks = result.pop("peak_kb")
+                assert isinstance(peaks, dict)
+                out = {
+                    "benchmark": "stream",
+                    "shape": a.shape,
+                    "count": a.count,
+                    "size": a.size,
+                    "workers": len(pids),
+                    "warmup_reply": warm,
+                    **result,
+                    "baseline_rss_mb": {k: round(v / 1024, 1) for k, v in base.items()},
+                    "rss_raise_mb": {
+                        k: round((peaks[k] - base[k]) / 1024, 1) for k in ("workers", "supervisor")
+                    },
+                    "cpus": os.cpu_count(),
+                    "loadavg": os.getloadavg(),
+                }
+                print(json.dumps(out))
+            finally:
+                gw.stop()
+                sink.stop()
+
+
+if __name__ == "__main__":
+    main()
