@@ -9,8 +9,11 @@ The spool is the journal (spool/journal.py); the one-file-per-entry layout that 
 compared it with is no longer written (figures in PERFORMANCE.md). Prints one JSON object:
 commits per second for sequential `commit()` calls and for
 `GroupCommitter.commit()` from N concurrent asyncio sessions (medians over alternating rounds,
-and each round's figure), with the mean batch size; and, with --lifecycle, the rate of the
-engine's side (load, read_message, one update, remove per entry) over the committed entries.
+and each round's figure), with the mean batch size and the process CPU per commit (the event
+loop and the committer together: what a hand-off costs shows here, not in the rate, when
+batches are small); and, with --lifecycle, the rate of the engine's side (load, read_message,
+one update, remove per entry) over the committed entries. `--sessions 1,2,20` measures each
+count; `--uvloop` runs the sessions on uvloop as the server does.
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ def sequential(store: SpoolStore, count: int, body: bytes) -> float:
     return count / (time.perf_counter() - start)
 
 
-def grouped(store: SpoolStore, count: int, body: bytes, sessions: int) -> tuple[float, int]:
+def grouped(
+    store: SpoolStore, count: int, body: bytes, sessions: int, use_uvloop: bool
+) -> tuple[float, int, float]:
+    """Commits per second, batches written, CPU ms of this process per commit."""
     committer = GroupCommitter(store)
 
     async def session(n: int) -> None:
@@ -67,9 +73,15 @@ def grouped(store: SpoolStore, count: int, body: bytes, sessions: int) -> tuple[
         share, extra = divmod(count, sessions)
         await asyncio.gather(*(session(share + (i < extra)) for i in range(sessions)))
 
-    start = time.perf_counter()
-    asyncio.run(run())
-    return count / (time.perf_counter() - start), committer.batches
+    cpu, start = time.process_time(), time.perf_counter()
+    if use_uvloop:
+        import uvloop
+
+        uvloop.run(run())
+    else:
+        asyncio.run(run())
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return count / elapsed, committer.batches, 1000 * cpu / count
 
 
 def lifecycle(store: SpoolStore) -> float:
@@ -85,10 +97,12 @@ def lifecycle(store: SpoolStore) -> float:
 
 
 def run_rounds(args: argparse.Namespace, formats: list[str], body: bytes) -> dict[str, object]:
+    counts = [int(n) for n in str(args.sessions).split(",")]
     seq: dict[str, list[float]] = {f: [] for f in formats}
-    grp: dict[str, list[float]] = {f: [] for f in formats}
+    grp: dict[tuple[str, int], list[tuple[float, int, float]]] = {
+        (f, n): [] for f in formats for n in counts
+    }
     life: dict[str, list[float]] = {f: [] for f in formats}
-    batches: dict[str, int] = dict.fromkeys(formats, 1)
     # Alternate modes and formats so that a disk shared with other work slows all alike.
     for _ in range(args.rounds):
         for fmt in formats:
@@ -96,9 +110,9 @@ def run_rounds(args: argparse.Namespace, formats: list[str], body: bytes) -> dic
             scratch = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
             try:
                 seq[fmt].append(sequential(kind(scratch / "seq"), args.count, body))
-                store = kind(scratch / "grp")
-                rate, batches[fmt] = grouped(store, args.count, body, args.sessions)
-                grp[fmt].append(rate)
+                for n in counts:
+                    store = kind(scratch / f"grp{n}")
+                    grp[fmt, n].append(grouped(store, args.count, body, n, args.uvloop))
                 if args.lifecycle:
                     life[fmt].append(lifecycle(store))
             finally:
@@ -107,17 +121,24 @@ def run_rounds(args: argparse.Namespace, formats: list[str], body: bytes) -> dic
     for fmt in formats:
         result: dict[str, object] = {
             "format": fmt,
+            "loop": "uvloop" if args.uvloop else "asyncio",
             "message_bytes": len(PREFIX) + len(body),
             "commits_per_round": args.count,
             "rounds": args.rounds,
             "sequential_commits_per_s": round(statistics.median(seq[fmt]), 1),
             "sequential_runs": [round(r, 1) for r in seq[fmt]],
-            "grouped_sessions": args.sessions,
-            "grouped_commits_per_s": round(statistics.median(grp[fmt]), 1),
-            "grouped_runs": [round(r, 1) for r in grp[fmt]],
-            "grouped_mean_batch": round(args.count / batches[fmt], 1),
-            "speedup": round(statistics.median(grp[fmt]) / statistics.median(seq[fmt]), 2),
         }
+        for n in counts:
+            runs = grp[fmt, n]
+            rate = statistics.median(r[0] for r in runs)
+            result[f"grouped_{n}"] = {
+                "sessions": n,
+                "commits_per_s": round(rate, 1),
+                "runs": [round(r[0], 1) for r in runs],
+                "mean_batch": round(args.count / statistics.median(r[1] for r in runs), 1),
+                "cpu_ms_per_commit": round(statistics.median(r[2] for r in runs), 3),
+                "speedup": round(rate / statistics.median(seq[fmt]), 2),
+            }
         if args.lifecycle:
             result["lifecycle_entries_per_s"] = round(statistics.median(life[fmt]), 1)
             result["lifecycle_runs"] = [round(r, 1) for r in life[fmt]]
@@ -129,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("."), help="where to make a scratch spool")
     parser.add_argument("--count", type=int, default=400, help="commits per run")
-    parser.add_argument("--sessions", type=int, default=20, help="concurrent committers")
+    parser.add_argument("--sessions", default="20",
+                        help="concurrent committers; a comma list measures each")  # fmt: skip
+    parser.add_argument("--uvloop", action="store_true", help="run the sessions on uvloop")
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians reported")
     parser.add_argument("--format", choices=sorted(BACKENDS), default="journal",

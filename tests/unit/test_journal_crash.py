@@ -60,10 +60,43 @@ OPERATIONS_BEFORE_KILL = 300
 ROUND_TIMEOUT = 20.0
 
 
-def run_and_kill(spool: Path, seed: int) -> list[str]:
+# The same through the server's path: 20 asyncio sessions commit through GroupCommitter (its
+# committer thread) and print "C qid size" once commit() returned, i.e. when the 250 would be
+# sent.
+GROUP_CHILD = r"""
+import asyncio, random, sys
+from pathlib import Path
+from mailgate.spool.entry import Envelope, Recipient
+from mailgate.spool.group import GroupCommitter
+from mailgate.spool.journal import JournalStore
+from mailgate.spool.incoming import MEMORY_LIMIT
+
+spool, seed = Path(sys.argv[1]), int(sys.argv[2])
+store = JournalStore(spool, segment_size=256 * 1024)
+committer = GroupCommitter(store)
+
+async def session(n):
+    rng = random.Random(seed * 100 + n)
+    for _ in range(100_000):
+        incoming = store.begin()
+        lines = rng.choice([2, 300, 300, MEMORY_LIMIT // 16 + 5])
+        incoming.write((incoming.qid.encode() + b"\r\n") * lines)
+        env = Envelope(id=incoming.qid, mail_from="a@example.org",
+                       recipients=(Recipient("b@example.net"),))
+        stored = await committer.commit(incoming, env)
+        print(f"C {stored.id} {stored.size}", flush=True)
+
+async def main():
+    await asyncio.gather(*(session(n) for n in range(20)))
+
+asyncio.run(main())
+"""
+
+
+def run_and_kill(spool: Path, seed: int, child_code: str = CHILD) -> list[str]:
     """Start the child, let it report some operations, kill -9 it; return its whole lines."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(spool), str(seed)],
+        [sys.executable, "-c", child_code, str(spool), str(seed)],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
@@ -122,5 +155,27 @@ def test_kill_9_loses_no_acknowledged_operation(tmp_path: Path) -> None:
         committed.update({q: store.load(q).size for q in present if q not in committed})
         attempts.update({q: store.load(q).recipients[0].attempts for q in present})
         removed.update(q for q in committed if q not in present)
+        store.close()
+    assert len(committed) > ROUNDS * 50
+
+
+def test_kill_9_during_group_commits_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    committed: dict[str, int] = {}
+    for seed in range(ROUNDS):
+        for line in run_and_kill(spool, seed, GROUP_CHILD):
+            op, qid, reported = line.split()
+            assert op == "C"
+            committed[qid] = int(reported)
+        store = JournalStore(spool)
+        store.recover()
+        present = set(store.ids())
+        for qid, length in committed.items():
+            assert qid in present, f"acknowledged {qid} lost"
+            assert store.load(qid).size == length
+        for qid in present:  # reported or not: only whole messages
+            message = store.read_message(qid)
+            unit = qid.encode() + b"\r\n"
+            assert message == unit * (len(message) // len(unit)), qid
         store.close()
     assert len(committed) > ROUNDS * 50

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from mailgate.errors import SpoolFull
+from mailgate.spool import group
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.incoming import MEMORY_LIMIT, Incoming
 from mailgate.spool.journal import JournalStore
+from tests.support.waiting import wait_for
 
 PREFIX = b"Received: by mail.example.ac.uk\r\n"
 
@@ -174,3 +176,65 @@ def test_a_cancelled_commit_is_removed_again(tmp_path: Path) -> None:
     assert leftovers(store) == []
     assert os.listdir(store.tmp_dir) == []
     assert qid
+
+
+def test_commits_of_one_pass_of_the_loop_share_a_batch(tmp_path: Path) -> None:
+    store = GatedJournalStore(tmp_path / "spool")
+    store.gate.open_gate.set()
+    committer = GroupCommitter(store)
+
+    async def commit(n: int) -> Envelope:
+        incoming = store.begin()
+        incoming.write(body(n))
+        return await committer.commit(incoming, envelope(incoming.qid))
+
+    async def main() -> list[Envelope]:
+        return list(await asyncio.gather(commit(0), commit(1), commit(2)))
+
+    stored = asyncio.run(main())
+    # The thread is woken after the loop ran what was ready, not by the first commit alone.
+    assert store.gate.batch_sizes == [3]
+    assert store.ids() == sorted(e.id for e in stored)
+
+
+def test_the_idle_thread_ends_and_the_next_commit_starts_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group, "IDLE_EXIT", 0.05)
+    store = JournalStore(tmp_path / "spool")
+    committer = GroupCommitter(store)
+
+    async def commit(n: int) -> Envelope:
+        incoming = store.begin()
+        incoming.write(body(n))
+        return await committer.commit(incoming, envelope(incoming.qid))
+
+    def committer_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "spool-group-commit"]
+
+    first = asyncio.run(commit(0))
+    wait_for(lambda: not committer_threads(), what="the idle committer thread to end")
+    second = asyncio.run(commit(1))  # another event loop, a new thread
+    assert store.ids() == sorted([first.id, second.id])
+    assert JournalStore(store.path).ids() == store.ids()
+
+
+def test_a_commit_whose_event_loop_closed_meanwhile_is_removed_again(tmp_path: Path) -> None:
+    store = GatedJournalStore(tmp_path / "spool")
+    committer = GroupCommitter(store)
+    incoming = store.begin()
+    incoming.write(body(0))
+
+    async def main() -> None:
+        asyncio.create_task(committer.commit(incoming, envelope(incoming.qid)))  # noqa: RUF006
+        await in_thread(store.gate.in_first_batch)
+        # Returning cancels the task and closes the loop while its batch is being written.
+
+    asyncio.run(main())
+    store.gate.open_gate.set()
+    asyncio.run(committer.drain())  # settled: written, then removed again
+    # Nobody can be told "250" any more: the entry written for it must go again.
+    assert store.gate.batch_sizes == [1]
+    assert leftovers(store) == []
+    assert store.ids() == []
+    assert os.listdir(store.tmp_dir) == []
