@@ -305,6 +305,29 @@ class AdminConfig:
     password_file: Path | None = None  # one line: HTTP Basic password of user "admin"
 
 
+WEB_USERNAMES = ("auto", "localpart", "address")
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: mail-program set-up (autoconfig, autodiscover, .mobileconfig) and /settings.
+
+    listen:   public HTTP(S) addresses; empty: not served.
+    tls:      serve HTTPS with the [tls] certificate.
+    username: what mail programs are told to log in with: "localpart" (the part of the
+              address before the @), "address" (the whole address), or "auto": "address"
+              when the LDAP filter looks {login} up in the address attribute, else
+              "localpart" (the directory's and Dovecot's primary address is LOGIN@domain).
+    imap:     "HOST:PORT" of the institution's IMAP server, named beside mailgate's outgoing
+              server (Thunderbird and Apple profiles need an incoming server); "": none.
+    """
+
+    listen: tuple[Listen, ...] = ()
+    tls: bool = False
+    username: str = "auto"
+    imap: str = ""
+
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -351,6 +374,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     log: LogConfig = field(default_factory=LogConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -414,6 +438,7 @@ _SECTIONS = {
     "server": ServerConfig,
     "auth": AuthConfig,
     "admin": AdminConfig,
+    "web": WebConfig,
     "log": LogConfig,
     "trace": TraceConfig,
     "policy": PolicyConfig,
@@ -536,6 +561,10 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         return _ratelimit_service(key, value)
     if kind == "path_or_empty":
         return None if value == "" else _path(key, value, base)
+    if kind == "web_username":
+        if value not in WEB_USERNAMES:
+            raise ConfigError(f'{key}: expected "auto", "localpart" or "address"')
+        return value
     if kind == "log_format":
         if value not in LOG_FORMATS:
             raise ConfigError(f'{key}: expected "text" or "json"')
@@ -648,6 +677,9 @@ _KINDS = {
 _KINDS_FULL = {
     "spool.format": "spool_format",
     "admin.password_file": "path_or_empty",
+    "web.tls": "bool",
+    "web.username": "web_username",
+    "web.imap": "relay",
     "log.format": "log_format",
     "trace.retention_days": "posint",
     "trace.max_size_mb": "nonnegint",
@@ -931,7 +963,7 @@ def _tls_policy_table(key: str, value: Any) -> dict[str, str]:
 
 def _check_files(cfg: Config) -> None:
     """Files that must exist for `serve` (certificate, key) are checked at load time."""
-    has_tls = bool(cfg.submission.listen or cfg.submissions.listen)
+    has_tls = bool(cfg.submission.listen or cfg.submissions.listen or cfg.web.tls)
     if has_tls:
         for key, p in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
             if not p.is_file():
@@ -942,6 +974,7 @@ def _check_files(cfg: Config) -> None:
         needed += [("auth.ldap.ca_file", ldap.ca_file),
                    ("auth.ldap.bind_password_file", ldap.bind_password_file)]  # fmt: skip
     needed.append(("delivery.tls.ca_file", cfg.delivery.tls.ca_file))
+    needed.append(("admin.password_file", cfg.admin.password_file))
     for key, maybe in needed:
         if maybe is not None and not maybe.is_file():
             raise ConfigError(f"{key}: file not found: {maybe}")

@@ -305,3 +305,29 @@ def test_dkim_record_split_by_the_publisher_still_matches() -> None:
     results = check_records(DOMAIN, hostname="mail.example.ac.uk", lookup=Zone(zone))
     assert results[2].status == "ok"
     assert (results[1].status, results[1].detail) == ("wrong", "k=ed25519, expected rsa")
+
+
+def test_web_set_up_records_point_at_the_web_host() -> None:
+    records = dkimkeys.dns_records(
+        DOMAIN, hostname="mail.example.ac.uk", web_host="mail.example.ac.uk", web_https_port=443
+    )
+    text = dkimkeys.render_zone("example.org", records, [])
+    zone = dns.zone.from_text(text, origin="example.org.", relativize=False, check_origin=False)
+    got = {
+        (name.to_text(), dns.rdatatype.to_text(rds.rdtype), rdata.to_text())
+        for name, node in zone.nodes.items()
+        for rds in node.rdatasets
+        for rdata in rds
+    }
+    assert {
+        ("autoconfig.example.org.", "CNAME", "mail.example.ac.uk."),
+        ("autodiscover.example.org.", "CNAME", "mail.example.ac.uk."),
+        ("_autodiscover._tcp.example.org.", "SRV", "0 0 443 mail.example.ac.uk."),
+    } <= got
+    # without HTTPS, Outlook would not follow the SRV record: it is not suggested
+    plain = dkimkeys.dns_records(DOMAIN, hostname="h.example", web_host="h.example")
+    assert not [r for r in plain if r.name.startswith("_autodiscover")]
+    assert [r.name for r in plain if r.rtype == "CNAME"] == [
+        "autoconfig.example.org.", "autodiscover.example.org."]  # fmt: skip
+    # no [web] listen: nothing about it
+    assert not [r for r in dkimkeys.dns_records(DOMAIN, hostname="h.example") if r.rtype == "CNAME"]

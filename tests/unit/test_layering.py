@@ -28,6 +28,10 @@ FORBIDDEN = {
                  "directory", "cli", "smtp", "limits", "admin", "metrics"},
     "admin": {"receive", "deliver", "accept", "policy", "spool", "cli", "smtp", "limits",
               "tracelog", "directory"},
+    # The web pages (issue #17): handed their data by cli; they read the event log and the
+    # status figures, and never a stage.
+    "web": {"receive", "deliver", "accept", "policy", "spool", "cli", "smtp", "limits", "scan",
+            "message", "directory", "auth"},
     "replies": {"*"},
     "errors": {"*"},
     "config": {"*"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -82,17 +83,23 @@ class _Static(Collector):
 
 
 class AdminServer:
-    """The `[admin] listen` sockets serving one application."""
+    """The listening sockets serving one application: `[admin] listen`, and `[web] listen`
+    (service="web", HTTPS when handed a context)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, *, service: str = "admin") -> None:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.service = service
 
-    async def start(self, addresses: Sequence[Listen]) -> None:
+    async def start(
+        self, addresses: Sequence[Listen], *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         await self._runner.setup()
         for address in addresses:
-            site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True)
+            site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True,
+                               ssl_context=ssl_context)  # fmt: skip
             await site.start()
-            log.info("listening service=admin address=%s", address)
+            log.info("listening service=%s address=%s tls=%s", self.service, address,
+                     "yes" if ssl_context else "no")  # fmt: skip
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def check(cfg: Config) -> None:
     """Raise ConfigError naming the key of the first problem found."""
-    if cfg.submission.listen or cfg.submissions.listen:
+    if cfg.submission.listen or cfg.submissions.listen or (cfg.web.listen and cfg.web.tls):
         tlscert.check_pair(cfg.tls.cert, cfg.tls.key)
     if cfg.directory.is_sqlite:
         _check_directory(cfg.directory.sqlite_path)

@@ -137,11 +137,19 @@ def _ports(cfg: Config) -> tuple[int | None, int | None]:
     return sub, subs
 
 
-def _zone_text(cfg: Config, domain: Domain) -> str:
+def _records(cfg: Config, domain: Domain) -> list[dkimkeys.DnsRecord]:
     sub, subs = _ports(cfg)
-    records = dkimkeys.dns_records(
-        domain, hostname=cfg.hostname, submission_port=sub, submissions_port=subs
-    )
+    # [web] runs in `mailgate serve` on this host; HTTPS only with [web] tls.
+    web_host = cfg.hostname if cfg.web.listen else None
+    https_port = cfg.web.listen[0].port if cfg.web.listen and cfg.web.tls else None
+    return dkimkeys.dns_records(
+        domain, hostname=cfg.hostname, submission_port=sub, submissions_port=subs,
+        web_host=web_host, web_https_port=https_port,
+    )  # fmt: skip
+
+
+def _zone_text(cfg: Config, domain: Domain) -> str:
+    records = _records(cfg, domain)
     return dkimkeys.render_zone(domain.name, records, dkimkeys.mta_sts_hints(domain.name))
 
 
@@ -201,10 +209,7 @@ def _dns(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
     if not args.json:
         print(_zone_text(cfg, domain), end="")
         return 0
-    sub, subs = _ports(cfg)
-    records = dkimkeys.dns_records(
-        domain, hostname=cfg.hostname, submission_port=sub, submissions_port=subs
-    )
+    records = _records(cfg, domain)
     print_json(
         {
             "domain": domain.name,

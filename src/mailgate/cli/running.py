@@ -70,6 +70,8 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         ("submissions.listen", old.submissions.listen, new.submissions.listen),
         ("smarthost.listen", old.smarthost.listen, new.smarthost.listen),
         ("admin.listen", old.admin.listen, new.admin.listen),
+        ("admin.password_file", old.admin.password_file, new.admin.password_file),
+        ("web", old.web, new.web),
         ("server.workers", old.server.workers, new.server.workers),
         ("spool", old.spool, new.spool),
         ("log.format", old.log.format, new.log.format),
@@ -167,3 +169,21 @@ async def start_admin(
     server = AdminServer(make_app(context))
     await server.start(cfg.admin.listen)
     return server, readiness
+
+
+async def start_web(cfg: Config) -> AdminServer | None:
+    """Serve `[web] listen` (autoconfig, autodiscover, .mobileconfig, /settings); HTTPS with the
+    [tls] certificate when `[web] tls`. None when it is empty."""
+    if not cfg.web.listen:
+        return None
+    from mailgate.admin.app import AdminServer
+    from mailgate.cli.common import open_directory
+    from mailgate.receive.tls import server_context
+    from mailgate.web.public import WebContext, make_web_app
+
+    directory = open_directory(cfg, check=False)
+    context = WebContext(cfg=cfg, is_managed=directory.is_managed)
+    server = AdminServer(make_web_app(context), service="web")
+    tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.web.tls else None
+    await server.start(cfg.web.listen, ssl_context=tls)
+    return server

@@ -282,7 +282,7 @@ def _check_ports_free(cfg: Config) -> None:
     """
     from mailgate.errors import ConfigError
 
-    for service in ("submission", "submissions", "smarthost", "admin"):
+    for service in ("submission", "submissions", "smarthost", "admin", "web"):
         for address in getattr(cfg, service).listen:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -356,6 +356,7 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     tracelog.start(cfg.trace)  # a thread: after the binding
     engine_task = asyncio.get_running_loop().create_task(engine.run()) if engine else None
     admin = await running.start_admin(cfg, snapshot=engine.queue_snapshot if engine else None)
+    web = await running.start_web(cfg)
 
     def reload() -> None:
         new = _validated_reload(receiver.cfg)
@@ -376,6 +377,8 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
         await asyncio.wait({engine_task}, timeout=10.0)
     if admin is not None:
         await admin[0].stop()
+    if web is not None:
+        await web.stop()
     tracelog.stop()
     log.info("mailgate stopped")
 
@@ -461,6 +464,7 @@ class Supervisor:
         admin = await running.start_admin(
             self.cfg, snapshot=engine.queue_snapshot if engine else None
         )
+        web = await running.start_web(self.cfg)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         buffer = bytearray()
 
@@ -511,6 +515,8 @@ class Supervisor:
             await asyncio.wait({engine_task}, timeout=10.0)
         if admin is not None:
             await admin[0].stop()
+        if web is not None:
+            await web.stop()
         tracelog.stop()
         log.info("mailgate stopped")
 

@@ -244,9 +244,10 @@ class DnsRecord:
     """One resource record to publish.
 
     name:    absolute owner name with the trailing dot ("mg20261128._domainkey.example.org.").
-    rtype:   "TXT" or "SRV".
-    value:   TXT: the text (strings joined); SRV: "priority weight port target.".
-    purpose: "dkim", "spf", "dmarc", "submission-srv".
+    rtype:   "TXT", "SRV" or "CNAME".
+    value:   TXT: the text (strings joined); SRV: "priority weight port target.";
+             CNAME: "target.".
+    purpose: "dkim", "spf", "dmarc", "submission-srv", "autoconfig" (mail programs' set-up).
     comment: one line explaining the record, printed above it as a zone-file comment.
     selector: the DKIM selector, for purpose "dkim".
     active:  for a DKIM key: mail is being signed with it (False: retired, still published).
@@ -310,8 +311,14 @@ def dns_records(
     hostname: str,
     submission_port: int | None = 587,
     submissions_port: int | None = 465,
+    web_host: str | None = None,
+    web_https_port: int | None = None,
 ) -> list[DnsRecord]:
-    """Every record an operator should publish for a managed domain, in zone-file order."""
+    """Every record an operator should publish for a managed domain, in zone-file order.
+
+    web_host: the host serving `[web] listen`, when it is configured: autoconfig.DOMAIN and
+    autodiscover.DOMAIN point at it, and with HTTPS (web_https_port) so does Outlook's
+    _autodiscover._tcp SRV record (Outlook follows it over HTTPS only)."""
     name = check_domain_name(domain.name)
     records: list[DnsRecord] = []
     for key in domain.keys:
@@ -357,6 +364,27 @@ def dns_records(
                 comment=f"RFC 6186 SRV: mail clients find the {service} service",
             )
         )
+    if web_host:
+        for label, who in (("autoconfig", "Thunderbird"), ("autodiscover", "Outlook")):
+            records.append(
+                DnsRecord(
+                    name=f"{label}.{name}.",
+                    rtype="CNAME",
+                    value=f"{web_host}.",
+                    purpose="autoconfig",
+                    comment=f"{who} sets itself up from http(s)://{label}.{name}/ ([web] listen)",
+                )
+            )
+        if web_https_port:
+            records.append(
+                DnsRecord(
+                    name=f"_autodiscover._tcp.{name}.",
+                    rtype="SRV",
+                    value=f"0 0 {web_https_port} {web_host}.",
+                    purpose="autoconfig",
+                    comment="Outlook's autodiscover by SRV (HTTPS only)",
+                )
+            )
     return records
 
 
