@@ -2,7 +2,8 @@
 
 Owns: the schema of mailgate.toml (INTERFACE.md), its defaults, validation and path
 resolution. Every error names the key: ``limits.max_message_size: expected a positive integer``.
-Unknown keys are errors. Must not: import anything from mailgate but `errors`.
+Unknown keys are errors. Must not: import anything from mailgate but `errors` and `dnsname`
+(the one domain-name rule, a leaf).
 Field names are spelled exactly like the TOML keys.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mailgate.dnsname import domain_name
 from mailgate.errors import ConfigError
 
 DEFAULT_BLOCKED_EXTENSIONS = (
@@ -761,13 +763,10 @@ def _account(key: str, value: Any) -> str:
 def _hostname(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a domain name")
-    labels = value.rstrip(".").split(".")
-    for label in labels:
-        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
-            raise ConfigError(f"{key}: {value!r} is not a valid domain name")
-        if not all(c.isalnum() or c == "-" for c in label) or not label.isascii():
-            raise ConfigError(f"{key}: {value!r} is not a valid domain name")
-    return value.rstrip(".").lower()
+    name = domain_name(value)  # the one LDH rule (dnsname): A-labels for IDNs
+    if name is None:
+        raise ConfigError(f"{key}: {value!r} is not a valid domain name")
+    return name
 
 
 def _port(key: str, value: Any) -> int:

@@ -8,7 +8,8 @@ other than U+002E (U+3002, U+FF0E, U+FF61), fullwidth letters, upper case and ig
 characters map to what a receiver that displays or resolves the name makes of them, and a
 U-label spelling of an A-label domain compares equal to it.
 
-Must not: import anything from mailgate (policy and message share it), do I/O, or accept a
+Must not: import anything from mailgate but dnsname (the LDH rule and lengths; policy and
+message share this module), do I/O, or accept a
 name two receivers could read as two different domains: a name with a deviation character
 (RFC 5892 §2.6: ß, ς, ZWJ, ZWNJ) is mapped differently by transitional (IDNA 2003) and
 non-transitional processing, so it is refused as ambiguous.
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import idna
 
+from mailgate.dnsname import domain_name
+
 # Unicode TR 46 §4.2 deviations: mapped (or deleted) by transitional processing only.
 _DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
-_LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-MAX_DOMAIN_LENGTH = 253  # RFC 1035 §2.3.4, in text form without the trailing dot
 
 
 class BadDomain(ValueError):
@@ -51,16 +52,21 @@ def normalize(domain: str) -> str:
     labels = mapped.split(".")
     if any(not label for label in labels):
         raise BadDomain("domain with an empty label (a trailing or doubled dot)")
-    ascii_form = ".".join(_a_label(label) for label in labels)
-    if len(ascii_form) > MAX_DOMAIN_LENGTH:
+    ascii_labels = [_a_label(label) for label in labels]
+    for label in ascii_labels:
+        # The one LDH rule (dnsname); `mapped` is lower case already.
+        if domain_name(label) != label:
+            raise BadDomain(f"not a valid domain name (label {label[:63]!r})")
+    ascii_form = ".".join(ascii_labels)
+    if domain_name(ascii_form) is None:  # every label is valid: only the length is left
         raise BadDomain("domain longer than 253 octets")
     return ascii_form
 
 
 def _a_label(label: str) -> str:
+    """An A-label for a U-label or an "xn--" label (validated by `idna`); an ASCII label as it
+    stands (the caller checks it)."""
     if label.isascii() and not label.startswith("xn--"):
-        if len(label) > 63 or not _LDH.issuperset(label) or label[0] == "-" or label[-1] == "-":
-            raise BadDomain(f"not a valid domain name (label {label[:63]!r})")
         return label
     try:
         return idna.alabel(label).decode("ascii")

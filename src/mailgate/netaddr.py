@@ -1,9 +1,9 @@
 """IP addresses of clients and peers: parsing them, and testing network membership.
 
 Owns: the one rule that an IPv4-mapped IPv6 address (::ffff:a.b.c.d, how a dual-stack listener
-reports IPv4 clients) counts as the IPv4 address it carries, and that a network only ever
-contains addresses of its own version. Must not: import anything else from mailgate, resolve
-names, or do any I/O.
+reports IPv4 clients) counts as the IPv4 address it carries, that a network only ever
+contains addresses of its own version, and the syntax of an address literal (RFC 5321
+§4.1.3). Must not: import anything else from mailgate, resolve names, or do any I/O.
 """
 
 from __future__ import annotations
@@ -39,3 +39,18 @@ def in_networks(address: str | IPAddress, networks: Iterable[IPNetwork]) -> bool
     if ip is None:
         return False
     return any(ip.version == net.version and ip in net for net in networks)
+
+
+def address_literal(text: str) -> IPAddress | None:
+    """The address of an RFC 5321 §4.1.3 address literal, `[192.0.2.1]` or `[IPv6:2001:db8::1]`
+    (the tag in any case), as written (not unmapped); None for anything else: a name, a general
+    literal, a scope id (which `ipaddress` would accept and RFC 5321 does not)."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            return None if "%" in inner else ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        return None

@@ -36,6 +36,7 @@ delivery-time question (the engine resolves them); that check is not made here.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ from mailgate import replies
 from mailgate.directory import Directory, Domain
 from mailgate.errors import Rejected
 from mailgate.identity import AuthorField, BadDomain, Mailbox, normalize, parents
+from mailgate.netaddr import IPAddress, IPNetwork, address_literal, in_networks, unmapped
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+log = logging.getLogger(__name__)
 _DOMAIN_TTL = 5.0  # seconds a domain look-up is remembered
 T = TypeVar("T")
 
@@ -98,7 +100,7 @@ class Policy:
     # --- relay -------------------------------------------------------------------
     def may_relay(self, client_ip: str) -> bool:
         """The smart host relays for clients inside smarthost.networks only."""
-        return _in_networks(client_ip, self._networks)
+        return in_networks(client_ip, self._networks)
 
     def check_rcpt(self, sender: Sender, address: str) -> None:
         """Raise Rejected(RELAY_DENIED) for an unauthenticated client outside the networks, and
@@ -181,10 +183,7 @@ class Policy:
         every = [m for f in authors for m in f.mailboxes + f.shown]
         for mailbox in every:
             domain = self._domain(mailbox.domain)
-            if domain is None or not domain.smarthost_networks:
-                return None
-            nets = [ipaddress.ip_network(n, strict=False) for n in domain.smarthost_networks]
-            if not _in_networks(sender.client_ip, nets):
+            if domain is None or not may_sign_smarthost(domain, sender.client_ip):
                 return None
         return froms[0].domain
 
@@ -241,24 +240,30 @@ def _remembered(cache: dict[str, tuple[float, T]], key: str, fetch: Callable[[st
     return value
 
 
-def literal_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def may_sign_smarthost(domain: Domain, client_ip: str) -> bool:
+    """True when `client_ip` (a smart-host client) lies in one of the domain's networks.
+
+    A relayed message is signed only when the domain lists the client's network: a host on
+    the campus network is not thereby allowed to send as every managed domain.
+    """
+    networks: list[IPNetwork] = []
+    for text in domain.smarthost_networks:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            log.warning("domain=%s ignoring bad smart-host network %r", domain.name, text)
+    return in_networks(client_ip, networks)
+
+
+def literal_address(address: str) -> IPAddress | None:
     """The IP address of a recipient whose domain is an address literal, else None.
 
     RFC 5321 §4.1.3: `[192.0.2.1]` or `[IPv6:2001:db8::1]` (the tag is case-insensitive); an
     IPv4-mapped IPv6 literal counts as its IPv4 address, so `[IPv6:::ffff:10.0.0.1]` cannot be
     used to slip past an IPv4 network. Anything else (a name, a general literal) gives None.
     """
-    domain = address.rpartition("@")[2]
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    try:
-        if inner[:5].upper() == "IPV6:":
-            v6 = ipaddress.IPv6Address(inner[5:])
-            return v6.ipv4_mapped or v6
-        return ipaddress.IPv4Address(inner)
-    except ValueError:
-        return None
+    ip = address_literal(address.rpartition("@")[2])
+    return None if ip is None else unmapped(ip)
 
 
 def check_destination(
@@ -277,7 +282,7 @@ def check_destination(
             replies.RELAY_TO_INTERNAL_DENIED,
             f"recipient {address} is an address literal of a special-purpose network",
         )
-    if ip is not None and any(ip in net for net in bad_nets):
+    if ip is not None and in_networks(ip, bad_nets):
         raise Rejected(
             replies.RELAY_TO_INTERNAL_DENIED,
             f"recipient {address} is an address literal inside smarthost.bad_nets",
@@ -287,7 +292,7 @@ def check_destination(
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
 
 
-def is_special_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_special_address(ip: IPAddress) -> bool:
     """Not a globally reachable unicast address (RFC 6890 registries, as `ipaddress` knows them),
     looking through IPv6 forms that carry an IPv4 address (mapped, 6to4, NAT64)."""
     if isinstance(ip, ipaddress.IPv6Address):
@@ -297,13 +302,3 @@ def is_special_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
         if embedded is not None and is_special_address(embedded):
             return True
     return not ip.is_global or ip.is_multicast
-
-
-def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)

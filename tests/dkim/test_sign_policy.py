@@ -16,8 +16,8 @@ from mailgate.errors import Rejected
 from mailgate.identity import AuthorField
 from mailgate.message import headers
 from mailgate.message.authors import read_authors
-from mailgate.message.dkim import Signer, may_sign_smarthost
-from mailgate.policy import FromDecision, Policy, Sender
+from mailgate.message.dkim import Signer
+from mailgate.policy import FromDecision, Policy, Sender, may_sign_smarthost
 from tests.dkim.conftest import Site
 from tests.dkim.verifier import verify_all
 

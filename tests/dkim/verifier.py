@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import dkim
+from mailgate.dnsresolver import make_resolver
 from tests.support.dnsserver import DnsServer
 
 
@@ -77,8 +78,7 @@ def ensure_ed25519_verifier() -> None:
 
 def dnsfunc_for(server: DnsServer) -> Callable[..., bytes | None]:
     """A dkimpy ``dnsfunc``: the first TXT record at a name, its strings joined, over DNS."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(server.host, server.port)]
+    resolver = make_resolver([(server.host, server.port)], 5.0)
 
     def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
         text = name.decode("ascii") if isinstance(name, bytes) else name

@@ -20,7 +20,6 @@ from mailgate.message.dkim import (
     SIGNED_HEADERS,
     Signer,
     SigningError,
-    may_sign_smarthost,
     signed_header_names,
 )
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA
@@ -223,27 +222,3 @@ def test_keys_are_read_once_and_again_when_the_file_changes(
     assert verify_all(signature + message, published("example.org", key)) == [False]
     for record in caplog.records:  # never key material in the log
         assert "PRIVATE KEY" not in record.getMessage()
-
-
-# --- may_sign_smarthost ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("networks", "client", "expected"),
-    [
-        (("10.1.0.0/16",), "10.1.2.3", True),
-        (("10.1.0.0/16",), "10.2.0.1", False),
-        (("10.1.0.0/16",), "::ffff:10.1.2.3", True),  # IPv4 client on a dual-stack listener
-        (("2001:db8:1::/48",), "2001:db8:1::25", True),
-        (("2001:db8:1::/48",), "2001:db8:2::25", False),
-        (("2001:db8:1::/48",), "fe80::1%eth0", False),
-        (("fe80::/64",), "fe80::1%eth0", True),  # zone index ignored
-        (("10.1.2.3",), "10.1.2.3", True),  # a single host
-        (("not-a-network", "10.1.0.0/16"), "10.1.0.9", True),  # a bad entry is skipped
-        ((), "10.1.2.3", False),  # no networks listed: never signed
-        (("10.1.0.0/16",), "not-an-ip", False),
-    ],
-)
-def test_may_sign_smarthost(networks: tuple[str, ...], client: str, expected: bool) -> None:
-    domain = Domain("college.example.ac.uk", smarthost_networks=networks)
-    assert may_sign_smarthost(domain, client) is expected

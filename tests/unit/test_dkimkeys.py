@@ -115,6 +115,32 @@ def test_set_aside_moves_keys_and_never_deletes(tmp_path: Path) -> None:
     assert dkimkeys.set_aside(tmp_path, "example.org") is None
 
 
+def test_set_aside_of_a_domain_moves_its_loose_key_files_under_dkim_only(tmp_path: Path) -> None:
+    kept = dkimkeys.generate_key(tmp_path, "dept.example.org", "mg1", ALGORITHM_ED25519)
+    loose = tmp_path / "dkim" / "dept.example.org-old.key"
+    loose.write_bytes(b"KEY 0")
+    elsewhere = tmp_path / "elsewhere.key"
+    elsewhere.write_bytes(b"KEY 2")
+    content = kept.key_path.read_bytes()
+    folder = dkimkeys.set_aside(
+        tmp_path, "dept.example.org", key_paths=[kept.key_path, loose, elsewhere]
+    )
+    removed = tmp_path / "dkim" / "removed"
+    assert folder is not None and folder.parent == removed and folder.suffix != ".org"
+    assert (folder / "mg1.key").read_bytes() == content
+    (moved,) = removed.glob("dept.example.org-dept.example.org-old-*.key")
+    assert moved.read_bytes() == b"KEY 0" and not loose.exists()
+    assert elsewhere.read_bytes() == b"KEY 2"  # outside <data_dir>/dkim: left alone
+    assert stat.S_IMODE(removed.stat().st_mode) == 0o700
+    # Made and set aside again: the earlier copy is never overwritten.
+    again = dkimkeys.generate_key(tmp_path, "dept.example.org", "mg1", ALGORITHM_ED25519)
+    new_content = again.key_path.read_bytes()
+    second = dkimkeys.set_aside(tmp_path, "dept.example.org")
+    assert second is not None and second != folder
+    assert (second / "mg1.key").read_bytes() == new_content
+    assert (folder / "mg1.key").read_bytes() == content
+
+
 # --- DNS record text -----------------------------------------------------------------------
 
 

@@ -7,11 +7,12 @@ import ipaddress
 import pytest
 
 from mailgate import replies
+from mailgate.directory import Domain
 from mailgate.errors import Rejected
 from mailgate.identity import AuthorField
 from mailgate.message import headers
 from mailgate.message.authors import read_authors
-from mailgate.policy import Policy, Sender
+from mailgate.policy import Policy, Sender, may_sign_smarthost
 from tests.support.memdir import MemoryDirectory
 
 
@@ -117,3 +118,27 @@ def test_grants_add_to_backend_addresses(policy: Policy) -> None:
     assert policy.check_sender(alice, "bursar@college.example.org") == "bursar@college.example.org"
     assert policy.check_sender(alice, "a.smith@example.org") == "a.smith@example.org"
     assert policy.check_sender(alice, "x@gmail.test") == "a.smith@example.org"
+
+
+# --- may_sign_smarthost ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("networks", "client", "expected"),
+    [
+        (("10.1.0.0/16",), "10.1.2.3", True),
+        (("10.1.0.0/16",), "10.2.0.1", False),
+        (("10.1.0.0/16",), "::ffff:10.1.2.3", True),  # IPv4 client on a dual-stack listener
+        (("2001:db8:1::/48",), "2001:db8:1::25", True),
+        (("2001:db8:1::/48",), "2001:db8:2::25", False),
+        (("2001:db8:1::/48",), "fe80::1%eth0", False),
+        (("fe80::/64",), "fe80::1%eth0", True),  # zone index ignored
+        (("10.1.2.3",), "10.1.2.3", True),  # a single host
+        (("not-a-network", "10.1.0.0/16"), "10.1.0.9", True),  # a bad entry is skipped
+        ((), "10.1.2.3", False),  # no networks listed: never signed
+        (("10.1.0.0/16",), "not-an-ip", False),
+    ],
+)
+def test_may_sign_smarthost(networks: tuple[str, ...], client: str, expected: bool) -> None:
+    domain = Domain("college.example.ac.uk", smarthost_networks=networks)
+    assert may_sign_smarthost(domain, client) is expected

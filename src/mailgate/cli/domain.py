@@ -264,12 +264,12 @@ def _domain_json(domain: Domain) -> dict[str, object]:
 
 def _remove(args: argparse.Namespace, cfg: Config, directory: Directory) -> int:
     name = _name(args)
-    _get(directory, name)
+    domain = _get(directory, name)
     grants = [a for a, _ in directory.list_grants() if a.rpartition("@")[2].lower() == name]
-    # The directory removes the domain's grants and key rows, and moves its key folder to
-    # dkim/removed/; should a backend leave the folder, it is set aside here all the same.
+    # The directory removes the domain's grants and key rows; its key files are set aside
+    # after that (if moving fails, the files merely stay where they were).
     directory.remove_domain(name)
-    dkimkeys.set_aside(cfg.base_dir, name)
+    dkimkeys.set_aside(cfg.base_dir, name, key_paths=[k.key_path for k in domain.keys])
     print(f"removed domain {name} and {len(grants)} grant(s); its DKIM keys are kept in "
           f"{cfg.base_dir / 'dkim' / 'removed'}")  # fmt: skip
     print(f"remove its DNS records (_domainkey, SPF, _dmarc, SRV) from the {name} zone")

@@ -29,7 +29,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from mailgate import config as mgconfig
@@ -43,6 +43,9 @@ from mailgate.spool import open_store
 from mailgate.spool.entry import Envelope
 
 if TYPE_CHECKING:
+    from mailgate.admin.app import AdminServer
+    from mailgate.admin.health import Readiness
+    from mailgate.deliver.engine import Engine
     from mailgate.receive.session import Services
 
 log = logging.getLogger("mailgate.serve")
@@ -54,6 +57,29 @@ _REAP_INTERVAL = 0.5  # how often the supervisor looks for dead workers
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LISTENING = b"+listening "  # a worker's line on the wake pipe once bound (queue ids are [0-9A-Z])
 _PRUNE_INTERVAL = 3600.0  # seconds between two applications of [trace] retention
+
+
+async def _wind_down(
+    sessions: Awaitable[object],
+    engine: Engine | None,
+    engine_task: asyncio.Task[None] | None,
+    admin: tuple[AdminServer, Readiness] | None,
+    web: AdminServer | None,
+) -> None:
+    """The end of `serve`, one process or many: sessions and deliveries wind down side by side
+    (together well within 30 seconds), then the admin and web listeners and the trace log
+    stop."""
+    if admin is not None:
+        admin[1].stopping = True  # /readyz says so while the sessions drain
+    await asyncio.gather(sessions, engine.stop() if engine is not None else asyncio.sleep(0))
+    if engine_task is not None:
+        await asyncio.wait({engine_task}, timeout=10.0)
+    if admin is not None:
+        await admin[0].stop()
+    if web is not None:
+        await web.stop()
+    tracelog.stop()
+    log.info("mailgate stopped")
 
 
 def register(sub: Any) -> None:
@@ -370,17 +396,7 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     await stop.wait()
     log.info("mailgate stopping")
     sdnotify.notify("STOPPING=1")
-    if admin is not None:
-        admin[1].stopping = True
-    await asyncio.gather(run, engine.stop() if engine is not None else asyncio.sleep(0))
-    if engine_task is not None:
-        await asyncio.wait({engine_task}, timeout=10.0)
-    if admin is not None:
-        await admin[0].stop()
-    if web is not None:
-        await web.stop()
-    tracelog.stop()
-    log.info("mailgate stopped")
+    await _wind_down(run, engine, engine_task, admin, web)
 
 
 def _validated_reload(current: Config) -> Config | None:
@@ -505,20 +521,7 @@ class Supervisor:
         log.info("mailgate stopping")
         sdnotify.notify("STOPPING=1")
         self.stopping = True
-        if admin is not None:
-            admin[1].stopping = True  # /readyz says so while the sessions drain
-        # Sessions and deliveries wind down side by side: together well within 30 seconds.
-        await asyncio.gather(
-            self._stop_workers(), engine.stop() if engine is not None else asyncio.sleep(0)
-        )
-        if engine_task is not None:
-            await asyncio.wait({engine_task}, timeout=10.0)
-        if admin is not None:
-            await admin[0].stop()
-        if web is not None:
-            await web.stop()
-        tracelog.stop()
-        log.info("mailgate stopped")
+        await _wind_down(self._stop_workers(), engine, engine_task, admin, web)
 
     def _reload(self) -> None:
         """SIGHUP: check the file here once, then every worker re-reads it (each keeps its

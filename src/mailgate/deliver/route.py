@@ -30,6 +30,8 @@ import dns.resolver
 
 from mailgate.config import DeliveryConfig
 from mailgate.dnsresolver import is_authenticated, is_trusted, make_async_resolver
+from mailgate.identity import BadDomain, normalize
+from mailgate.netaddr import IPNetwork, in_networks
 from mailgate.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class Router:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
-        bad_nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        bad_nets: Sequence[IPNetwork] = (),
     ) -> None:
         self.cfg = cfg
         # [smarthost] bad_nets: MX hosts there are never connected to (a domain whose MX
@@ -256,13 +258,7 @@ class Router:
 
     def is_refused(self, address: str) -> bool:
         """An address inside smarthost.bad_nets: never connected to."""
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.bad_nets)
+        return in_networks(address, self.bad_nets)
 
     async def _addresses(self, name: str) -> tuple[list[str], float | None, str, bool]:
         """A then AAAA addresses of `name` (IPv4 first, as most MTAs prefer for reputation),
@@ -317,11 +313,11 @@ def _is_ip(text: str) -> bool:
 
 
 def _is_hostname(name: str) -> bool:
-    if len(name) > 253:
+    """A domain name (identity.normalize, the one domain rule: U-labels are fine, dnspython
+    applies IDNA). Address literals (user@[192.0.2.1]) are refused here: mail to them is not
+    routed by DNS and is a classic abuse path."""
+    try:
+        normalize(name)
+    except BadDomain:
         return False
-    labels = name.split(".")
-    # Address literals (user@[192.0.2.1]) are refused here: mail to them is not routed by DNS
-    # and is a classic abuse path; U-labels are fine (dnspython applies IDNA).
-    return all(
-        0 < len(label) <= 63 and all(c.isalnum() or c == "-" for c in label) for label in labels
-    )
+    return True

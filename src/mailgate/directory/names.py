@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import string
 
-from mailgate.dnsname import domain_name
+from mailgate.dnsname import dkim_selector, domain_name
 from mailgate.errors import DirectoryError
 
 MAX_LOGIN_LENGTH = 255
@@ -89,8 +89,9 @@ def check_password(password: str) -> str:
 
 
 def check_selector(selector: str) -> str:
-    # RFC 6376 §3.1: a selector is a sub-domain (dot-separated labels).
-    try:
-        return normalize_domain(selector)
-    except DirectoryError:
-        raise DirectoryError(f"invalid DKIM selector {selector!r}") from None
+    """`selector` lower-cased; DirectoryError unless it is a DKIM selector (dnsname.dkim_selector,
+    the one rule)."""
+    canonical = dkim_selector(selector)
+    if canonical is None:
+        raise DirectoryError(f"invalid DKIM selector {selector!r}")
+    return canonical

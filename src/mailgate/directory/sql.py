@@ -17,7 +17,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -38,7 +37,6 @@ from mailgate.errors import DirectoryError
 
 log = logging.getLogger(__name__)
 
-_MAX_RENAME_ATTEMPTS = 1000
 # password_hash of an account whose password another [auth] backend checks: not a PHC string,
 # so passwords.verify_password() is False for every password.
 EXTERNAL_PASSWORD = "!external"  # noqa: S105 - a marker, not a password
@@ -74,8 +72,7 @@ class SqlDirectory:
 
     default_domain: primary addresses default to LOGIN@default_domain (done by the CLI); the
                     default domain is always managed.
-    data_dir:       the data folder; relative DKIM key paths are relative to it, and
-                    remove_domain() moves key files from <data_dir>/dkim/ to dkim/removed/.
+    data_dir:       the data folder; relative DKIM key paths are relative to it.
     """
 
     dialect: str  # "sqlite" or "postgresql": which migrations apply
@@ -373,50 +370,14 @@ class SqlDirectory:
         return Domain(name=domain)
 
     def remove_domain(self, name: str) -> None:
-        """Remove the domain, its grants and its key rows; move its key files aside.
-
-        Key files are kept (a key may still verify mail in transit): <data_dir>/dkim/<domain>/
-        and any other key file of the domain under <data_dir>/dkim/ move to dkim/removed/.
-        """
+        """Remove the domain, its grants and its key rows. Its key files are the caller's to set
+        aside (message.dkimkeys.set_aside, `mailgate domain remove`)."""
         domain = normalize_domain(name)
         with self._write() as db:
-            keys = db.execute("SELECT key_path FROM dkim_keys WHERE domain = ?", (domain,))
-            key_paths = [self._key_path(row["key_path"]) for row in keys.fetchall()]
             if db.execute("DELETE FROM domains WHERE name = ?", (domain,)).rowcount == 0:
                 raise DirectoryError(f"unknown domain {domain}")
             # LIKE is safe here: a normalized domain has no % or _ in it.
             db.execute("DELETE FROM grants WHERE address LIKE ?", (f"%@{domain}",))
-        # After the commit: if moving fails, the files merely stay where they were.
-        try:
-            self._move_key_files(domain, key_paths)
-        except OSError as e:
-            raise DirectoryError(
-                f"domain {domain} removed, but its key files could not be moved aside: {e}"
-            ) from None
-
-    def _move_key_files(self, domain: str, key_paths: list[Path]) -> None:
-        dkim_dir = (self.data_dir / "dkim").absolute()
-        removed = dkim_dir / "removed"
-        domain_dir = dkim_dir / domain
-        sources: list[Path] = []
-        if domain != removed.name and domain_dir.is_dir():
-            sources.append(domain_dir)
-        for path in key_paths:
-            path = path.absolute()
-            if (
-                path.is_file()
-                and path.is_relative_to(dkim_dir)
-                and not path.is_relative_to(removed)
-                and not path.is_relative_to(domain_dir)
-            ):
-                sources.append(path)
-        if not sources:
-            return
-        removed.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for source in sources:
-            target = _free_name(removed / source.name)
-            shutil.move(source, target)
-            log.info("dkim key moved aside domain=%s from=%s to=%s", domain, source, target)
 
     def get_domain(self, name: str) -> Domain | None:
         try:
@@ -631,14 +592,3 @@ def _user(row: Row) -> User:
         enabled=bool(row["enabled"]),
         suspended=bool(row["suspended"]),
     )
-
-
-def _free_name(target: Path) -> Path:
-    """`target`, or target.1, target.2 ... whichever does not exist yet."""
-    if not target.exists():
-        return target
-    for n in range(1, _MAX_RENAME_ATTEMPTS):
-        candidate = target.with_name(f"{target.name}.{n}")
-        if not candidate.exists():
-            return candidate
-    raise DirectoryError(f"{target}: too many removed copies; clean up {target.parent}")

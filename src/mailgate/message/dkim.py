@@ -1,8 +1,7 @@
 """DKIM signing of outgoing mail for managed domains.
 
 Owns: producing the DKIM-Signature header field(s) for a message and a domain (`Signer`), the
-choice of signed header fields, and the smart-host network test a policy asks before signing
-relayed mail (`may_sign_smarthost`).
+choice of signed header fields.
 
 Must not: decide *whether* a message is signed (the policy does: From: in a managed domain that
 the sender may use), change the message (the caller prepends what `sign` returns, as the very
@@ -35,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -190,30 +188,6 @@ def signed_header_names(present: list[bytes]) -> list[bytes]:
     wanted = {n.encode("ascii") for n in SIGNED_HEADERS}
     names = [n.lower() for n in present if n.lower() in wanted]
     return names + [n.encode("ascii") for n in SIGNED_HEADERS]
-
-
-def may_sign_smarthost(domain: Domain, client_ip: str) -> bool:
-    """True when `client_ip` (a smart-host client) lies in one of the domain's networks.
-
-    A relayed message is signed only when the domain lists the client's network: a host on
-    the campus network is not thereby allowed to send as every managed domain.
-    """
-    try:
-        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    for text in domain.smarthost_networks:
-        try:
-            network = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            log.warning("domain=%s ignoring bad smart-host network %r", domain.name, text)
-            continue
-        if network.version == address.version and address in network:
-            return True
-    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailgate.directory import DkimKey, Domain
+from mailgate.dnsname import MANAGED_DOMAIN_LABELS, dkim_selector, domain_name
 from mailgate.errors import MailgateError
+from mailgate.netaddr import in_networks
 
 ALGORITHM_RSA = "rsa-sha256"
 ALGORITHM_ED25519 = "ed25519-sha256"
@@ -44,10 +46,7 @@ TXT_STRING_MAX = 255  # RFC 1035 §3.3.14: one length octet per character-string
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-# Shared with directory.store.remove_domain, which moves a removed domain's folder here. A
-# single label, so never a managed domain's folder (check_domain_name wants two or more).
+# A single label, so never a managed domain's folder (check_domain_name wants two or more).
 _REMOVED = "removed"
 
 
@@ -59,22 +58,24 @@ class DkimError(MailgateError):
 
 
 def check_domain_name(name: str) -> str:
-    """The domain in canonical form (lower case, no trailing dot), or DkimError.
+    """The managed domain in canonical form (lower case, no trailing dot), or DkimError.
 
-    The name becomes a folder name under ``dkim/``, so this check is also what keeps a
-    crafted name (``../x``) from escaping that folder.
+    The name becomes a folder name under ``dkim/``, so this check (dnsname.domain_name with
+    two labels or more) is also what keeps a crafted name (``../x``) from escaping that folder.
     """
-    canonical = name.strip().rstrip(".").lower()
-    labels = canonical.split(".")
-    if len(canonical) > 253 or len(labels) < 2 or not all(_LABEL.match(x) for x in labels):
+    canonical = domain_name(name.strip(), min_labels=MANAGED_DOMAIN_LABELS)
+    if canonical is None:
         raise DkimError(f"{name!r} is not a valid domain name (use the ASCII form, xn--...)")
     return canonical
 
 
 def check_selector(selector: str) -> str:
-    if not _SELECTOR.match(selector):
+    """The selector in canonical form (dnsname.dkim_selector: dotted selectors are valid), or
+    DkimError. It becomes a file name, ``<selector>.key``: the rule admits no ``/``."""
+    canonical = dkim_selector(selector)
+    if canonical is None:
         raise DkimError(f"{selector!r} is not a valid DKIM selector")
-    return selector
+    return canonical
 
 
 def new_selectors(taken: Collection[str], algorithms: Iterable[str], today: date) -> dict[str, str]:
@@ -192,23 +193,46 @@ def public_key_b64(private: PrivateKey) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def set_aside(base_dir: Path, domain: str, selector: str | None = None) -> Path | None:
+def set_aside(
+    base_dir: Path, domain: str, selector: str | None = None, *, key_paths: Iterable[Path] = ()
+) -> Path | None:
     """Move a domain's key folder (or one key file) to ``dkim/removed/``; never delete keys.
 
-    An operator who removed a domain by mistake can move the folder back. Returns the new
-    location, or None when there was nothing to move.
+    The one way keys are set aside (``domain remove``, ``domain remove-key``, a failed ``domain
+    add``). For a whole domain, `key_paths` (its key rows' files) that lie elsewhere under
+    ``dkim/`` move too; files outside ``dkim/`` are the operator's and stay. An operator who
+    removed a domain by mistake can move the folder back. Returns the folder's (or the key
+    file's) new location, or None when it was not there.
     """
-    source = key_dir(base_dir, domain)
+    folder = key_dir(base_dir, domain)
+    stem = check_domain_name(domain)
     if selector is not None:
-        source = source / f"{check_selector(selector)}.key"
+        selector = check_selector(selector)
+        return _move_aside(base_dir, folder / f"{selector}.key", f"{stem}-{selector}")
+    dkim_dir = (base_dir / "dkim").absolute()
+    removed = dkim_dir / _REMOVED
+    for path in key_paths:
+        path = path.absolute()
+        if (
+            path.is_file()
+            and path.is_relative_to(dkim_dir)
+            and not path.is_relative_to(removed)
+            and not path.is_relative_to(folder.absolute())
+        ):
+            _move_aside(base_dir, path, f"{stem}-{path.stem}")
+    return _move_aside(base_dir, folder, stem)
+
+
+def _move_aside(base_dir: Path, source: Path, stem: str) -> Path | None:
+    """`source` renamed to ``dkim/removed/<stem>-<UTC time>[-n]`` (a key file keeps ``.key``)."""
     if not source.exists():
         return None
+    suffix = source.suffix if source.is_file() else ""
     removed = base_dir / "dkim" / _REMOVED
     _make_private_dir(removed)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stem = check_domain_name(domain) + (f"-{selector}" if selector else "")
     for n in range(1, 1000):
-        target = removed / (f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "") + source.suffix)
+        target = removed / (f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "") + suffix)
         if not target.exists():
             os.rename(source, target)
             _fsync_dir(removed)
@@ -549,7 +573,7 @@ def _spf_names_us(record: str, hostname: str, lookup: Lookup) -> bool:
                 network = ipaddress.ip_network(arg, strict=False)
             except ValueError:
                 continue
-            if any(a.version == network.version and a in network for a in addresses):
+            if any(in_networks(a, [network]) for a in addresses):
                 return True
     return False
 

@@ -10,11 +10,12 @@ below 78 columns where they can be (RFC 5322 §2.1.1).
 from __future__ import annotations
 
 import email.utils
-import ipaddress
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from mailgate.dnsname import domain_name
+from mailgate.netaddr import address_literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,24 +92,12 @@ def scanned_by(value: str) -> bytes:
     return f"X-Scanned-By: {text}\r\n".encode()
 
 
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-
-
 def _is_helo_domain(helo: str) -> bool:
-    """A Domain (RFC 5321 §4.1.2: LDH labels) or an IPv4/IPv6 address literal (§4.1.3)."""
-    if len(helo) > 255 or not helo:
-        return False
-    if helo.startswith("[") and helo.endswith("]"):
-        inner = helo[1:-1]
-        try:
-            if inner[:5].upper() == "IPV6:":
-                ipaddress.IPv6Address(inner[5:])
-            else:
-                ipaddress.IPv4Address(inner)
-        except ValueError:
-            return False
-        return True
-    return all(_LABEL.match(label) for label in helo.split("."))
+    """A Domain (RFC 5321 §4.1.2: LDH labels, dnsname's rule) or an IPv4/IPv6 address literal
+    (§4.1.3)."""
+    if helo.endswith("."):
+        return False  # a Domain has no final dot
+    return address_literal(helo) is not None or domain_name(helo) is not None
 
 
 def _comment_safe(text: str) -> str:

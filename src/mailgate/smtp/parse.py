@@ -27,12 +27,12 @@ Choices made where the RFCs leave room (documented for operators):
 from __future__ import annotations
 
 import binascii
-import ipaddress
 import re
 from typing import Final, Literal
 
 from mailgate import replies
 from mailgate.errors import ProtocolViolation
+from mailgate.netaddr import address_literal
 from mailgate.smtp.events import MailFrom, RcptTo
 
 # --- address grammar (RFC 5321 §4.1.2, extended by RFC 6531 §3.3) ---------------------------
@@ -55,7 +55,6 @@ _ADL = f"@{_DOMAIN}(?:,@{_DOMAIN})*"
 _PATH_RE: Final = re.compile(
     f"<(?:(?P<null>)>|(?P<postmaster>(?i:postmaster))>|(?:{_ADL}:)?{_MAILBOX}>)"
 )
-_LDH_LABEL_RE: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?")
 
 # --- ESMTP parameters (RFC 5321 §4.1.2: esmtp-keyword, esmtp-value) ---------------------------
 _PARAM_RE: Final = re.compile(
@@ -130,16 +129,8 @@ def _check_domain(domain: str) -> None:
 
 def _check_literal(literal: str) -> None:
     """RFC 5321 §4.1.3: `[1.2.3.4]` or `[IPv6:...]`; general literals are refused."""
-    inner = literal[1:-1]
-    try:
-        if inner[:5].upper() == "IPV6:":
-            if "%" in inner:  # ipaddress accepts scope ids; RFC 5321 does not
-                raise ValueError(inner)
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        raise _fail(replies.BAD_ADDRESS) from None
+    if address_literal(literal) is None:
+        raise _fail(replies.BAD_ADDRESS)
 
 
 def is_valid_address(address: str, *, smtputf8: bool = False) -> bool:
