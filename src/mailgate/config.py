@@ -286,6 +286,9 @@ class OAuthConfig:
     ca_file: Path | None = None  # trust anchors for the JWKS server; None: system CAs
     jwks_cache: float = 3600.0  # seconds the key set is used before it is fetched again
     timeout: float = 5.0  # seconds to fetch the key set
+    # What a failed token's error challenge tells the client (RFC 7628 §3.2.2); "": left out
+    scope: str = ""  # a scope that gives a token mailgate accepts
+    openid_configuration: str = ""  # https://... the provider's discovery document
 
 
 @dataclass(frozen=True, slots=True)
@@ -720,6 +723,8 @@ _KINDS_FULL = {
     "auth.oauth.ca_file": "path_or_empty",
     "auth.oauth.jwks_cache": "seconds",
     "auth.oauth.timeout": "seconds",
+    "auth.oauth.scope": "text",
+    "auth.oauth.openid_configuration": "https_url",
 }
 
 

@@ -61,9 +61,10 @@ def swaks_qid(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout.split("<~  250 2.0.0 Ok: queued as ", 1)[1].split()[0]
 
 
-def msmtp(gw: Gateway, folder: Path, login: str, password: str, frm: str, *,
-          auth: str = "plain") -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """msmtp with implicit TLS on the submissions port; `password` may be a bearer token."""
+def msmtp(gw: Gateway, folder: Path, login: str, password: str, frm: str, *, auth: str = "plain",
+          debug: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """msmtp with implicit TLS on the submissions port; `password` may be a bearer token.
+    `debug`: the SMTP dialogue on stdout ("--> " the client's lines, "<-- " the server's)."""
     folder.mkdir(parents=True, exist_ok=True)
     rc, secret = folder / "msmtprc", folder / "secret"
     secret.write_text(password)  # passwordeval: a token is longer than an msmtprc line may be
@@ -74,7 +75,8 @@ def msmtp(gw: Gateway, folder: Path, login: str, password: str, frm: str, *,
     )
     rc.chmod(0o600)
     text = f"From: {frm}\r\nTo: msmtp@remote.test\r\nSubject: hello\r\n\r\nHello.\r\n"
-    return subprocess.run(["msmtp", "-C", str(rc), "msmtp@remote.test"], input=text,
+    options = ["--debug"] if debug else []
+    return subprocess.run(["msmtp", *options, "-C", str(rc), "msmtp@remote.test"], input=text,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import re
 from typing import Any
 
@@ -812,7 +813,9 @@ TOKENS = [b"EHLO a.test\r\n", b"HELO a\r\n", b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO
           b"DATA\r\n", b".\r\n", b"\r\n", b"\n", b"\r", b"\0", b".", b"RSET\r\n", b"STARTTLS\r\n",
           b"AUTH PLAIN\r\n", b"AUTH LOGIN YWxpY2U=\r\n", PLAIN_ALICE.encode(), b"*\r\n", b"x" * 600,
           b"NOOP\r\n", b"QUIT\r\n", b"GET / HTTP/1.1\r\n", b"\xff\xfe",
-          b"SIZE=99999999"]  # fmt: skip
+          b"SIZE=99999999", b"AUTH XOAUTH2\r\n", b"AQ==\r\n",
+          b"AUTH OAUTHBEARER bixhPWFsaWNlLAFhdXRoPUJlYXJlciB3cm9uZwEB\r\n",
+          b"dXNlcj1hbGljZQFhdXRoPUJlYXJlciBzZWNyZXQBAQ==\r\n"]  # fmt: skip
 noise = st.lists(st.sampled_from(TOKENS) | st.binary(max_size=40), max_size=40).map(b"".join)
 
 
@@ -826,7 +829,8 @@ noise = st.lists(st.sampled_from(TOKENS) | st.binary(max_size=40), max_size=40).
 def test_any_input_gives_replies_or_close(
     profile: str, data: bytes, cuts: list[int], choices: st.DataObject
 ) -> None:
-    conn = ServerConnection(PROFILES[profile], HOST, max_message_size=500, max_errors=5)
+    conn = ServerConnection(PROFILES[profile], HOST, max_message_size=500, max_errors=5,
+                            token_auth=True)  # fmt: skip
     conn.start()
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     for a, b in [*itertools.pairwise(points), (len(data), len(data))]:
@@ -931,6 +935,120 @@ def test_token_mechanisms_not_before_tls() -> None:
     conn = greeted(SUBMISSION, token_auth=True)
     _, out = feed(conn, b"AUTH XOAUTH2\r\n")
     assert out == ["530 5.7.0 Must issue a STARTTLS command first"]
+
+
+# --- a failed bearer token: RFC 7628 §3.2.2's error challenge ---------------------------------
+BAD_TOKEN_OAUTHBEARER = base64.b64encode(b"n,a=alice,\x01auth=Bearer wrong\x01\x01").decode()
+GOOD_TOKEN_OAUTHBEARER = base64.b64encode(b"n,a=alice,\x01auth=Bearer secret\x01\x01").decode()
+BAD_TOKEN_XOAUTH2 = base64.b64encode(b"user=alice\x01auth=Bearer wrong\x01\x01").decode()
+BASE_ERROR = {"status": "invalid_token", "schemes": "bearer"}
+
+
+def token_machine(**options: Any) -> ServerConnection:
+    conn = ServerConnection(SUBMISSIONS, HOST, max_message_size=1000, token_auth=True, **options)
+    conn.start()
+    feed(conn, b"EHLO client.test\r\n")
+    return conn
+
+
+def error_challenge(out: list[str]) -> dict[str, str]:
+    """The JSON object of the one 334 line in `out`."""
+    assert len(out) == 1 and out[0].startswith("334 "), out
+    decoded = json.loads(base64.b64decode(out[0][4:], validate=True))
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+def test_a_failed_oauthbearer_token_gets_the_error_challenge_then_535() -> None:
+    conn = token_machine()
+    events, out = feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    assert events == [Auth(mechanism="OAUTHBEARER", login="alice", password="wrong")]
+    assert out == ["334 eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIiwic2NoZW1lcyI6ImJlYXJlciJ9"]
+    assert error_challenge(out) == BASE_ERROR
+    assert state(conn) is State.SASL and conn.error_count == 0
+    events, out = feed(conn, b"AQ==\r\n")  # the dummy response: %x01 (RFC 7628 §3.2.3)
+    assert events == [] and out == ["535 5.7.8 Authentication credentials invalid"]
+    assert state(conn) is State.GREETED and conn.login is None and conn.error_count == 1
+    # The session goes on: a good token now logs in.
+    events, out = feed(conn, f"AUTH OAUTHBEARER {GOOD_TOKEN_OAUTHBEARER}\r\n".encode())
+    assert out == ["235 2.7.0 Authentication successful"] and conn.login == "alice"
+
+
+def test_a_failed_xoauth2_token_gets_the_error_challenge_then_535() -> None:
+    conn = token_machine()
+    events, out = feed(conn, b"AUTH XOAUTH2\r\n")  # msmtp's way: the response on its own line
+    assert events == [] and out == ["334 "]
+    events, out = feed(conn, f"{BAD_TOKEN_XOAUTH2}\r\n".encode())
+    assert events == [Auth(mechanism="XOAUTH2", login="alice", password="wrong")]
+    assert error_challenge(out) == BASE_ERROR
+    events, out = feed(conn, b"\r\n")  # Google's dummy response: an empty line
+    assert events == [] and out == ["535 5.7.8 Authentication credentials invalid"]
+    assert state(conn) is State.GREETED and conn.error_count == 1
+
+
+def test_the_error_challenge_names_the_configured_scope_and_discovery_document() -> None:
+    discovery = "https://sso.example.ac.uk/realms/staff/.well-known/openid-configuration"
+    conn = token_machine(token_scope="mailgate-smtp", token_openid_configuration=discovery)
+    _, out = feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    assert error_challenge(out) == {**BASE_ERROR, "scope": "mailgate-smtp",
+                                    "openid-configuration": discovery}  # fmt: skip
+
+
+def test_an_abort_after_the_error_challenge_gets_501() -> None:
+    conn = token_machine()
+    feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    events, out = feed(conn, b"*\r\n")  # the SASL abort (RFC 4954 §4)
+    assert events == [] and out == ["501 5.0.0 Authentication cancelled"]
+    assert state(conn) is State.GREETED and conn.error_count == 1
+
+
+@pytest.mark.parametrize("answer", [GOOD_TOKEN_OAUTHBEARER, "", "not base64!", "MAIL FROM:<a@b>"])
+def test_anything_else_after_the_error_challenge_gets_535_and_is_never_decoded(
+    answer: str,
+) -> None:
+    conn = token_machine()
+    feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    # Even a good token in that slot is not a second try: no Auth event, the failure stands.
+    events, out = feed(conn, f"{answer}\r\n".encode())
+    assert events == [] and out == ["535 5.7.8 Authentication credentials invalid"]
+    assert state(conn) is State.GREETED and conn.login is None and conn.error_count == 1
+
+
+def test_a_temporary_failure_of_a_token_gets_no_error_challenge() -> None:
+    # The key set unreachable: 454 4.7.0 at once, the exchange over, nothing counted.
+    conn = token_machine()
+    conn.receive_data(f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    assert isinstance(conn.next_event(), Auth)
+    conn.send(replies.AUTH_TEMPORARILY_UNAVAILABLE)
+    assert lines(conn) == ["454 4.7.0 Temporary authentication failure"]
+    assert conn.next_event() is NEED_DATA and state(conn) is State.GREETED
+    assert conn.error_count == 0
+
+
+def test_a_failed_password_gets_no_error_challenge() -> None:
+    conn = token_machine()
+    wrong = base64.b64encode(b"\0alice\0wrong").decode()
+    _, out = feed(conn, f"AUTH PLAIN {wrong}\r\n".encode())
+    assert out == ["535 5.7.8 Authentication credentials invalid"]
+
+
+def test_each_failed_token_counts_once_against_the_error_budget() -> None:
+    conn = token_machine(max_errors=2)
+    feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\nAQ==\r\n".encode())
+    assert conn.error_count == 1 and not conn.is_closed
+    _, out = feed(conn, f"AUTH XOAUTH2 {BAD_TOKEN_XOAUTH2}\r\n".encode())
+    assert error_challenge(out) == BASE_ERROR
+    events, out = feed(conn, b"\r\n")
+    assert out == ["535 5.7.8 Authentication credentials invalid",
+                   "421 4.5.0 Too many errors, closing connection"]  # fmt: skip
+    assert [type(e) for e in events] == [Close] and conn.is_closed
+
+
+def test_a_client_that_hangs_up_after_the_error_challenge_is_closed() -> None:
+    conn = token_machine()
+    feed(conn, f"AUTH OAUTHBEARER {BAD_TOKEN_OAUTHBEARER}\r\n".encode())
+    events, out = feed(conn, b"")
+    assert [type(e) for e in events] == [Close] and out == [] and conn.is_closed
 
 
 # --- REQUIRETLS (RFC 8689 §4.1) --------------------------------------------------------------

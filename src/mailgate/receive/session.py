@@ -103,6 +103,8 @@ class Session:
             max_recipients=limits.max_recipients,
             max_errors=limits.max_errors,
             token_auth=services.authenticator.accepts_tokens,
+            token_scope=services.cfg.auth.oauth.scope,
+            token_openid_configuration=services.cfg.auth.oauth.openid_configuration,
         )
         self.txn: Transaction | None = None
         self.incoming: Incoming | None = None

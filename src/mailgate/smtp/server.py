@@ -21,8 +21,9 @@ Rules of the API (a violation raises `UsageError`, a bug in the caller):
   again. Nothing else may be sent: `send()` without such a pending event raises.
 - A positive answer is 2xx, or 354 for `DataStart`; it moves the machine along TRANSITIONS.
   A 4xx/5xx answer leaves the state unchanged, except after `EndOfData`, where any answer ends
-  the transaction (RFC 5321 §4.1.1.4). A 3xx answer to anything but `DataStart` (or a 2xx to
-  `DataStart`) is a usage error.
+  the transaction (RFC 5321 §4.1.1.4), and a 5xx answer to a bearer-token `Auth` (OAUTHBEARER,
+  XOAUTH2), which the machine holds back behind RFC 7628's error challenge (below). A 3xx
+  answer to anything but `DataStart` (or a 2xx to `DataStart`) is a usage error.
 - `StartTls`, `MessageChunk`, `Reset`, `Quit` and `Close` need no answer. After `StartTls` the
   adapter upgrades the transport and calls `tls_started()`.
 - After `Quit` or `Close` the machine is closed: `next_event()` returns NEED_DATA and input is
@@ -31,7 +32,8 @@ Rules of the API (a violation raises `UsageError`, a bug in the caller):
 Replies the machine writes itself (the adapter never sends these):
 - the 220 greeting; the EHLO capability list and the HELO line (after a 2xx to `Ehlo`; the
   adapter's reply text is not used, RFC 2034 §3 puts no status code on them);
-- 220 2.0.0 for STARTTLS, 334 challenges during AUTH, 250 for RSET and NOOP, 221 for QUIT,
+- 220 2.0.0 for STARTTLS, 334 challenges during AUTH (the bearer-token error challenge
+  included), 250 for RSET and NOOP, 221 for QUIT,
   252 2.5.0 for VRFY, 214 for HELP, 502 5.5.1 for EXPN;
 - every syntax, sequence and limit error: 500 5.5.1 unknown command, 500 5.5.2 bad line
   (NUL, bare CR, bare LF line end, 8-bit verb, empty line), 500 5.5.2 line over 512 octets,
@@ -62,13 +64,26 @@ Decisions (documented, RFC references where the rule is enforced in the code):
   `Ehlo` (RFC 5321 §4.1.4). ESMTP parameters are accepted after HELO too, like Postfix.
 - AUTH is advertised only under TLS (`offers_auth and (is_tls or not requires_tls_for_auth)`),
   allowed only outside a transaction (RFC 4954 §4) and only once per TLS session.
+- A failed bearer token (the adapter answers its `Auth` with a 5xx, normally 535 5.7.8) is
+  RFC 7628 §3.2.2's error flow, for XOAUTH2 too as Google documents it: the machine writes
+  `334 <base64 JSON error>` ({"status":"invalid_token","schemes":"bearer"}, plus "scope" and
+  "openid-configuration" when configured) instead of the reply, and writes the adapter's reply
+  only after the client's next line. That line is meant to be the dummy response (%x01,
+  "AQ==", for OAUTHBEARER, §3.2.3; an empty line for XOAUTH2); anything else but the SASL
+  abort `*` (501 5.0.0) gets the same failure reply, because the exchange has failed whatever
+  the client says, and is never decoded (msmtp, for one, answers OAUTHBEARER's challenge with
+  an empty line). The adapter sees one `Auth` and gives one answer: its failure counting
+  happens once, as for a wrong password. A 4xx answer (backend unreachable: 454 4.7.0) is
+  written at once, with no challenge.
 - A closed peer (`receive_data(b"")`) still gets its complete buffered commands processed in
   order, then `Close` (reply_sent=False).
 """
 
 from __future__ import annotations
 
+import base64
 import enum
+import json
 from collections import deque
 from typing import Final
 
@@ -126,8 +141,9 @@ class State(enum.Enum):
 # whose event is not listed for the current state is answered 503 5.5.1 by the machine.
 # Special cases, kept out of the table because they are not events: AUTH without an initial
 # response enters SASL and the machine returns to GREETED when the exchange completes (before
-# yielding Auth) or fails; tls_started() moves TLS_PENDING to CONNECTED; EndOfData moves on any
-# answer, positive or not.
+# yielding Auth) or fails; a 5xx answer to a bearer-token Auth enters SASL again, for the one
+# line that answers the error challenge; tls_started() moves TLS_PENDING to CONNECTED; EndOfData
+# moves on any answer, positive or not.
 TRANSITIONS: Final[dict[State, dict[type[Event], State]]] = {
     State.NEW: {},
     State.CONNECTED: {
@@ -183,6 +199,23 @@ _HTTP_METHODS: Final = (b"GET ", b"POST ", b"HEAD ", b"CONNECT ")
 _SASL_CONTINUE: Final = b"334 \r\n"  # RFC 4954 §4: empty challenge for PLAIN
 _LOGIN_USERNAME: Final = b"334 VXNlcm5hbWU6\r\n"  # base64("Username:")
 _LOGIN_PASSWORD: Final = b"334 UGFzc3dvcmQ6\r\n"  # base64("Password:")
+_TOKEN: Final = frozenset(parse.TOKEN_MECHANISMS)
+
+
+def token_error_challenge(scope: str = "", openid_configuration: str = "") -> bytes:
+    """The 334 line that tells a bearer-token client why it failed (RFC 7628 §3.2.2): base64 of
+    a JSON object with "status" (an OAuth error code, RFC 6750 §3.1: the token is invalid,
+    expired or not for us), "schemes" (the HTTP authentication scheme, RFC 7628 §4.4's SMTP
+    example), and, when configured, "scope" (a scope that would be valid; omitted, a client
+    takes it that no particular scope is needed) and "openid-configuration" (where the client
+    can discover the provider)."""
+    error = {"status": "invalid_token", "schemes": "bearer"}
+    if scope:
+        error["scope"] = scope
+    if openid_configuration:
+        error["openid-configuration"] = openid_configuration
+    text = json.dumps(error, separators=(",", ":"), ensure_ascii=True)
+    return b"334 " + base64.b64encode(text.encode("ascii")) + b"\r\n"
 
 
 class ServerConnection:
@@ -195,6 +228,8 @@ class ServerConnection:
     max_errors:       5xx replies before 421 4.5.0 and Close.
     token_auth:       also offer OAUTHBEARER and XOAUTH2 (bearer tokens, RFC 7628); the token
                       arrives as Auth.password.
+    token_scope, token_openid_configuration: the "scope" and "openid-configuration" members
+                      of the error challenge a failed token gets ("" leaves them out).
 
     Public attributes (read them, do not assign): is_tls, login, ehlo_domain,
     auth_mechanism, error_count, state, is_closed.
@@ -209,6 +244,8 @@ class ServerConnection:
         max_recipients: int = 100,
         max_errors: int = 10,
         token_auth: bool = False,
+        token_scope: str = "",
+        token_openid_configuration: str = "",
     ) -> None:
         if max_message_size < 1 or max_recipients < 1 or max_errors < 1:
             raise UsageError("ServerConnection limits must be positive")
@@ -218,6 +255,7 @@ class ServerConnection:
         self.max_recipients = max_recipients
         self.max_errors = max_errors
         self.mechanisms = parse.SASL_MECHANISMS + (parse.TOKEN_MECHANISMS if token_auth else ())
+        self._token_error = token_error_challenge(token_scope, token_openid_configuration)
         self.is_tls = profile.implicit_tls
         self.login: str | None = None
         self.auth_mechanism: str | None = None
@@ -239,6 +277,8 @@ class ServerConnection:
         # the SASL exchange in progress (state SASL)
         self._sasl_mechanism = ""
         self._sasl_username: str | None = None
+        # A failed bearer token's reply, held back until the client answers the error challenge
+        self._sasl_failure: Reply | None = None
 
     # --- public properties ------------------------------------------------------------------
     @property
@@ -308,6 +348,14 @@ class ServerConnection:
             raise UsageError(f"send({reply.line()!r}) without an event waiting for an answer")
         positive = _is_positive(event, reply)
         self._pending = None
+        if isinstance(event, Auth) and event.mechanism in _TOKEN and reply.code >= 500:
+            # RFC 7628 §3.2.2: the error travels in a challenge; the failure follows the
+            # client's dummy response (_sasl_response).
+            self._out += self._token_error
+            self._state = State.SASL
+            self._sasl_mechanism = event.mechanism
+            self._sasl_failure = reply
+            return
         if isinstance(event, Ehlo) and positive:
             self._out += self._ehlo_reply(event)
         else:
@@ -551,6 +599,13 @@ class ServerConnection:
         """One client response of the SASL exchange (or the AUTH initial response)."""
         if content == b"*":
             raise ProtocolViolation(replies.AUTH_CANCELLED)  # RFC 4954 §4
+        if self._sasl_failure is not None:
+            # The answer to a bearer-token error challenge: the dummy response (RFC 7628
+            # §3.2.3) or not, the exchange has failed and its content is never decoded.
+            failure = self._sasl_failure
+            self._end_sasl()
+            self._refuse(failure)
+            return
         text = content.decode("ascii", "replace")
         if self._sasl_mechanism == "PLAIN":
             login, password = parse.parse_sasl_plain(text)
@@ -575,6 +630,7 @@ class ServerConnection:
             self._state = State.GREETED
         self._sasl_mechanism = ""
         self._sasl_username = None
+        self._sasl_failure = None
 
     def _cmd_mail(self, arg: str) -> None:
         self._require(MailFrom)
