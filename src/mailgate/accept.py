@@ -12,17 +12,20 @@ Must not: talk SMTP or touch sockets; it returns a Reply and the session writes 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from mailgate import metrics, replies, tracelog
 from mailgate.errors import Rejected, ScannerUnavailable, SpoolError, SpoolFull
 from mailgate.message import dkim, headers, stamp
 from mailgate.message.authors import read_authors
 from mailgate.message.headers import HeaderSection
+from mailgate.message.source import MessageSource
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
 from mailgate.scan import Verdict
@@ -31,6 +34,7 @@ from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.incoming import Incoming
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class Committer(Protocol):
@@ -39,11 +43,16 @@ class Committer(Protocol):
 
 class ScannerLike(Protocol):
     async def check(
-        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+        self,
+        message: bytes | MessageSource,
+        log_prefix: str = "",
+        section: HeaderSection | None = None,
     ) -> Verdict: ...
 
 
 class SignerLike(Protocol):
+    def may_sign(self, domain: str) -> bool: ...
+
     def sign_section(self, section: HeaderSection, bh: bytes, domain: str) -> bytes: ...
 
 
@@ -136,16 +145,27 @@ class Acceptor:
     async def _accept(
         self, facts: SessionFacts, txn: Transaction, incoming: Incoming, ctx: str
     ) -> tuple[Envelope, str]:
-        """The committed envelope and the message's Message-ID (added here if missing)."""
-        message = incoming.getvalue()
+        """The committed envelope and the message's Message-ID (added here if missing).
+
+        The message stays where the session put it (memory up to 256 KiB, else spool/tmp/):
+        only its header section is read into memory (at most max_header_size), the scan and
+        the body hash read it a chunk at a time, and our changes to the header section are a
+        new head in front of the unchanged body (`Incoming.replace_head`): the body is never
+        held in memory or copied by this process (issue #18)."""
+        is_large = incoming.is_spilled  # then its readers run in threads (disk, CPU)
         # The one parse of the header section (552 5.3.4 over the limit, 554 5.6.0 malformed).
-        section = headers.parse(message, limit=self._max_header_size)
-        if not section.separated and section.body_offset < len(message):
+        section = await _maybe_off_loop(is_large, self._read_section, incoming)
+        cut = section.body_offset  # the received bytes from here on are the body, unchanged
+        if section.separated:
+            head = section.raw + b"\r\n"
+        elif cut < incoming.size:
             # RFC 5322 §2.1: an empty line separates the body. Readers differ on a header that
             # just stops; with the line inserted they all find the body where we did.
-            message = section.raw + b"\r\n" + message[section.body_offset :]
-            incoming.replace(message)
-            section = headers.parse(message, limit=self._max_header_size)
+            head = section.raw + b"\r\n"
+            section = dataclasses.replace(section, body_offset=len(head), separated=True)
+        else:
+            head = section.raw  # all header, no body
+        incoming.replace_head(head, cut)
         received = section.count("received")
         if received >= self._hop_limit:
             raise Rejected(replies.HOP_LIMIT_EXCEEDED, f"{received} Received fields")
@@ -159,7 +179,7 @@ class Acceptor:
 
         verdict_header = b""
         if self._scanner is not None:
-            verdict = await self._scanner.check(message, log_prefix=ctx, section=section)
+            verdict = await self._scanner.check(incoming, log_prefix=ctx, section=section)
             verdict_header = stamp.scanned_by(verdict.header)
 
         rcpts = [r.address for r in txn.rcpts]
@@ -169,8 +189,7 @@ class Acceptor:
             if section.has("sender"):
                 # One Sender: only (RFC 5322 §3.6): ours identifies the authenticated user.
                 trimmed = section.without("sender")
-                message = trimmed.raw + message[len(section.raw) :]
-                incoming.replace(message)
+                incoming.replace_head(trimmed.raw + head[len(section.raw) :], cut)
                 section = trimmed
             prefix += stamp.sender(decision.sender_header)
         ids = section.get_all("message-id")
@@ -184,9 +203,11 @@ class Acceptor:
                 prefix += stamp.date()
         if decision.sign_domain and self._signer is not None:
             # Sign last, over the fields the policy read plus ours: every change is in `prefix`.
-            bh = dkim.body_hash([message[section.body_offset :]])
             signed = section.prepend(prefix)
-            prefix = self._signer.sign_section(signed, bh, decision.sign_domain) + prefix
+            prefix = (
+                await _maybe_off_loop(is_large, self._sign, signed, incoming, decision.sign_domain)
+                + prefix
+            )
 
         envelope = Envelope(
             id=incoming.qid,
@@ -204,6 +225,26 @@ class Acceptor:
             requiretls=txn.mail.requiretls,
         )
         return await self._committer.commit(incoming, envelope, prefix), message_id
+
+    def _read_section(self, incoming: Incoming) -> HeaderSection:
+        with incoming.open_reader() as reader:
+            return headers.read(reader, limit=self._max_header_size)
+
+    def _sign(self, section: HeaderSection, incoming: Incoming, domain: str) -> bytes:
+        """The DKIM-Signature fields for the message: its body hashed a chunk at a time."""
+        assert self._signer is not None
+        if not self._signer.may_sign(domain):
+            return b""
+        bh = dkim.body_hash(incoming.chunks(len(incoming.head)))
+        return self._signer.sign_section(section, bh, domain)
+
+
+async def _maybe_off_loop(is_large: bool, fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` in a worker thread for a large message (disk reads, CPU for megabytes),
+    so that the other sessions of this worker are answered meanwhile; else right here."""
+    if is_large:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def refused(facts: SessionFacts, txn: Transaction, qid: str, reply: Reply) -> Reply:

@@ -144,6 +144,30 @@ def test_managed_domain_mail_is_dkim_signed_and_verifies(gateway: Gateway, sink:
     print(t.message.split(b"\r\n\r\n", 1)[0].decode())
 
 
+def test_large_message_is_delivered_byte_for_byte_and_its_signature_verifies(
+    gateway: Gateway, sink: SmtpSink
+) -> None:
+    # Spilled to disk, scanned by clamd in chunks, signed from a chunked body hash, delivered
+    # in chunks: lines starting with "." (dot-stuffed twice on the way), trailing white space,
+    # empty lines at the end, and an attachment.
+    gateway.cli("domain", "add", "college.example.org", "--allow-network", "127.0.0.0/8")
+    records = json.loads(gateway.cli("domain", "dns", "college.example.org", "--json").stdout)
+    text = b"".join(b".line %d with a dot  \r\n\tand a tab\r\n" % i for i in range(60_000))
+    big = attachment_message("data.bin", bytes(range(256)) * 12_000,
+                             frm="bursar@college.example.org")  # fmt: skip
+    original = big.replace(b"See attached.\r\n", b"See attached.\r\n" + text) + b"\r\n\r\n"
+    assert len(original) > 6_000_000
+    with smtplib.SMTP("127.0.0.1", gateway.ports["smarthost"], timeout=60) as c:
+        c.ehlo("lab.test")
+        refused = c.sendmail("bursar@college.example.org", ["a@remote.test"], original)
+    assert refused == {}
+    [t] = sink.wait_for(1, timeout=60)
+    assert t.message.endswith(original)  # our fields in front; the client's bytes unchanged
+    ours = t.message[: len(t.message) - len(original)]
+    assert ours.startswith(b"DKIM-Signature: ") and b"\r\n\r\n" not in ours
+    assert dkim.verify(t.message, dnsfunc=dns_from(records["records"]))
+
+
 def test_user_without_grant_cannot_send_as_managed_address(gateway: Gateway) -> None:
     gateway.cli("domain", "add", "college.example.org")
     client = submission(gateway)

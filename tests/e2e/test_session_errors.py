@@ -34,7 +34,7 @@ class FailingScanner:
         self.fail = True
 
     async def check(
-        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+        self, message: object, log_prefix: str = "", section: HeaderSection | None = None
     ) -> Verdict:
         if self.fail:
             raise RuntimeError("scanner exploded: secret detail")

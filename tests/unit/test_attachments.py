@@ -625,12 +625,12 @@ def test_fast_path_answers_as_the_mime_walk_does(
     message = b"".join(f + b"\r\n" for f in fields)
     message += (b"\r\n" if separator else b"") + b"".join(line + b"\r\n" for line in body)
     fast = _outcome(message)
-    original = attachments._plain_body
-    attachments._plain_body = lambda message, section=None: None  # the walk only
+    original = attachments._plain_body_start
+    attachments._plain_body_start = lambda message, section=None: None  # the walk only
     try:
         walked = _outcome(message)
     finally:
-        attachments._plain_body = original
+        attachments._plain_body_start = original
     assert fast == walked
 
 

@@ -33,7 +33,6 @@ import re
 import unicodedata
 from email.header import Header, decode_header, make_header
 from pathlib import Path
-from typing import cast
 
 import idna
 import pytest
@@ -71,23 +70,6 @@ SELECTOR = "prop"
 # --- the site: directory, keys, the accept stage ------------------------------------------
 
 
-class FakeIncoming:
-    """The part of spool.Incoming the accept stage uses, in memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self.qid = "PROPTEST"
-        self.data = data
-
-    def getvalue(self) -> bytes:
-        return self.data
-
-    def replace(self, data: bytes) -> None:
-        self.data = data
-
-    def abort(self) -> None:
-        pass
-
-
 class Capture:
     """A committer that keeps what would be spooled: our prefix, then the message."""
 
@@ -101,6 +83,8 @@ class Capture:
 
 class Site:
     def __init__(self, base: Path) -> None:
+        self.tmp = base / "tmp"
+        self.tmp.mkdir(exist_ok=True)
         self.directory = MemoryDirectory("example.org")
         self.directory.add_user("alice", "", "pw")
         self.txt: dict[str, bytes] = {}
@@ -123,8 +107,12 @@ class Site:
         facts = SessionFacts("S1", Sender("submission", "192.0.2.1", "alice"), trace, True)
         txn = Transaction(mail=MailFrom(address=PRIMARY), mail_from=PRIMARY,
                           rcpts=[RcptTo(address="someone@remote.test")])  # fmt: skip
-        incoming = cast(Incoming, FakeIncoming(message))
-        reply = asyncio.run(acceptor.accept(facts, txn, incoming))
+        incoming = Incoming("PROPTEST", self.tmp, None)
+        incoming.write(message)
+        try:
+            reply = asyncio.run(acceptor.accept(facts, txn, incoming))
+        finally:
+            incoming.abort()  # Capture does not commit: remove a spilled file
         return reply, capture.delivered
 
     def dnsfunc(self, name: bytes | str, timeout: float = 5) -> bytes | None:

@@ -35,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mailgate import metrics, replies
 from mailgate.config import ScannerConfig
 from mailgate.errors import Rejected, ScannerUnavailable
 from mailgate.message.headers import HeaderSection
+from mailgate.message.source import MessageSource, as_source
 from mailgate.scan.attachments import find_blocked
 from mailgate.scan.clamd import ClamdAddress, ClamdClient
 
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 # Messages above this size are parsed in a worker thread so that a 50 MB parse does not stall
 # every other session on the event loop; below it, the thread hop costs more than the parse.
+# Such a message is also read from the spool in a thread, a chunk at a time, for clamd.
 _THREAD_PARSE_SIZE = 256 * 1024
 
 # clamd's name for "a limit stopped the scan" (MaxFileSize, MaxScanSize, MaxRecursion, MaxFiles,
@@ -89,12 +92,20 @@ class Scanner:
         )
         self._version = ""
         self._version_at = float("-inf")
+        # One MIME parse of a large message at a time per process: the stdlib parser holds a
+        # part's lines while it reads them (about three times the part's size), so ten
+        # concurrent 25 MB attachments would take ten times that (issue #18).
+        self._large_walks = asyncio.Semaphore(1)
 
     async def check(
-        self, message: bytes, log_prefix: str = "", section: HeaderSection | None = None
+        self,
+        message: bytes | MessageSource,
+        log_prefix: str = "",
+        section: HeaderSection | None = None,
     ) -> Verdict:
         """Return the verdict of an acceptable message, or raise.
 
+        `message`: bytes, or a MessageSource read in chunks (the spooled message).
         `section`: the message's header section as accept.py parsed it (the MIME walk checks
         it found the same fields).
         Raises ``Rejected`` (blocked_file 554 5.7.1, virus_found 554 5.7.1, BAD_MIME 554 5.6.0,
@@ -110,13 +121,22 @@ class Scanner:
             metrics.SCAN_VERDICTS.labels(verdict).inc()
             metrics.SCAN_SECONDS.labels(verdict).observe(ms / 1000)
 
+        source = as_source(message)
+        size = source.length
         try:
-            if len(message) > _THREAD_PARSE_SIZE:
+            if size <= _THREAD_PARSE_SIZE:
+                found = find_blocked(source, self._blocked, section=section)
+            elif section is not None and not any(
+                f.key.startswith("content-") for f in section.fields
+            ):  # no MIME parse: a text body read a chunk at a time
                 found = await asyncio.to_thread(
-                    find_blocked, message, self._blocked, section=section
+                    find_blocked, source, self._blocked, section=section
                 )
             else:
-                found = find_blocked(message, self._blocked, section=section)
+                async with self._large_walks:
+                    found = await asyncio.to_thread(
+                        find_blocked, source, self._blocked, section=section
+                    )
         except Rejected as e:  # BAD_MIME is the only refusal find_blocked raises
             record("badmime", detail=e.reason)
             if e.__cause__ is not None:  # the email package raised: keep the traceback
@@ -133,17 +153,18 @@ class Scanner:
             record("clean", detail="file types only; clamd not configured")
             return Verdict(header="mailgate (file types only) ; clean")
 
-        if len(message) > self._cfg.max_stream_size:
-            record(
-                "toobig", detail=f"size={len(message)} max_stream_size={self._cfg.max_stream_size}"
-            )
+        if size > self._cfg.max_stream_size:
+            record("toobig", detail=f"size={size} max_stream_size={self._cfg.max_stream_size}")
             raise Rejected(
                 replies.too_big_to_scan(self._cfg.max_stream_size),
-                reason=f"{len(message)} bytes exceed scanner.max_stream_size",
+                reason=f"{size} bytes exceed scanner.max_stream_size",
             )
 
         try:
-            result = await self._client.instream(message)
+            if size <= _THREAD_PARSE_SIZE:
+                result = await self._client.instream(b"".join(source.chunks()))
+            else:
+                result = await self._client.instream(_read_off_loop(source), size)
             version = await self._clamd_version()
         except ScannerUnavailable as e:
             record("unavailable", detail=str(e))
@@ -164,6 +185,16 @@ class Scanner:
             self._version = _header_safe(await self._client.version())
             self._version_at = now
         return self._version
+
+
+async def _read_off_loop(source: MessageSource) -> AsyncIterator[bytes]:
+    """The message's chunks, each read in a worker thread (a spilled file on disk)."""
+    chunks = source.chunks()
+    for _ in range(source.length + 1):  # bounded: every chunk has at least one byte
+        chunk = await asyncio.to_thread(next, chunks, b"")
+        if not chunk:
+            return
+        yield chunk
 
 
 def _header_safe(text: str) -> str:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import binascii
 import re
 import unicodedata
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.errors import MissingHeaderBodySeparatorDefect
@@ -47,6 +47,7 @@ from typing import Any
 from mailgate import replies
 from mailgate.errors import Rejected
 from mailgate.message.headers import HeaderSection
+from mailgate.message.source import MessageSource, as_source
 
 MAX_DEPTH = 20  # nesting levels below the top-level message; real mail rarely exceeds 5
 MAX_PARTS = 500  # message objects in the whole tree, the top-level message included
@@ -65,6 +66,10 @@ _MAX_PARSED_HEADERS_TOTAL = 512 * 1024  # characters of those fields in the whol
 # Bytes of a decoded part looked at for executable magic: the PE header offset may point
 # anywhere, but a real PE header is within the first few KiB.
 _PE_HEADER_SEARCH = 64 * 1024
+# Characters of a part's content kept after the parse when the part is not text: the checks
+# read only the start of such a part (see _decoded; 4 characters of quoted-printable can be
+# one byte), so a 25 MB attachment is not kept whole in memory while the walk runs.
+_KEPT_PAYLOAD = 4 * _PE_HEADER_SEARCH
 
 # "begin 644 name" lines of inline uuencode (and its base64 variant) in text bodies: many
 # clients still render them as attachments, with the name given there.
@@ -118,7 +123,7 @@ def check_file_types(
 
 
 def find_blocked(
-    message: bytes,
+    message: bytes | MessageSource,
     blocked_extensions: Collection[str],
     *,
     max_depth: int = MAX_DEPTH,
@@ -128,14 +133,18 @@ def find_blocked(
     """The first blocked part in document order, or None.
 
     `section` is the message's parsed header section when the caller has it (accept.py).
+    `message` is read in chunks (a MessageSource reads the spool): a message without MIME
+    fields is checked a chunk at a time; the MIME parser keeps only the start of every part
+    that is not text. Without `section`, a MessageSource is read whole to find its header.
     Raises ``Rejected(replies.BAD_MIME)`` (and nothing else) when the structure cannot be
     inspected: past ``max_depth`` or ``max_parts``, ambiguous, or making the parser fail.
     """
     blocked = frozenset(ext.strip(". ").casefold() for ext in blocked_extensions)
-    body = _plain_body(message, section)
-    if body is not None:  # one text/plain part: what the walk would check, without the parser
-        return _check_text(body, "part 1 (text/plain)", blocked)
-    root = _parse_bounded(message, max_depth=max_depth, max_parts=max_parts)
+    source = as_source(message)
+    start = _plain_body_start(message, section)
+    if start is not None:  # one text/plain part: what the walk would check, without the parser
+        return _check_text_chunks(source.chunks(start), "part 1 (text/plain)", blocked)
+    root = _parse_bounded(source.chunks(), max_depth=max_depth, max_parts=max_parts)
     if section is not None and len(root) != len(section.fields):
         # Unreachable while both follow RFC 5322 §2.2 (headers.py refuses every other line);
         # kept so that a difference can only ever refuse, never let a part through unseen.
@@ -284,6 +293,16 @@ class _BoundedMessage(EmailMessage):
         self._mailgate_ctype = None
         super().set_default_type(ctype)
 
+    def set_payload(self, payload: Any, charset: Any = None) -> None:
+        # The parser gives a leaf part its whole content at once; see _KEPT_PAYLOAD.
+        if (
+            isinstance(payload, str)
+            and len(payload) > _KEPT_PAYLOAD
+            and self.get_content_maintype() != "text"
+        ):
+            payload = payload[:_KEPT_PAYLOAD]
+        super().set_payload(payload, charset)
+
     def attach(self, payload: Any) -> None:  # typeshed disagrees with itself here
         if isinstance(payload, _BoundedMessage):
             payload._mailgate_depth = self._mailgate_depth + 1
@@ -295,7 +314,7 @@ class _BoundedMessage(EmailMessage):
         super().attach(payload)
 
 
-def _parse_bounded(message: bytes, *, max_depth: int, max_parts: int) -> _BoundedMessage:
+def _parse_bounded(chunks: Iterable[bytes], *, max_depth: int, max_parts: int) -> _BoundedMessage:
     budget = _Budget(max_depth, max_parts - 1)  # the top-level message is a part too
 
     def factory(policy: Any = email_policy.default) -> _BoundedMessage:
@@ -303,11 +322,12 @@ def _parse_bounded(message: bytes, *, max_depth: int, max_parts: int) -> _Bounde
 
     try:
         parser = BytesFeedParser(factory, policy=email_policy.default)
-        # Fed in slices rather than parsebytes(): no second full-size copy of the message
-        # as one str, and a bomb is refused at the first slice that crosses a bound.
-        view = memoryview(message)
-        for start in range(0, len(view), _FEED_CHUNK):
-            parser.feed(bytes(view[start : start + _FEED_CHUNK]))
+        # Fed in slices rather than parsebytes(): no full-size copy of the message as one
+        # str, and a bomb is refused at the first slice that crosses a bound.
+        for chunk in chunks:
+            view = memoryview(chunk)
+            for start in range(0, len(view), _FEED_CHUNK):
+                parser.feed(bytes(view[start : start + _FEED_CHUNK]))
         root = parser.close()
     except _TooComplex as e:
         raise Rejected(replies.BAD_MIME, reason=f"MIME structure refused: {e}") from None
@@ -431,14 +451,7 @@ def _check_text(payload: bytes, label: str, blocked: frozenset[str]) -> Blocked 
     kind = executable_kind(payload, is_text=True)
     if kind is not None:
         return Blocked(name=_printable(label), reason=f"content is {kind}")
-    if b"begin" not in payload:  # a C search: most bodies need no regex over every line
-        return None
-    for match in _UUENCODE_BEGIN.finditer(payload):
-        name = match.group(1).decode("utf-8", "replace")
-        ext = extension_of(name)
-        if ext and ext in blocked:
-            return Blocked(name=_printable(name), reason=f"uuencoded, extension .{ext}")
-    return None
+    return _uuencoded_blocked(payload, blocked)
 
 
 # A header section of well-formed fields (RFC 5322 §2.2: name, colon; or a folded line) none
@@ -448,20 +461,76 @@ _FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n|[ \t][^\r\n]*\r\n)*")
 _MIME_FIELD = re.compile(rb"(?:^|\n)content-", re.IGNORECASE)
 
 
-def _plain_body(message: bytes, section: HeaderSection | None = None) -> bytes | None:
-    """The body of a message whose header has no MIME fields; None when the parser must look
-    (any Content-* field, a line that is not a field, or no empty line ending the header)."""
+def _plain_body_start(
+    message: bytes | MessageSource, section: HeaderSection | None = None
+) -> int | None:
+    """Where the body of a message whose header has no MIME fields starts; None when the
+    parser must look (any Content-* field, a line that is not a field, or no empty line
+    ending the header)."""
     if section is not None:
         if any(f.key.startswith("content-") for f in section.fields):
             return None
-        return message[section.body_offset :]
-    end = message.find(b"\r\n\r\n")
+        return section.body_offset
+    data = message if isinstance(message, bytes) else b"".join(message.chunks())
+    end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    header = message[: end + 2]
+    header = data[: end + 2]
     if _MIME_FIELD.search(header) or not _FIELD_LINES.fullmatch(header):
         return None
-    return message[end + 4 :]
+    return end + 4
+
+
+def _plain_body(message: bytes, section: HeaderSection | None = None) -> bytes | None:
+    """The body of a message whose header has no MIME fields, or None (see above)."""
+    start = _plain_body_start(message, section)
+    return None if start is None else message[start:]
+
+
+def _check_text_chunks(
+    chunks: Iterator[bytes], label: str, blocked: frozenset[str]
+) -> Blocked | None:
+    """`_check_text` over a body read in chunks: the executable check on its start, the
+    uuencode search line by line (a line split between chunks is joined first)."""
+    start = b""
+    for chunk in chunks:  # the start: enough for executable_kind's PE header search
+        start += chunk
+        if len(start) >= _PE_HEADER_SEARCH + 4:
+            break
+    kind = executable_kind(start, is_text=True)
+    if kind is not None:
+        return Blocked(name=_printable(label), reason=f"content is {kind}")
+    carry = b""  # an unfinished line
+    for data in _then(start, chunks):
+        data = carry + data
+        end = data.rfind(b"\n") + 1
+        carry = data[end:]
+        if len(carry) > _MAX_UUENCODE_LINE and not carry.startswith(b"begin"):
+            carry = b"x"  # not a "begin" line: what follows continues a line starting "x"
+        found = _uuencoded_blocked(data[:end], blocked)
+        if found is not None:
+            return found
+    return _uuencoded_blocked(carry, blocked)
+
+
+_MAX_UUENCODE_LINE = 64 * 1024  # an unfinished line held to see whether it is a "begin" line
+
+
+def _then(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _uuencoded_blocked(text: bytes, blocked: frozenset[str]) -> Blocked | None:
+    """The first "begin 644 name" line of `text` (whole lines) whose name is blocked."""
+    if b"begin" not in text:  # a C search: most bodies need no regex over every line
+        return None
+    for match in _UUENCODE_BEGIN.finditer(text):
+        name = match.group(1).decode("utf-8", "replace")
+        ext = extension_of(name)
+        if ext and ext in blocked:
+            return Blocked(name=_printable(name), reason=f"uuencoded, extension .{ext}")
+    return None
 
 
 def _decoded(part: Message, cte: str, *, whole: bool) -> bytes:

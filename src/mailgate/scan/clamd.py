@@ -14,9 +14,10 @@ tested against a real clamd does that without a new dependency. The closest main
 library we know of is aioclamd (async, INSTREAM); it could replace this module if the
 project prefers a dependency, provided it meets the points above.
 
-Streaming: the message is sent from a ``memoryview`` in slices of ``chunk_size`` bytes, so no
-chunk copies the whole message, and each slice waits for ``drain()`` so that a slow clamd
-pushes back instead of letting a 50 MB message pile up in the transport's buffer.
+Streaming: the message is sent from a ``memoryview`` in slices of ``chunk_size`` bytes, or
+from an async iterator of chunks read from the spool, so no chunk copies the whole message,
+and each slice waits for ``drain()`` so that a slow clamd pushes back instead of letting a
+50 MB message pile up in the transport's buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mailgate.errors import ScannerUnavailable
@@ -101,12 +103,20 @@ class ClamdClient:
             raise ScannerUnavailable(f"clamd at {self.address}: unexpected VERSION {reply!r}")
         return reply
 
-    async def instream(self, data: bytes | bytearray | memoryview) -> ScanResult:
-        """Scan `data` as one stream. Its size must not exceed clamd's StreamMaxLength."""
-        reply = await self._command(b"zINSTREAM\0", data)
+    async def instream(
+        self, data: bytes | bytearray | memoryview | AsyncIterator[bytes], length: int = -1
+    ) -> ScanResult:
+        """Scan `data` (bytes, or chunks of `length` bytes in all) as one stream. Its size
+        must not exceed clamd's StreamMaxLength."""
+        reply = await self._command(b"zINSTREAM\0", data, length)
         return _parse_instream_reply(reply, self.address)
 
-    async def _command(self, command: bytes, stream: bytes | bytearray | memoryview) -> str:
+    async def _command(
+        self,
+        command: bytes,
+        stream: bytes | bytearray | memoryview | AsyncIterator[bytes],
+        length: int = -1,
+    ) -> str:
         """Send one command (and, for INSTREAM, the stream); return the reply without NUL.
 
         The reply is awaited while the stream is still being sent: clamd answers early and
@@ -115,21 +125,26 @@ class ClamdClient:
         """
         reader, writer = await self._connect()
         reply = asyncio.create_task(_read_reply(reader, self.address))
-        view = memoryview(stream).cast("B") if stream else memoryview(b"")
+        if isinstance(stream, bytes | bytearray | memoryview):
+            view = memoryview(stream).cast("B") if stream else memoryview(b"")
+            length = len(view)
         sent = 0
         try:
             async with asyncio.timeout(self.timeout):
                 try:
                     writer.write(command)
                     if command == b"zINSTREAM\0":
-                        sent = await self._send_stream(writer, view, reply)
+                        if isinstance(stream, bytes | bytearray | memoryview):
+                            sent = await self._send_stream(writer, view, reply)
+                        else:
+                            sent = await self._send_chunks(writer, stream, reply)
                     await writer.drain()
                 except OSError as e:
                     early = await _early_reply(reply)
                     if early:
                         return early
                     raise ScannerUnavailable(
-                        f"clamd at {self.address}: connection lost after {sent} of {len(view)}"
+                        f"clamd at {self.address}: connection lost after {sent} of {length}"
                         f" stream bytes: {e} (does clamd's StreamMaxLength equal"
                         " scanner.max_stream_size?)"
                     ) from None
@@ -171,6 +186,24 @@ class ClamdClient:
             writer.write(piece)
             await writer.drain()
             sent += len(piece)
+        writer.write(b"\0\0\0\0")  # the zero-length chunk ends the stream
+        return sent
+
+    async def _send_chunks(
+        self, writer: asyncio.StreamWriter, chunks: AsyncIterator[bytes], reply: asyncio.Task[str]
+    ) -> int:
+        """`_send_stream` for chunks that arrive one at a time (read from the spool)."""
+        sent = 0
+        async for chunk in chunks:
+            if reply.done():
+                return sent
+            view = memoryview(chunk)
+            for start in range(0, len(view), self.chunk_size):
+                piece = view[start : start + self.chunk_size]
+                writer.write(struct.pack("!I", len(piece)))
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
         writer.write(b"\0\0\0\0")  # the zero-length chunk ends the stream
         return sent
 

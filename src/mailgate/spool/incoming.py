@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
@@ -17,6 +18,7 @@ from mailgate.errors import SpoolError, UsageError
 from mailgate.spool.disk import FILE_MODE, spool_error, unlink_quietly, write_all
 
 MEMORY_LIMIT = 256 * 1024  # an Incoming keeps up to this much in memory, then spills to tmp/
+READ_CHUNK = 256 * 1024  # what chunks() yields at a time
 
 
 class Incoming:
@@ -29,6 +31,12 @@ class Incoming:
     States: open (write, read, abort) -> claimed (handed to a commit, possibly in another
     thread: abort() is now a no-op, so a session's cleanup cannot pull files from under it)
     -> done (committed or aborted).
+
+    The message is `head` followed by the received bytes from offset `cut` on (both empty and
+    0 until `replace_head()`): the accept stage changes the header section (a missing empty
+    line, a Sender: field it drops) without reading or copying the body, and the commit
+    writes head and body as they stand. `size` counts the received bytes; `length` is the
+    message's.
     """
 
     def __init__(self, qid: str, tmp_dir: Path, owner: tuple[int, int] | None) -> None:
@@ -40,6 +48,8 @@ class Incoming:
         self._fd: int | None = None
         self._error: SpoolError | None = None
         self._state: Literal["open", "claimed", "done"] = "open"
+        self.head = b""
+        self.cut = 0
 
     @property
     def spill_path(self) -> Path:
@@ -74,29 +84,59 @@ class Incoming:
         self.size += len(data)
 
     def replace(self, data: bytes) -> None:
-        """Replace the whole message so far (accept.py drops a header the client sent);
-        may raise SpoolFull or SpoolError."""
+        """Replace the whole message so far; may raise SpoolFull or SpoolError."""
         self._check_usable()
         self.release()
         self.size = 0
+        self.head, self.cut = b"", 0
         self.write(data)
 
-    def getvalue(self) -> bytes:
-        """The whole message so far (reads back a spilled file)."""
+    def replace_head(self, head: bytes, cut: int) -> None:
+        """The message becomes `head` followed by the received bytes from offset `cut` on
+        (accept.py's new header section in front of the unchanged body; nothing is copied)."""
         self._check_usable()
+        if not 0 <= cut <= self.size:
+            raise UsageError(f"qid={self.qid}: cut {cut} outside the message ({self.size})")
+        self.head, self.cut = head, cut
+
+    @property
+    def length(self) -> int:
+        """The message's length: the head and the received bytes after the cut."""
+        return len(self.head) + self.size - self.cut
+
+    def chunks(self, start: int = 0, size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The message from offset `start` on, `size` bytes at a time (the head may come in
+        one piece). Reads a spilled file: call it from a worker thread for a large message."""
+        self._check_usable()
+        if start < len(self.head):
+            yield self.head[start:]
+            start = len(self.head)
+        pos = self.cut + start - len(self.head)
         if self._buffer is not None:
-            return bytes(self._buffer)
+            buffer = self._buffer
+            for offset in range(pos, len(buffer), size):
+                yield bytes(buffer[offset : offset + size])
+            return
         try:
             with open(self.spill_path, "rb") as f:
-                return f.read()
+                f.seek(pos)
+                for _ in range((self.size - pos) // size + 1):  # bounded by the file's size
+                    chunk = f.read(size)
+                    if not chunk:
+                        return
+                    yield chunk
         except OSError as e:
             raise spool_error(e, f"qid={self.qid} reading message") from None
 
+    def getvalue(self) -> bytes:
+        """The whole message so far (reads back a spilled file): for small messages and tests."""
+        return b"".join(self.chunks())
+
     def open_reader(self) -> BinaryIO:
-        """A binary stream over the message so far, for scanning without holding it in memory."""
+        """A binary stream over the message so far, without holding it in memory."""
         self._check_usable()
-        if self._buffer is not None:
-            return io.BytesIO(bytes(self._buffer))
+        if self._buffer is not None or self.head:
+            return io.BufferedReader(_ChunkStream(self.chunks()), READ_CHUNK)
         try:
             return open(self.spill_path, "rb")
         except OSError as e:
@@ -159,6 +199,7 @@ class Incoming:
         if self._buffer is None:
             unlink_quietly(self.spill_path)
         self._buffer = bytearray()
+        self.head = b""
 
     # -- private ---------------------------------------------------------------------------
 
@@ -182,3 +223,22 @@ class Incoming:
         # Free the disk space now: a full disk is shared by every session.
         self.release()
         self._error = error
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable raw stream over an iterator of chunks (for `Incoming.open_reader`)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # typeshed: Buffer
+        if not self._pending:
+            self._pending = next(self._chunks, b"")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n

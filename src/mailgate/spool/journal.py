@@ -271,17 +271,22 @@ class JournalStore:
             if qid in self.index.entries:
                 results[index] = SpoolError(f"qid={qid}: queue id already in use")
                 continue
-            stored = replace(envelope, id=qid, size=len(prefix) + incoming.size)
+            # The message: our prefix, the (maybe rewritten) head, the received bytes after
+            # the cut; a spilled body is copied file to file by the kernel, never read here.
+            head, cut = prefix + incoming.head, incoming.cut
+            stored = replace(envelope, id=qid, size=len(head) + incoming.size - cut)
             try:
                 raw = stored.to_json()
                 memory = incoming.in_memory()
                 if memory is not None:
-                    out = Out(encode(seg.magic, COMMIT, qid, raw, (prefix, memory)))
+                    body = memory[cut:] if cut else memory
+                    out = Out(encode(seg.magic, COMMIT, qid, raw, (head, body)))
                 else:
                     incoming.finish_spill()
                     src = os.open(incoming.spill_path, os.O_RDONLY | os.O_CLOEXEC)
                     sources.append(src)
-                    out = self.commit_from(seg, qid, raw, (prefix,), src, 0, incoming.size)
+                    length = incoming.size - cut
+                    out = self.commit_from(seg, qid, raw, (head,), src, cut, length)
             except OSError as e:
                 results[index] = spool_error(e, f"qid={qid} commit")
                 continue
