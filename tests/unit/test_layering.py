@@ -32,6 +32,8 @@ FORBIDDEN = {
     # status figures, and never a stage.
     "web": {"receive", "deliver", "accept", "policy", "spool", "cli", "smtp", "limits", "scan",
             "message", "directory", "auth"},
+    "status": {"receive", "deliver", "accept", "policy", "scan", "cli", "smtp", "limits",
+               "admin", "web", "message", "auth"},
     "replies": {"*"},
     "errors": {"*"},
     "config": {"*"},

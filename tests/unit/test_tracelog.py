@@ -131,3 +131,27 @@ def test_a_day_file_not_yet_given_its_tables_is_skipped(folder: Path) -> None:
     store.day_path(folder, date(2030, 1, 1)).touch()  # what a writer creates before its schema
     assert [t.qid for t in query.find(folder, "E1")] == ["E1"]
     assert query.summarise(folder, 0).counts["accepted"] == 1
+
+
+def test_traffic_by_hour(tmp_path: Path) -> None:
+    start = 1_764_720_000.0  # 2025-12-03 00:00 UTC, a whole hour
+    conn = store.connect(store.day_path(tmp_path, date(2025, 12, 3)), write=True)
+    events = [
+        store.Event(start + 10, "Q1", "accepted", ("q1",), {}),
+        store.Event(start + 3599, "Q2", "accepted", ("q2",), {}),
+        store.Event(start + 3600, "", "refused", (), {}),
+        store.Event(start + 3700, "Q3", "rejected", ("q3",), {}),
+        store.Event(start + 2 * 3600 + 5, "Q1", "delivered", ("q1",), {}),
+        store.Event(start + 5 * 3600, "Q9", "accepted", ("q9",), {}),  # after `until`
+    ]
+    store.append(conn, events)
+    conn.close()
+    buckets = query.traffic(tmp_path, start, start + 3 * 3600 - 1, step=3600)
+    assert [(b["accepted"], b["refused"], b["delivered"]) for b in buckets] == [
+        (2, 0, 0),
+        (0, 2, 0),
+        (0, 0, 1),
+    ]
+    assert query.traffic(tmp_path / "none", start, start + 3599) == [
+        {"accepted": 0, "refused": 0, "delivered": 0, "deferred": 0, "bounced": 0}
+    ]

@@ -21,10 +21,13 @@ from mailgate import config
 from mailgate.config import Config
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from prometheus_client.metrics_core import Metric
 
     from mailgate.admin.app import AdminServer
     from mailgate.admin.health import Readiness
+    from mailgate.directory import Directory
+    from mailgate.spool.api import SpoolStore
 
 log = logging.getLogger("mailgate.serve")
 
@@ -148,8 +151,10 @@ async def start_admin(
     cfg: Config,
     *,
     snapshot: Callable[[], tuple[dict[str, int], float]] | None,
+    store: SpoolStore | None = None,
 ) -> tuple[AdminServer, Readiness] | None:
-    """Serve /metrics, /healthz and /readyz on `[admin] listen`; None when it is empty."""
+    """Serve /metrics, /healthz, /readyz and the operator pages on `[admin] listen`; None when
+    it is empty. `store`: the delivery engine's spool (else one is opened for the pages)."""
     if not cfg.admin.listen:
         return None
     from mailgate.admin.app import AdminContext, AdminServer, make_app
@@ -166,7 +171,9 @@ async def start_admin(
         directory_query=directory.list_domains,
     )
     context = AdminContext(snapshot=lambda: queue_families(snapshot), readiness=readiness.reasons)
-    server = AdminServer(make_app(context))
+    app = make_app(context)
+    _add_operator_pages(app, cfg, directory, store)
+    server = AdminServer(app)
     await server.start(cfg.admin.listen)
     return server, readiness
 
@@ -187,3 +194,24 @@ async def start_web(cfg: Config) -> AdminServer | None:
     tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.web.tls else None
     await server.start(cfg.web.listen, ssl_context=tls)
     return server
+
+
+def _add_operator_pages(
+    app: web.Application, cfg: Config, directory: Directory, store: SpoolStore | None
+) -> None:
+    """`/` and `/trace` on the admin application, their figures from mailgate.status."""
+    from functools import partial
+
+    from mailgate import status
+    from mailgate.spool import open_store
+    from mailgate.web.operator import OperatorContext, add_operator_pages
+
+    if store is None:
+        store = open_store(cfg.spool)
+    context = OperatorContext(
+        hostname=cfg.hostname,
+        overview=partial(status.overview, store, directory, cfg.trace.path),
+        trace=cfg.trace.path,
+        password_file=cfg.admin.password_file,
+    )
+    add_operator_pages(app, context)

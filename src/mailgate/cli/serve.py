@@ -381,7 +381,9 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     await receiver.start()  # before the engine: no helper thread may exist when it binds
     tracelog.start(cfg.trace)  # a thread: after the binding
     engine_task = asyncio.get_running_loop().create_task(engine.run()) if engine else None
-    admin = await running.start_admin(cfg, snapshot=engine.queue_snapshot if engine else None)
+    admin = await running.start_admin(
+        cfg, snapshot=engine.queue_snapshot if engine else None, store=store
+    )
     web = await running.start_web(cfg)
 
     def reload() -> None:
@@ -478,7 +480,9 @@ class Supervisor:
         engine = Engine(self.cfg, open_store(self.cfg.spool)) if self.deliver else None
         engine_task = loop.create_task(engine.run()) if engine else None
         admin = await running.start_admin(
-            self.cfg, snapshot=engine.queue_snapshot if engine else None
+            self.cfg,
+            snapshot=engine.queue_snapshot if engine else None,
+            store=engine.store if engine else None,
         )
         web = await running.start_web(self.cfg)
         loop.add_signal_handler(signal.SIGHUP, self._reload)

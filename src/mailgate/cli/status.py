@@ -9,17 +9,12 @@ whether or not the server runs.
 from __future__ import annotations
 
 import argparse
-import time
-from datetime import timedelta
 from typing import Any
 
 from mailgate.cli.common import load_config, open_directory, print_json
 from mailgate.spool import open_store, spool_exists
-from mailgate.spool.api import NotFound
-from mailgate.spool.entry import QUEUE_STATES, queue_state, utcnow
-from mailgate.tracelog.query import summarise
-
-WINDOW = timedelta(hours=1)
+from mailgate.spool.entry import QUEUE_STATES, utcnow
+from mailgate.status import last_hour, queue_figures, suspended_logins
 
 
 def register(sub: Any) -> None:
@@ -32,22 +27,13 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     now = utcnow()
-    queue = dict.fromkeys(QUEUE_STATES, 0)
-    oldest = now
-    if spool_exists(cfg.spool):
-        store = open_store(cfg.spool)
-        for qid in store.ids():
-            try:
-                env = store.load(qid)
-            except NotFound:
-                continue
-            queue[queue_state(env, now)] += 1
-            oldest = min(oldest, env.received_at)
-    summary = summarise(cfg.trace.path, time.time() - WINDOW.total_seconds(), top=args.top)
-    suspended = sorted(u.login for u in open_directory(cfg).list_users() if u.suspended)
+    figures = queue_figures(open_store(cfg.spool), now) if spool_exists(cfg.spool) else None
+    queue = figures.counts if figures else dict.fromkeys(QUEUE_STATES, 0)
+    summary = last_hour(cfg.trace.path, top=args.top)
+    suspended = suspended_logins(open_directory(cfg))
     out: dict[str, Any] = {
         "queue": queue,
-        "oldest_seconds": int((now - oldest).total_seconds()),
+        "oldest_seconds": figures.oldest_seconds if figures else 0,
         "last_hour": summary.counts,
         "top_logins": [
             {"login": k, "messages": n, "recipients": r} for k, n, r in summary.top_logins

@@ -140,6 +140,36 @@ def summarise(folder: Path, since: float, *, top: int = 10) -> Summary:
     )
 
 
+# The kinds `summarise` and `traffic` report, from the kinds the stages record.
+_REPORTED = {
+    "accepted": ("accepted",),
+    "refused": ("refused", "rejected"),
+    "delivered": ("delivered",),
+    "deferred": ("deferred",),
+    "bounced": ("bounced",),
+}
+
+
+def traffic(folder: Path, since: float, until: float, *, step: int = 3600) -> list[dict[str, int]]:
+    """accepted, refused, delivered, deferred, bounced per `step` seconds from `since` to
+    `until` (Unix times; `since` rounded down to its minute), oldest first, empty buckets
+    included: the operator page's chart. Reads the per-minute roll-ups, like `summarise`."""
+    first = int(since // 60)
+    per_bucket = max(1, step // 60)
+    count = max(1, -(-(int(until // 60) + 1 - first) // per_bucket))
+    buckets = [dict.fromkeys(_REPORTED, 0) for _ in range(count)]
+    kind_of = {recorded: name for name, kinds in _REPORTED.items() for recorded in kinds}
+    for conn in _open((path for _, path in day_files(folder)), table="minute_count"):
+        rows = conn.execute(
+            "SELECT minute, kind, n FROM minute_count WHERE minute >= ? AND minute <= ?",
+            (first, int(until // 60)),
+        )
+        for minute, kind, n in rows:
+            if kind in kind_of:
+                buckets[(minute - first) // per_bucket][kind_of[kind]] += n
+    return buckets
+
+
 def _open(paths: Iterable[Path], table: str = "key") -> Iterator[sqlite3.Connection]:
     """A read-only connection to each day file in turn, closed after use; a file a writer has
     just created and not yet given its tables is skipped (it holds no event yet)."""
