@@ -394,7 +394,7 @@ async def serve_in_one_process(cfg: Config, *, deliver: bool = True) -> None:
     run = asyncio.get_running_loop().create_task(
         receiver.run(stop, on_serving=_notify_ready, on_hup=reload)
     )
-    log.info("mailgate started hostname=%s workers=0", cfg.hostname)
+    log.info("mailgate started hostname=%s workers=0 build=%s", cfg.hostname, _build())
     await stop.wait()
     log.info("mailgate stopping")
     sdnotify.notify("STOPPING=1")
@@ -508,7 +508,8 @@ class Supervisor:
 
         os.set_blocking(self.wake_read, False)
         loop.add_reader(self.wake_read, on_wake)
-        log.info("mailgate started hostname=%s workers=%d", self.cfg.hostname, self.workers)
+        log.info("mailgate started hostname=%s workers=%d build=%s",
+                 self.cfg.hostname, self.workers, _build())  # fmt: skip
         next_rescan = loop.time() + _RESCAN_INTERVAL
         next_prune = loop.time()
         while not stop.is_set():
@@ -617,3 +618,10 @@ async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> N
     tracelog.start(cfg.trace)
     await receiver.run(stop, on_serving=serving)
     tracelog.stop()
+
+
+def _build() -> str:
+    """Which variant runs: the optional mypyc build (setup.py) or pure Python."""
+    import mailgate
+
+    return "mypyc" if mailgate.__compiled__ else "python"

@@ -85,6 +85,7 @@ import base64
 import enum
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 from mailgate import replies
@@ -532,7 +533,7 @@ class ServerConnection:
         verb = verb_bytes.decode("ascii").upper()
         # Undecodable bytes survive as lone surrogates, which no grammar in parse accepts.
         arg = arg_bytes.decode("utf-8", "surrogateescape")
-        handler = self._COMMANDS.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is None:
             raise ProtocolViolation(replies.UNKNOWN_COMMAND)
         handler(self, arg)
@@ -693,22 +694,6 @@ class ServerConnection:
     def _cmd_expn(self, arg: str) -> None:
         raise ProtocolViolation(replies.NOT_IMPLEMENTED)  # RFC 5321 §3.5.2: may be disabled
 
-    _COMMANDS: Final = {
-        "EHLO": _cmd_ehlo,
-        "HELO": _cmd_helo,
-        "STARTTLS": _cmd_starttls,
-        "AUTH": _cmd_auth,
-        "MAIL": _cmd_mail,
-        "RCPT": _cmd_rcpt,
-        "DATA": _cmd_data,
-        "RSET": _cmd_rset,
-        "QUIT": _cmd_quit,
-        "NOOP": _cmd_noop,
-        "HELP": _cmd_help,
-        "VRFY": _cmd_vrfy,
-        "EXPN": _cmd_expn,
-    }
-
     # --- helpers -------------------------------------------------------------------------------
     def _require(self, event_type: type[Event]) -> None:
         """Sequencing (RFC 5321 §4.1.4): the event must be possible in this state."""
@@ -738,6 +723,25 @@ class ServerConnection:
         self._mail = None
         self._rcpt_accepted = self._rcpt_refused = 0
         self._reader = None
+
+
+# Module level, not in the class body: mypyc (the optional compiled build) cannot refer to
+# methods while the class is being defined.
+_COMMANDS: Final[dict[str, Callable[[ServerConnection, str], None]]] = {
+    "EHLO": ServerConnection._cmd_ehlo,
+    "HELO": ServerConnection._cmd_helo,
+    "STARTTLS": ServerConnection._cmd_starttls,
+    "AUTH": ServerConnection._cmd_auth,
+    "MAIL": ServerConnection._cmd_mail,
+    "RCPT": ServerConnection._cmd_rcpt,
+    "DATA": ServerConnection._cmd_data,
+    "RSET": ServerConnection._cmd_rset,
+    "QUIT": ServerConnection._cmd_quit,
+    "NOOP": ServerConnection._cmd_noop,
+    "HELP": ServerConnection._cmd_help,
+    "VRFY": ServerConnection._cmd_vrfy,
+    "EXPN": ServerConnection._cmd_expn,
+}
 
 
 def _is_positive(event: Event, reply: Reply) -> bool:
