@@ -82,7 +82,6 @@ TOO_MANY_ERRORS = Reply(421, "4.5.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
-TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 PIPELINED_STARTTLS = Reply(554, "5.5.1", "Commands pipelined after STARTTLS, closing connection")
 AUTH_NOT_SUPPORTED = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
@@ -108,8 +107,6 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 UTF8_NOT_REQUESTED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 HOP_LIMIT_EXCEEDED = Reply(554, "5.4.6", "Too many Received headers, mail loop suspected")
 BAD_MIME = Reply(554, "5.6.0", "Message structure too deep or too broken to inspect")
-RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded, please try again later")
-ACCOUNT_SUSPENDED = Reply(535, "5.7.8", "Authentication credentials invalid")
 RELAY_TO_INTERNAL_DENIED = Reply(550, "5.7.1", "Relaying to internal networks denied")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 # A PROXY protocol header from outside the listener's proxy_networks (or a bad one from a
@@ -123,7 +120,6 @@ RDNS_TEMPFAIL = Reply(450, "4.7.1", "Client host rejected: reverse DNS lookup fa
 HELP_INFO = Reply(
     214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 )
-SERVICE_READY_TEMPLATE = "220 {hostname} ESMTP mailgate"
 
 
 def greeting(hostname: str) -> bytes:
