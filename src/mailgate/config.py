@@ -53,6 +53,7 @@ class DirectoryConfig:
 
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SPOOL_FORMATS = ("journal",)
 
 
@@ -226,6 +227,19 @@ class RateLimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """[state]: where the counters of [ratelimits] live (INTERFACE.md part 2, "Several nodes").
+
+    url:    "" (each process counts alone, in memory) or "redis://HOST:PORT/DB"
+            (rediss:// for TLS, unix:///path?db=N): counted across every worker and node.
+    prefix: the start of every Redis key, so several clusters (or tests) share one Redis.
+    """
+
+    url: str = ""
+    prefix: str = "mailgate:"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Processes of `mailgate serve`.
 
@@ -376,6 +390,7 @@ class Config:
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -440,6 +455,7 @@ _SECTIONS = {
     "scanner": ScannerConfig,
     "limits": LimitsConfig,
     "ratelimits": RateLimitsConfig,
+    "state": StateConfig,
     "server": ServerConfig,
     "auth": AuthConfig,
     "admin": AdminConfig,
@@ -596,6 +612,10 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
                 f'{key}: expected an LDAP filter with {{login}}, e.g. "(uid={{login}})"'
             )
         return value
+    if kind == "redis_url":
+        if not isinstance(value, str) or (value and not value.startswith(REDIS_SCHEMES)):
+            raise ConfigError(f'{key}: expected "redis://HOST:PORT/DB" or ""')
+        return value
     if kind == "https_url":
         if not isinstance(value, str) or (value and not value.startswith("https://")):
             raise ConfigError(f'{key}: expected "https://..." or ""')
@@ -692,6 +712,8 @@ _KINDS_FULL = {
     "server.user": "account",
     "server.group": "account",
     "directory.url": "sqlite_url",
+    "state.url": "redis_url",
+    "state.prefix": "text",
     "delivery.tls.mta_sts": "bool",
     "delivery.tls.dane": "bool",
     "delivery.tls.mta_sts_port": "port",

@@ -48,3 +48,21 @@ def closed_port_url() -> str:
     from tests.support.ports import free_port
 
     return f"postgresql://postgres@127.0.0.1:{free_port()}/mailgate"
+
+
+@contextlib.contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the machine's Redis; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"mailgate-test-{secrets.token_hex(6)}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()

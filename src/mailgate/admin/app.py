@@ -31,10 +31,12 @@ class AdminContext:
     snapshot:  metric families of the supervisor's own state (the queue), computed on the
                event loop when /metrics is scraped (the engine's data is not thread-safe).
     readiness: the reasons mail cannot be accepted now; an empty list means ready.
+    degraded:  what works in a lesser way while mail is accepted (said by /readyz's 200).
     """
 
     snapshot: Callable[[], Sequence[Metric]] = lambda: ()
     readiness: Callable[[], Awaitable[list[str]]] = field(default=lambda: _ready())
+    degraded: Callable[[], Awaitable[list[str]]] = field(default=lambda: _ready())
 
 
 async def _ready() -> list[str]:
@@ -67,10 +69,14 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """200 when mail can be accepted, else 503 with one reason a line."""
-    reasons = await request.app[CONTEXT].readiness()
+    """200 when mail can be accepted ("ready", or "ready, degraded" and a reason a line), else
+    503 with one reason a line."""
+    context = request.app[CONTEXT]
+    reasons, degraded = await asyncio.gather(context.readiness(), context.degraded())
     if reasons:
         return web.Response(status=503, text="not ready\n" + "".join(f"{r}\n" for r in reasons))
+    if degraded:
+        return web.Response(text="ready, degraded\n" + "".join(f"{r}\n" for r in degraded))
     return web.Response(text="ready\n")
 
 

@@ -3,8 +3,10 @@
 Owns: the checks behind /readyz: the spool is writable and has room for one message of the
 largest size, the scanner answers PING (when clamd is configured), the directory answers a
 query, and the server is not shutting down. Each check is bounded in time; a check that fails
-gives one line naming what is wrong. Must not: change anything it checks (the spool probe is a
-file it creates and removes in spool/tmp).
+gives one line naming what is wrong. Shared counters (`[state] url`) that do not answer make
+the server degraded, not unready: mail is still accepted on per-process counters, so /readyz
+answers 200 and names the reason (`degraded()`). Must not: change anything it checks (the
+spool probe is a file it creates and removes in spool/tmp).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mailgate.errors import MailgateError, ScannerUnavailable
@@ -31,6 +33,7 @@ class Readiness:
         min_free: int,
         clamd: str,
         directory_query: Callable[[], object],
+        state_ping: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.spool = spool
         self.min_free = min_free  # bytes: one message of limits.max_message_size
@@ -40,7 +43,20 @@ class Readiness:
             if clamd else None
         )  # fmt: skip
         self.directory_query = directory_query
+        self.state_ping = state_ping  # Redis PING, when [state] url is set
         self.stopping = False
+
+    async def degraded(self) -> list[str]:
+        """What works in a lesser way while mail is still accepted (one line each)."""
+        if self.state_ping is None:
+            return []
+        try:
+            await asyncio.wait_for(self.state_ping(), CHECK_TIMEOUT)
+        except TimeoutError:
+            return [f"state: no answer within {CHECK_TIMEOUT:g}s; counting per process"]
+        except Exception as e:  # the client's own errors: unreachable is the answer
+            return [f"state: {e}; counting per process"]
+        return []
 
     async def reasons(self) -> list[str]:
         if self.stopping:

@@ -164,13 +164,20 @@ async def start_admin(
     # check=False: a PostgreSQL directory that is down when the server starts must make
     # /readyz answer 503 with the reason, not stop the server.
     directory = open_directory(cfg, check=False)
+    state_ping = None
+    if cfg.state.url:
+        from mailgate.limits.shared import SharedState
+
+        state_ping = SharedState(cfg.state.url, cfg.state.prefix).check
     readiness = Readiness(
         spool=cfg.spool.path,
         min_free=cfg.limits.max_message_size,
         clamd=cfg.scanner.clamd,
         directory_query=directory.list_domains,
+        state_ping=state_ping,
     )
-    context = AdminContext(snapshot=lambda: queue_families(snapshot), readiness=readiness.reasons)
+    context = AdminContext(snapshot=lambda: queue_families(snapshot), readiness=readiness.reasons,
+                           degraded=readiness.degraded)  # fmt: skip
     app = make_app(context)
     _add_operator_pages(app, cfg, directory, store)
     server = AdminServer(app)

@@ -156,6 +156,8 @@ class Receiver:
                  on_committed: Callable[[Envelope], None]) -> None:  # fmt: skip
         from mailgate.directory.cache import DirectoryView
         from mailgate.limits import AuthGuard, Limits
+        from mailgate.limits.counters import Counters
+        from mailgate.limits.shared import SharedState
         from mailgate.receive.serve import Listeners
         from mailgate.receive.tls import ReloadingContext
         from mailgate.spool.group import GroupCommitter
@@ -172,6 +174,10 @@ class Receiver:
         self.tls = ReloadingContext(cfg.tls.cert, cfg.tls.key) if _uses_tls(cfg) else None
         self.limits = Limits(cfg.ratelimits)
         self.auth_guard = AuthGuard(cfg.ratelimits)
+        # [state] url: the counters of every worker and node in one Redis; a reload keeps it
+        # (a new url needs a restart), only the limits change.
+        shared = SharedState(cfg.state.url, cfg.state.prefix) if cfg.state.url else None
+        self.counters = Counters(self.limits, self.auth_guard, shared)
         self.listeners = Listeners(self._services(cfg), workers=max(1, workers))
 
     def _services(self, cfg: Config) -> Services:
@@ -204,13 +210,14 @@ class Receiver:
             cfg=cfg, store=self.store, policy=policy, acceptor=acceptor, directory=directory,
             authenticator=open_authenticator(cfg, directory),
             tls=self.tls.context if self.tls else None,
-            limits=self.limits, auth_guard=self.auth_guard,
+            counters=self.counters,
         )  # fmt: skip
 
     def reload(self) -> None:
         """SIGHUP: the configuration file again, certificates, directory, limits. A file that
         does not load is refused with one log line; the running configuration stays."""
         from mailgate.limits import AuthGuard, Limits
+        from mailgate.limits.counters import Counters
 
         try:
             cfg = mgconfig.load(self.cfg.path, check_files=True)
@@ -219,6 +226,9 @@ class Receiver:
             if cfg.ratelimits != self.cfg.ratelimits:
                 self.limits = Limits(cfg.ratelimits)  # counting starts again under new limits
                 self.auth_guard = AuthGuard(cfg.ratelimits)
+                self.counters = Counters(self.limits, self.auth_guard, self.counters.shared)
+            if cfg.state != self.cfg.state:
+                log.warning("reload: [state] changes take effect at the next restart")
             self.listeners.services = self._services(cfg)
         except (MailgateError, OSError, ssl.SSLError) as e:
             log.error("reload refused: %s (the previous configuration stays in force)", e)
@@ -242,9 +252,12 @@ class Receiver:
         `stop` is set; SIGHUP calls `on_hup` (default: this process's reload)."""
         await self.start()
         await asyncio.to_thread(self.directory.start)  # its first snapshot, then a thread
+        heartbeat = asyncio.get_running_loop().create_task(self.counters.run())
         try:
             await self._serve(stop, on_serving, on_hup)
         finally:
+            heartbeat.cancel()
+            await self.counters.close()
             await asyncio.to_thread(self.directory.close)
 
     async def _serve(self, stop: asyncio.Event, on_serving: Callable[[], None],

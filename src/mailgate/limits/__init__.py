@@ -3,9 +3,11 @@
 Owns: `Limits` (per-listener, per-login and per-network sending limits answered with
 450 4.7.1, shadow mode, the breaker trip), `AuthGuard` (failed-AUTH delays and 454 4.7.0),
 `suspend_account` (the breaker's clean-up) and the `<spool>/limits.json` snapshot that
-`mailgate limits report` reads. Must not: do network I/O, sleep, use asyncio, or import
-`receive`, `deliver` or `smtp`; the receiving session calls in, never the reverse.
-Everything takes an injectable clock so it is tested without waiting.
+`mailgate limits report` reads. With `[state] url`, the same counts are kept in Redis
+(`shared`), and `counters.Counters` is the async interface the receiving side calls either way.
+Must not: sleep, or import `receive`, `deliver` or `smtp`; the receiving session calls in, never
+the reverse. Only `shared` does network I/O and only `shared` and `counters` use asyncio; the
+rules are synchronous and take an injectable clock, so they are tested without waiting.
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ not subject to that login's lock (nor to its parallel cap), so an attacker canno
 out of their usual client.
 
 State: every counter of this module lives in `AuthState` (failures per client and per login,
-trusted pairs, attempts in flight), the one interface a shared backend (Redis) would
-implement; `AuthGuard` holds the rules and calls it under one lock, so a shared backend must
-make `begin_attempt`'s read-check-add atomic (a script) and give in-flight counters an expiry
-(a worker that dies must not leave them raised).
+trusted pairs, attempts in flight); `AuthGuard` holds the rules and calls it under one lock.
+With `[state] url` the same state lives in Redis (limits.shared: `begin_attempt`'s
+read-check-add is one script, in-flight counters expire, so a worker that dies does not leave
+them raised), and limits.counters asks `decide` and `refuse_busy` here for the decision.
 """
 
 from __future__ import annotations
@@ -75,12 +75,15 @@ class AuthDecision:
     delay:  seconds to wait before verifying; 0.0 unless action is "delay".
     reply:  replies.TOO_MANY_AUTH_FAILURES when refused, else None.
     reason: for the log only ("client=192.0.2.7 failures=10"); never sent to the client.
+    attempt: the shared store's id of an attempt it let through (limits.counters ends it
+            there); "" when this process counted it.
     """
 
     action: Literal["allow", "delay", "refuse"]
     delay: float = 0.0
     reply: replies.Reply | None = None
     reason: str = ""
+    attempt: str = ""
 
     @property
     def is_refused(self) -> bool:
@@ -224,7 +227,11 @@ class AuthGuard:
             if self._is_exempt(ip):
                 return False
             n_client = self.state.failures(self.state.clients, self.client_key(ip), self._now())
-            return n_client >= self.cfg.auth_refuse_after
+            return self.is_client_refused_at(n_client)
+
+    def is_client_refused_at(self, n_client: int) -> bool:
+        """A client with `n_client` failures in the window is refused at connect."""
+        return n_client >= self.cfg.auth_refuse_after
 
     def before_attempt(self, ip: str, login: str) -> AuthDecision:
         """What `begin_attempt` would decide by the failure counts, without counting."""
@@ -246,11 +253,11 @@ class AuthGuard:
             if not self._is_exempt(ip) and (
                 st.inflight(st.inflight_clients, client) >= self.cfg.auth_parallel_per_client
             ):
-                return self._refuse_busy(f"client={client} in_flight")
+                return self.refuse_busy(f"client={client} in_flight")
             if not st.is_trusted(user, client, now, self.cfg.auth_trust_period) and (
                 st.inflight(st.inflight_logins, user) >= self.cfg.auth_parallel_per_login
             ):
-                return self._refuse_busy(f"login={printable(user)} in_flight")
+                return self.refuse_busy(f"login={printable(user)} in_flight")
             st.change_inflight(st.inflight_clients, client, 1)
             st.change_inflight(st.inflight_logins, user, 1)
             return decision
@@ -302,6 +309,12 @@ class AuthGuard:
         n_login = st.failures(st.logins, user, now)
         if st.is_trusted(user, client, now, self.cfg.auth_trust_period):
             n_login = 0
+        return self.decide(client, user, n_client, n_login)
+
+    def decide(self, client: str, user: str, n_client: int, n_login: int) -> AuthDecision:
+        """The rule, given the failures counted against the client (0 when exempt) and the
+        login (0 when the pair is trusted): allow, delay or refuse. A shared store
+        (limits.shared) counts atomically and asks this."""
         if n_client >= self.cfg.auth_refuse_after:
             return self._refuse(f"client={client} failures={n_client}")
         if n_login >= self.cfg.auth_login_refuse_after:
@@ -333,9 +346,13 @@ class AuthGuard:
         log.warning("auth refused too_many_failures %s", reason)
         return AuthDecision("refuse", reply=replies.TOO_MANY_AUTH_FAILURES, reason=reason)
 
-    def _refuse_busy(self, reason: str) -> AuthDecision:
+    def refuse_busy(self, reason: str) -> AuthDecision:
         log.warning("auth refused too_many_in_flight %s", reason)
         return AuthDecision("refuse", reply=replies.TOO_MANY_AUTH_IN_PROGRESS, reason=reason)
+
+    def is_exempt(self, ip: str) -> bool:
+        """Clients in exempt_networks are counted per login only."""
+        return in_networks(ip, self.cfg.exempt_networks)
 
     def _is_exempt(self, ip: str) -> bool:
         return in_networks(ip, self.cfg.exempt_networks)

@@ -6,9 +6,8 @@ seconds, so with the defaults (3600 s, 60 buckets) a count covers the last 59 to
 each key costs at most 60 small integers. Must not: know what a key means (that is
 `limits.rate`), read the clock itself (the caller passes `now`), or do any I/O.
 
-A Redis implementation can provide the same four methods later (one hash per key, a field per
-bucket, HINCRBY + EXPIRE); it would have to be given wall-clock time rather than
-time.monotonic(), since several processes would share it.
+The same windows in Redis, shared by every process, are limits.shared (one hash per key, a field
+per bucket, on the Redis server's clock).
 """
 
 from __future__ import annotations

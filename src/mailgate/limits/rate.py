@@ -201,20 +201,57 @@ class Limits:
     def _check(self, service: str, login: str | None, ip: str, *, nrcpt: int) -> None:
         with self._lock:
             now = self._now()
-            if login:
-                trip = self._live_trip(login_key(login), now)
-                if trip is not None:
-                    self._count_hit(service, "breaker", shadow=False)
-                    raise Rejected(
-                        replies.rate_limited(
-                            "Sending from this account is suspended, contact the postmaster"
-                        ),
-                        reason=f"ratelimit breaker login={printable(login)} {trip.reason}",
-                    )
+            trip = self._live_trip(login_key(login), now) if login else None
+            self.decide(service, login, ip, nrcpt=nrcpt, trip=trip,
+                        count=lambda key: self.backend.count(key, now))  # fmt: skip
+
+    def counter_keys(self, service: str, login: str | None, ip: str) -> list[str]:
+        """The hourly counters a message from (service, login, ip) is counted in, in the order
+        `decide` and `crossing` read them; a shared store (limits.shared) keeps them."""
+        return [
+            _counter_key(counter, scope, key)
+            for scope, key in self._subjects(service, login, ip)
+            for counter in ("msg", "rcpt")
+        ]
+
+    def named_counts(
+        self, service: str, login: str | None, ip: str, totals: list[int]
+    ) -> dict[str, int]:
+        """{limit name: count} from the totals of `counter_keys`, in that order (for
+        `crossing`)."""
+        names = [
+            f"{scope}_{metric}"
+            for scope, _ in self._subjects(service, login, ip)
+            for metric in ("messages_per_hour", "recipients_per_hour")
+        ]
+        return dict(zip(names, totals, strict=True))
+
+    def decide(
+        self,
+        service: str,
+        login: str | None,
+        ip: str,
+        *,
+        nrcpt: int,
+        trip: BreakerTrip | None,
+        count: Callable[[str], int],
+    ) -> None:
+        """The rule for every check: raise Rejected(450 4.7.1) when the login's breaker trip is
+        live or an enforced limit is exceeded, given each counter's count (`count(key)`, keys
+        from `counter_keys`) in the window that ends now; shadow limits only log."""
+        with self._lock:
+            if login and trip is not None:
+                self._count_hit(service, "breaker", shadow=False)
+                raise Rejected(
+                    replies.rate_limited(
+                        "Sending from this account is suspended, contact the postmaster"
+                    ),
+                    reason=f"ratelimit breaker login={printable(login)} {trip.reason}",
+                )
             if in_networks(ip, self.cfg.exempt_networks):
                 return
             refusal: _Exceeded | None = None
-            for exceeded in self._exceeded(service, login, ip, nrcpt, now):
+            for exceeded in self._exceeded(service, login, ip, nrcpt, count):
                 if self.is_shadow(service, exceeded.name):
                     self._count_hit(service, exceeded.name, shadow=True)
                     log.info(
@@ -241,7 +278,7 @@ class Limits:
             raise Rejected(refusal.reply(), reason=reason)
 
     def _exceeded(
-        self, service: str, login: str | None, ip: str, nrcpt: int, now: float
+        self, service: str, login: str | None, ip: str, nrcpt: int, count_of: Callable[[str], int]
     ) -> list[_Exceeded]:
         found = []
         for scope, key in self._subjects(service, login, ip):
@@ -252,9 +289,9 @@ class Limits:
                 if metric == "recipients_per_message":
                     count = nrcpt
                 elif metric == "messages_per_hour":
-                    count = self.backend.count(_counter_key("msg", scope, key), now) + 1
+                    count = count_of(_counter_key("msg", scope, key)) + 1
                 else:
-                    count = self.backend.count(_counter_key("rcpt", scope, key), now) + nrcpt
+                    count = count_of(_counter_key("rcpt", scope, key)) + nrcpt
                 if count > maximum:
                     found.append(_Exceeded(scope, key, metric, maximum, count))
         return found
@@ -285,19 +322,29 @@ class Limits:
         key = login_key(login)
         if self._live_trip(key, now) is not None:
             return None  # already reported
+        trip = self.crossing(login, counts)
+        if trip is not None:
+            self._tripped[key] = trip
+            self.note_trip(trip)
+        return trip
+
+    def crossing(self, login: str, counts: dict[str, int]) -> BreakerTrip | None:
+        """The trip `login` makes with these counts after recording a message ({limit name:
+        count}, e.g. "login_recipients_per_hour"), or None: the breaker's one rule."""
         for metric, threshold in self._thresholds():
             count = counts.get(f"login_{metric}", 0)
             if threshold and count > threshold:
-                trip = BreakerTrip(login, metric, count, threshold, self._wall())
-                self._tripped[key] = trip
-                self._trips.append(trip)
-                log.critical(
-                    "ALERT ratelimit breaker tripped login=%s reason=%s",
-                    printable(login),
-                    trip.reason,
-                )
-                return trip
+                return BreakerTrip(login, metric, count, threshold, self._wall())
         return None
+
+    def note_trip(self, trip: BreakerTrip) -> None:
+        """Remember a trip for the report and raise the ALERT (once per trip, cluster-wide
+        when the counters are shared: only the node that won the trip calls this)."""
+        with self._lock:
+            self._trips.append(trip)
+        log.critical(
+            "ALERT ratelimit breaker tripped login=%s reason=%s", printable(trip.login), trip.reason
+        )
 
     def _live_trip(self, key: str, now: float) -> BreakerTrip | None:
         """The login's trip while its count is still over the threshold that tripped it."""
@@ -377,6 +424,11 @@ class Limits:
         if extra:
             data.update(extra)
         write_snapshot(path, data)
+
+
+def trip_counter_key(trip: BreakerTrip) -> str:
+    """The counter whose count keeps `trip` live (its count must stay over the threshold)."""
+    return _counter_key(_COUNTERS[trip.metric], "login", login_key(trip.login))
 
 
 def _counter_key(counter: str, scope: str, key: str) -> str:

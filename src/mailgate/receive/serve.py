@@ -56,7 +56,9 @@ class Listeners:
         self._accepting: list[tuple[socket.socket, asyncio.Task[None]]] = []  # their accept loops
         self.sessions: set[asyncio.Task[None]] = set()
         self.open: set[Session] = set()  # told to stop by stop()
-        self.per_ip: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()  # this process's connections per address
+        self._shared_open: dict[asyncio.Task[Any] | None, str] = {}  # counted in Redis
+        self._closing: set[asyncio.Task[None]] = set()  # their take-backs, while they run
         self._refusal_logged: dict[str, float] = {}  # ip -> when its next refusal is logged
         self._lockout_refusals: Counter[str] = Counter()  # client key -> refused reconnects
         self.kernel_ban = KernelBan()
@@ -137,12 +139,19 @@ class Listeners:
     def _connected(self, channel: Channel, profile: Profile) -> None:
         peer = channel.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-        refusal = self._refusal(ip, profile)
+        if self._is_over_local_limits(ip, profile):
+            channel.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
+            channel.close()
+            return
+        self._track(self._admit_then_run(channel, profile, ip), ip)
+
+    async def _admit_then_run(self, channel: Channel, profile: Profile, ip: str) -> None:
+        refusal = await self._shared_refusal(ip, profile)
         if refusal is not None:
             channel.write(refusal.to_bytes())
             channel.close()
             return
-        self._track(self._run(Session(self.services, channel, profile)), ip)
+        await self._run(Session(self.services, channel, profile))
 
     async def _accept_tls(self, sock: socket.socket, profile: Profile) -> None:
         """Implicit TLS: admit on the TCP connection, then hand over for the handshake."""
@@ -155,12 +164,15 @@ class Listeners:
                 await asyncio.sleep(0.1)
                 continue
             ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-            if self._refusal(ip, profile) is not None:
+            if self._is_over_local_limits(ip, profile):
                 conn.close()  # no handshake and no bytes
                 continue
-            self._track(self._tls_session(conn, profile), ip)
+            self._track(self._tls_session(conn, profile, ip), ip)
 
-    async def _tls_session(self, conn: socket.socket, profile: Profile) -> None:
+    async def _tls_session(self, conn: socket.socket, profile: Profile, ip: str) -> None:
+        if await self._shared_refusal(ip, profile) is not None:
+            conn.close()  # no handshake and no bytes
+            return
         loop = asyncio.get_running_loop()
         made: list[Channel] = []  # uvloop returns its SSL protocol here, not ours
 
@@ -186,17 +198,44 @@ class Listeners:
         finally:
             self.open.discard(session)
 
-    def _refusal(self, ip: str, profile: Profile) -> Reply | None:
-        """Why a new connection from `ip` is refused (logged once a minute), or None."""
+    def _is_over_local_limits(self, ip: str, profile: Profile) -> bool:
+        """This process's connection limits: overall, and per client address unless the
+        counters are shared (then `_shared_refusal` counts the address cluster-wide)."""
         limits = self.services.cfg.limits
         if len(self.sessions) >= limits.max_connections or (
-            self.per_ip[ip] >= limits.max_connections_per_ip
+            not self._is_shared() and self.per_ip[ip] >= limits.max_connections_per_ip
         ):
-            self._log_refusal(ip, profile, "too many connections")
-            metrics.CONNECTIONS_REFUSED.labels(profile.name, "connection_limit").inc()
-            return replies.TOO_MANY_CONNECTIONS
-        guard = self.services.auth_guard
-        if profile.offers_auth and guard is not None and guard.is_client_refused(ip):
+            self._refuse_too_many(ip, profile)
+            return True
+        return False
+
+    def _is_shared(self) -> bool:
+        counters = self.services.counters
+        return counters is not None and counters.shared is not None
+
+    def _refuse_too_many(self, ip: str, profile: Profile) -> None:
+        self._log_refusal(ip, profile, "too many connections")
+        metrics.CONNECTIONS_REFUSED.labels(profile.name, "connection_limit").inc()
+
+    async def _shared_refusal(self, ip: str, profile: Profile) -> Reply | None:
+        """Why an admitted connection from `ip` is refused after all (logged once a minute):
+        too many connections from `ip` in the cluster, or an AUTH lock-out; or None. The
+        connection is already counted in this process (`_track`)."""
+        counters = self.services.counters
+        if counters is None:
+            return None
+        if self._is_shared():
+            limit = self.services.cfg.limits.max_connections_per_ip
+            admission = await counters.open_connection(ip, limit)
+            if admission == "refused":
+                self._refuse_too_many(ip, profile)
+                return replies.TOO_MANY_CONNECTIONS
+            if admission == "shared":
+                self._shared_open[asyncio.current_task()] = ip
+            elif self.per_ip[ip] > limit:  # Redis unreachable: this process counts alone
+                self._refuse_too_many(ip, profile)
+                return replies.TOO_MANY_CONNECTIONS
+        if profile.offers_auth and await counters.is_client_refused(ip):
             # A password guesser that reached auth_refuse_after: refused before any session,
             # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
             self._log_refusal(ip, profile, "too many AUTH failures")
@@ -217,8 +256,17 @@ class Listeners:
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+            if self._shared_open.pop(t, None) is not None:
+                self._close_shared(ip)
 
         task.add_done_callback(done)
+
+    def _close_shared(self, ip: str) -> None:
+        counters = self.services.counters
+        assert counters is not None
+        task = asyncio.get_running_loop().create_task(counters.close_connection(ip))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _log_refusal(self, ip: str, profile: Profile, why: str) -> None:
         """One log line per refused client a minute."""
@@ -234,10 +282,10 @@ class Listeners:
         """A locked-out client that keeps reconnecting is banned in the kernel (receive.kernelban):
         its next SYNs are dropped before they cost this process anything."""
         limits = self.services.cfg.ratelimits
-        guard = self.services.auth_guard
-        if limits.auth_ban_after == 0 or guard is None:
+        counters = self.services.counters
+        if limits.auth_ban_after == 0 or counters is None:
             return
-        key = guard.client_key(ip)
+        key = counters.guard.client_key(ip)
         if len(self._lockout_refusals) > 10_000:
             self._lockout_refusals.clear()
         self._lockout_refusals[key] += 1

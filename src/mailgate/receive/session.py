@@ -54,7 +54,7 @@ from mailgate.spool.api import SpoolStore
 from mailgate.spool.incoming import Incoming
 
 if TYPE_CHECKING:
-    from mailgate.limits import AuthGuard, Limits
+    from mailgate.limits.counters import Counters
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class Services:
     directory: Directory
     authenticator: Authenticator
     tls: ssl.SSLContext | None
-    limits: Limits | None = None
-    auth_guard: AuthGuard | None = None
+    counters: Counters | None = None  # rate limits, AUTH defence, breaker (limits.counters)
     rdns: ReverseDns | None = None  # made on first use when smarthost.require_rdns is set
 
 
@@ -290,10 +289,10 @@ class Session:
             case MailFrom():
                 self.conn.send(self._mail(event))
             case RcptTo():
-                self._rcpt(event)
+                await self._rcpt(event)
                 self.conn.send(replies.RECIPIENT_OK)
             case DataStart():
-                self._data_start()
+                await self._data_start()
                 self.conn.send(replies.START_DATA)
             case EndOfData():
                 self.conn.send(await self._end_of_data(event))
@@ -322,12 +321,13 @@ class Session:
         log.info("sid=%s starttls %s", self.sid, self._tls_description())
 
     async def _auth(self, event: Auth) -> None:
-        guard = self.s.auth_guard
+        guard = self.s.counters
         delay = 0.0
+        decision = None
         if guard is not None:
             # Counted before the hash is verified (issue #11, class 6): a burst of parallel
             # connections cannot all get past the guard while the first hashes still run.
-            decision = guard.begin_attempt(self.client_ip, event.login)
+            decision = await guard.begin_attempt(self.client_ip, event.login)
             if decision.is_refused:
                 assert decision.reply is not None
                 metrics.AUTH_DEFENCE.labels("refused").inc()
@@ -353,9 +353,10 @@ class Session:
             self.conn.send(replies.AUTH_TEMPORARILY_UNAVAILABLE)
             return
         finally:
-            if guard is not None:
-                guard.end_attempt(self.client_ip, event.login, succeeded=user is not None,
-                                  verified=not unavailable)  # fmt: skip
+            if guard is not None and decision is not None:
+                await guard.end_attempt(self.client_ip, event.login, decision,
+                                        succeeded=user is not None,
+                                        verified=not unavailable)  # fmt: skip
         if user is None:
             metrics.AUTH_FAILURES.labels(self.profile.name).inc()
             log.info("sid=%s auth failed mech=%s login=%s client=[%s]",
@@ -383,22 +384,22 @@ class Session:
         self.txn = Transaction(mail=event, mail_from=mail_from)
         return replies.SENDER_OK
 
-    def _rcpt(self, event: RcptTo) -> None:
+    async def _rcpt(self, event: RcptTo) -> None:
         assert self.txn is not None
         self.s.policy.check_rcpt(self._sender(), event.address)
         check_destination(event.address, self.s.cfg.smarthost.bad_nets,
                           allow_special=self.s.cfg.delivery.allow_internal_literals)  # fmt: skip
-        if self.s.limits is not None:
-            self.s.limits.check_recipient(
+        if self.s.counters is not None:
+            await self.s.counters.check_recipient(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 rcpt_in_message=len(self.txn.rcpts) + 1,
             )  # fmt: skip
         self.txn.rcpts.append(event)
 
-    def _data_start(self) -> None:
+    async def _data_start(self) -> None:
         assert self.txn is not None
-        if self.s.limits is not None:
-            self.s.limits.check_message(
+        if self.s.counters is not None:
+            await self.s.counters.check_message(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 nrcpt=len(self.txn.rcpts),
             )  # fmt: skip
@@ -430,8 +431,8 @@ class Session:
                            replies.SPOOL_FULL if isinstance(self.write_error, SpoolFull)
                            else replies.INTERNAL_ERROR)  # fmt: skip
         reply = await self.s.acceptor.accept(self._facts(), txn, incoming)
-        if reply.is_positive and self.s.limits is not None:
-            trip = self.s.limits.record_message(
+        if reply.is_positive and self.s.counters is not None:
+            trip = await self.s.counters.record_message(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 nrcpt=len(txn.rcpts),
             )  # fmt: skip

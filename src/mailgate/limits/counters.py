@@ -1,0 +1,225 @@
+"""What the receiving side asks about limits: one async interface over shared or local counters.
+
+Owns: choosing where each count is kept. With `[state] url` set, every count is kept in Redis
+(limits.shared), shared by every worker and node; without it, or while Redis cannot be reached,
+in this process (`Limits`, `AuthGuard`), as a single node always did: mail keeps flowing on
+per-process counters, and limits.shared logs one warning line a minute and tries Redis again
+by itself. Must not: hold a rule of its own: every decision is `Limits.decide`,
+`Limits.crossing`, `AuthGuard.decide` or `AuthGuard.refuse_busy`, given the shared counts.
+
+receive/ calls it (session: check, record, AUTH attempts; serve: connections per address and
+the AUTH lock-out at connect). It owns the background task that keeps this process's heartbeat
+in Redis and retries the connection counts it could not take back while Redis was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections import Counter
+from datetime import datetime
+from typing import Literal
+
+from mailgate.limits.authguard import AuthDecision, AuthGuard
+from mailgate.limits.backend import DEFAULT_BUCKETS, DEFAULT_WINDOW
+from mailgate.limits.keys import login_key, printable
+from mailgate.limits.rate import BreakerTrip, Limits, trip_counter_key
+from mailgate.limits.shared import HEARTBEAT_INTERVAL, SharedState, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+# Seconds an AUTH attempt stays "in flight" in Redis if its process never ends it (it died):
+# longer than the longest delay plus a slow backend's answer.
+_IN_FLIGHT_SLACK = 60.0
+
+Admission = Literal["shared", "local", "refused"]
+
+
+class Counters:
+    """The limits of one server process; `shared` is None without `[state] url`."""
+
+    def __init__(self, limits: Limits, guard: AuthGuard, shared: SharedState | None) -> None:
+        self.limits = limits
+        self.guard = guard
+        self.shared = shared
+        self._unclosed: Counter[str] = Counter()  # connection counts to take back in Redis
+
+    # --- sending limits and the breaker --------------------------------------------------
+
+    async def check_recipient(
+        self, *, service: str, login: str | None, ip: str, rcpt_in_message: int
+    ) -> None:
+        """Limits.check_recipient over the shared counts: raises Rejected (450 4.7.1)."""
+        if not await self._decide(service, login, ip, rcpt_in_message):
+            self.limits.check_recipient(service=service, login=login, ip=ip,
+                                        rcpt_in_message=rcpt_in_message)  # fmt: skip
+
+    async def check_message(self, *, service: str, login: str | None, ip: str, nrcpt: int) -> None:
+        """Limits.check_message over the shared counts: raises Rejected (450 4.7.1)."""
+        if not await self._decide(service, login, ip, nrcpt):
+            self.limits.check_message(service=service, login=login, ip=ip, nrcpt=nrcpt)
+
+    async def _decide(self, service: str, login: str | None, ip: str, nrcpt: int) -> bool:
+        """Decide on the shared counts; False when they could not be read (decide locally)."""
+        if self.shared is None:
+            return False
+        keys = self.limits.counter_keys(service, login, ip)
+        try:
+            value, totals = await self.shared.rate(
+                _trip_name(login), keys, [0] * len(keys),
+                window=DEFAULT_WINDOW, buckets=DEFAULT_BUCKETS,
+            )  # fmt: skip
+        except StateUnavailable:
+            return False
+        counts = dict(zip(keys, totals, strict=True))
+        trip = _decode_trip(login, value) if login and value else None
+        if trip is not None and counts.get(trip_counter_key(trip), 0) <= trip.threshold:
+            # Fallen back below the threshold: re-armed, it may trip (and be reported) again.
+            trip = None
+            with contextlib.suppress(StateUnavailable):
+                await self.shared.clear_trip(_trip_name(login))
+        self.limits.decide(service, login, ip, nrcpt=nrcpt, trip=trip,
+                           count=lambda key: counts.get(key, 0))  # fmt: skip
+        return True
+
+    async def record_message(
+        self, *, service: str, login: str | None, ip: str, nrcpt: int
+    ) -> BreakerTrip | None:
+        """Count an accepted message. Returns a trip to the one process in the cluster that
+        tripped the login's breaker (it suspends the account); None everywhere else."""
+        if self.shared is None:
+            return self.limits.record_message(service=service, login=login, ip=ip, nrcpt=nrcpt)
+        keys = self.limits.counter_keys(service, login, ip)
+        amounts = [1, max(nrcpt, 0)] * (len(keys) // 2)  # msg, rcpt per scope
+        try:
+            value, totals = await self.shared.rate(
+                _trip_name(login), keys, amounts, window=DEFAULT_WINDOW, buckets=DEFAULT_BUCKETS
+            )
+        except StateUnavailable:
+            return self.limits.record_message(service=service, login=login, ip=ip, nrcpt=nrcpt)
+        if not login or value:
+            return None  # no login, or its trip is already live (and was reported)
+        trip = self.limits.crossing(login, self.limits.named_counts(service, login, ip, totals))
+        if trip is None:
+            return None
+        try:
+            won = await self.shared.trip_once(_trip_name(login), _encode_trip(trip), DEFAULT_WINDOW)
+        except StateUnavailable:
+            won = True  # Redis went away just now: suspending twice is harmless, never is not
+        if not won:
+            return None
+        self.limits.note_trip(trip)
+        return trip
+
+    # --- the AUTH defence ----------------------------------------------------------------
+
+    async def begin_attempt(self, ip: str, login: str) -> AuthDecision:
+        """AuthGuard.begin_attempt over the shared counts (counted atomically in Redis)."""
+        if self.shared is None:
+            return self.guard.begin_attempt(ip, login)
+        cfg = self.guard.cfg
+        client, user = self.guard.client_key(ip), login_key(login)
+        try:
+            status, n_client, n_login, attempt = await self.shared.auth_begin(
+                client, user, exempt=self.guard.is_exempt(ip),
+                limits=(cfg.auth_refuse_after, cfg.auth_login_refuse_after,
+                        cfg.auth_parallel_per_client, cfg.auth_parallel_per_login),
+                window=cfg.auth_window, depth=self.guard.state.depth,
+                ttl=cfg.auth_max_delay + _IN_FLIGHT_SLACK,
+            )  # fmt: skip
+        except StateUnavailable:
+            return self.guard.begin_attempt(ip, login)
+        if status == "busy_client":
+            return self.guard.refuse_busy(f"client={client} in_flight")
+        if status == "busy_login":
+            return self.guard.refuse_busy(f"login={printable(user)} in_flight")
+        # The script refused ("refused") with the same thresholds that decide() applies.
+        decision = self.guard.decide(client, user, n_client, n_login)
+        if decision.is_refused:
+            return decision
+        return dataclasses.replace(decision, attempt=attempt)
+
+    async def end_attempt(
+        self, ip: str, login: str, decision: AuthDecision, *, succeeded: bool, verified: bool
+    ) -> None:
+        """AuthGuard.end_attempt, where `begin_attempt` counted the attempt."""
+        if not decision.attempt:
+            self.guard.end_attempt(ip, login, succeeded=succeeded, verified=verified)
+            return
+        assert self.shared is not None
+        outcome = "ok" if succeeded else "failed" if verified else "unverified"
+        with contextlib.suppress(StateUnavailable):  # in flight until its expiry, then
+            await self.shared.auth_end(self.guard.client_key(ip), login_key(login),
+                                       decision.attempt, outcome,
+                                       self.guard.cfg.auth_trust_period)  # fmt: skip
+
+    async def is_client_refused(self, ip: str) -> bool:
+        """AuthGuard.is_client_refused over the shared counts."""
+        if self.shared is None or self.guard.is_exempt(ip):
+            return self.guard.is_client_refused(ip)
+        try:
+            n = await self.shared.auth_client_failures(
+                self.guard.client_key(ip), self.guard.cfg.auth_window
+            )
+        except StateUnavailable:
+            return self.guard.is_client_refused(ip)
+        return self.guard.is_client_refused_at(n)
+
+    # --- connections per client address ------------------------------------------------
+
+    async def open_connection(self, ip: str, maximum: int) -> Admission:
+        """ "shared": counted in Redis (call close_connection); "refused": `ip` has `maximum`
+        connections open in the cluster; "local": count it in this process."""
+        if self.shared is None:
+            return "local"
+        try:
+            return "shared" if await self.shared.conn_open(ip, maximum) else "refused"
+        except StateUnavailable:
+            return "local"
+
+    async def close_connection(self, ip: str) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.conn_close(ip)
+        except StateUnavailable:
+            self._unclosed[ip] += 1  # taken back by run() once Redis answers again
+
+    async def run(self) -> None:
+        """Keep this process's heartbeat alive in Redis (its connection counts count while it
+        does); take back the counts of connections that closed while Redis was away."""
+        if self.shared is None:
+            return
+        while True:
+            with contextlib.suppress(StateUnavailable):
+                await self.shared.heartbeat()
+                for ip in list(self._unclosed):
+                    while self._unclosed[ip] > 0:
+                        await self.shared.conn_close(ip)
+                        self._unclosed[ip] -= 1
+                    del self._unclosed[ip]
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+
+
+def _trip_name(login: str | None) -> str:
+    return login_key(login) if login else "-"
+
+
+def _encode_trip(trip: BreakerTrip) -> str:
+    return f"{trip.metric} {trip.threshold} {trip.count} {trip.at.isoformat()}"
+
+
+def _decode_trip(login: str, value: str) -> BreakerTrip | None:
+    try:
+        metric, threshold, count, at = value.split(" ")
+        if metric not in ("recipients_per_hour", "messages_per_hour"):
+            raise ValueError(metric)
+        return BreakerTrip(login, metric, int(count), int(threshold), datetime.fromisoformat(at))
+    except ValueError:
+        log.warning("state: unreadable breaker trip login=%s ignored", printable(login))
+        return None
