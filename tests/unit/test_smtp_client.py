@@ -29,11 +29,12 @@ from mailgate.smtp.client import (
     ServerReply,
     StartTlsReply,
     State,
+    TextWanted,
     TransactionDone,
     encode_message,
     to_reply,
 )
-from mailgate.smtp.data import DataReader
+from mailgate.smtp.data import DataEncoder, DataReader
 
 EHLO_PIPELINING = (
     b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
@@ -499,6 +500,105 @@ def test_quit() -> None:
 )
 def test_encode_message(stored: bytes, wire: bytes) -> None:
     assert encode_message(stored) == wire
+
+
+def encoded_in_chunks(message: bytes, cuts: Sequence[int]) -> bytes:
+    encoder = DataEncoder()
+    points = sorted({min(c, len(message)) for c in cuts})
+    out, start = [], 0
+    for point in [*points, len(message)]:
+        out.append(encoder.feed(message[start:point]))
+        start = point
+    return b"".join(out) + encoder.finish()
+
+
+@pytest.mark.parametrize(
+    ("pieces", "wire"),
+    [
+        # CRLF "." CRLF inside the text, split at every place: always stuffed.
+        ([b"a\r", b"\n.\r\nb\r\n"], b"a\r\n..\r\nb\r\n.\r\n"),
+        ([b"a\r\n", b".\r\nb\r\n"], b"a\r\n..\r\nb\r\n.\r\n"),
+        ([b"a\r\n.", b"\r\nb\r\n"], b"a\r\n..\r\nb\r\n.\r\n"),
+        ([b"a\r\n.\r", b"\nb\r\n"], b"a\r\n..\r\nb\r\n.\r\n"),
+        # A line starting with "." at the start of a chunk, and a dot that does not start one.
+        ([b"x\r\n", b".dot\r\n", b".", b"y\r\n"], b"x\r\n..dot\r\n..y\r\n.\r\n"),
+        ([b"x", b".y\r\n"], b"x.y\r\n.\r\n"),
+        ([b".", b"first\r\n"], b"..first\r\n.\r\n"),
+        # Bare LF and bare CR become CRLF, as for a whole message, wherever the cut falls.
+        ([b"a\n", b".b\n"], b"a\r\n..b\r\n.\r\n"),
+        ([b"a\r", b"\r", b"b"], b"a\r\n\r\nb\r\n.\r\n"),
+        ([b"a\r"], b"a\r\n.\r\n"),
+        ([b"", b"", b""], b".\r\n"),
+    ],
+)
+def test_data_encoder_handles_chunk_boundaries(pieces: list[bytes], wire: bytes) -> None:
+    encoder = DataEncoder()
+    assert b"".join(encoder.feed(p) for p in pieces) + encoder.finish() == wire
+    assert encode_message(b"".join(pieces)) == wire
+
+
+@settings(max_examples=500)
+@given(
+    message=st.lists(
+        st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\r\n.\r\n", b"x" * 5]),
+        max_size=40,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_data_encoder_in_chunks_equals_the_whole(message: bytes, cuts: list[int]) -> None:
+    # The reference: the rules applied to the whole text with plain bytes methods.
+    normalised = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if normalised and not normalised.endswith(b"\r\n"):
+        normalised += b"\r\n"
+    if normalised.startswith(b"."):
+        normalised = b"." + normalised
+    reference = normalised.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert encoded_in_chunks(message, cuts) == reference
+
+
+def test_streamed_text_goes_after_the_354_in_chunks() -> None:
+    conn = ready()
+    conn.send_transaction("alice@sender.test", [], [("bob@dest.test", [])], None)
+    assert conn.data_to_send() == (
+        b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@dest.test>\r\nDATA\r\n"
+    )
+    assert not conn.is_sending_text
+    assert feed(conn, b"250 ok\r\n250 ok\r\n354 go\r\n") == [TextWanted()]
+    assert conn.is_sending_text and conn.data_to_send() == b""
+    for piece in (b"Subject: big\r\n\r\nline\r", b"\n.dot\r\n", b"last"):
+        conn.send_text(piece)
+    conn.end_text()
+    assert not conn.is_sending_text
+    assert conn.data_to_send() == b"Subject: big\r\n\r\nline\r\n..dot\r\nlast\r\n.\r\n"
+    done = done_of(conn, b"250 2.0.0 queued\r\n")
+    assert done == TransactionDone(
+        r(250, "ok"), (r(250, "ok"),), r(354, "go"), r(250, "2.0.0 queued")
+    )
+
+
+def test_streamed_text_is_not_asked_for_when_data_is_refused() -> None:
+    conn = ready()
+    conn.send_transaction("alice@sender.test", [], [("bob@dest.test", [])], None)
+    conn.data_to_send()
+    done = done_of(conn, b"250 ok\r\n250 ok\r\n554 5.3.0 no\r\n")
+    assert done.data == r(554, "5.3.0 no") and done.message is None
+    with pytest.raises(UsageError):
+        conn.send_text(b"x")
+
+
+def test_streamed_text_after_the_connection_closed_is_ignored() -> None:
+    conn = ready()
+    conn.send_transaction("alice@sender.test", [], [("bob@dest.test", [])], None)
+    conn.data_to_send()
+    assert feed(conn, b"250 ok\r\n250 ok\r\n354 go\r\n") == [TextWanted()]
+    conn.send_text(b"half of it\r\n")
+    conn.abort("timed out")
+    conn.send_text(b"the rest\r\n")
+    conn.end_text()
+    [done, closed] = events(conn)
+    assert done == TransactionDone(r(250, "ok"), (r(250, "ok"),), r(354, "go"), None)
+    assert closed == ConnectionClosed("timed out")
+    assert conn.data_to_send() == b""
 
 
 # --- properties -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import asyncio
 import re
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
@@ -56,6 +56,7 @@ from mailgate.smtp.client import (
     Greeting,
     ServerReply,
     StartTlsReply,
+    TextWanted,
     TransactionDone,
     to_reply,
 )
@@ -111,13 +112,45 @@ class RecipientResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A large message, sent from the spool a chunk at a time (never whole in memory).
+
+    size:     its length in bytes (SIZE=).
+    head:     its header section (whether it needs SMTPUTF8).
+    is_ascii: no octet above 127 (else BODY=8BITMIME).
+    chunks:   opens a reader over the message; each next() may read the disk, and runs in a
+              worker thread.
+    """
+
+    size: int
+    head: bytes
+    is_ascii: bool
+    chunks: Callable[[], Iterator[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """One message to some of its recipients, all for one destination."""
 
     qid: str
     envelope: Envelope
     recipients: tuple[Recipient, ...]
-    message: bytes
+    message: bytes | StoredMessage
+
+    @property
+    def size(self) -> int:
+        message = self.message
+        return len(message) if isinstance(message, bytes) else message.size
+
+    @property
+    def head(self) -> bytes:
+        message = self.message
+        return message if isinstance(message, bytes) else message.head
+
+    @property
+    def is_ascii(self) -> bool:
+        message = self.message
+        return message.isascii() if isinstance(message, bytes) else message.is_ascii
 
 
 class ConnectFailure(Exception):
@@ -205,6 +238,7 @@ class _Wire(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._progress_at = self._loop.time()
+        self._drained: asyncio.Future[None] | None = None
 
     # --- protocol callbacks --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -233,6 +267,7 @@ class _Wire(asyncio.Protocol):
             self.machine.receive_data(b"")
         self._backlog.clear()
         self._wake()
+        self._wake_drained()
 
     def pause_writing(self) -> None:
         self._is_paused = True
@@ -241,6 +276,8 @@ class _Wire(asyncio.Protocol):
         self._is_paused = False
         self._progress_at = self._loop.time()  # the server is taking our output
         self._write_backlog()
+        if not self._is_paused and not self._backlog:
+            self._wake_drained()
 
     # --- the connection's side -------------------------------------------------------------
     def flush(self) -> None:
@@ -273,6 +310,28 @@ class _Wire(asyncio.Protocol):
                 view = memoryview(chunk)
                 self._backlog[0] = view[_WRITE_SLICE:]
                 transport.write(view[:_WRITE_SLICE])  # may call pause_writing()
+
+    async def drained(self, idle_limit: float) -> None:
+        """Until the transport takes more (what we queued is written or below its high-water
+        mark). TimeoutError when the server takes nothing for `idle_limit` seconds;
+        ConnectionError when the connection is gone."""
+        for _ in range(2):  # woken by resume_writing() with nothing left, or by the close
+            if self.transport is None or self.transport.is_closing() or self.lost:
+                raise ConnectionError(self.lost or "connection closed")
+            if not self._is_paused and not self._backlog:
+                return
+            self._drained = self._loop.create_future()
+            try:
+                async with asyncio.timeout(idle_limit):
+                    await self._drained
+            finally:
+                self._drained = None
+        if self._is_paused or self._backlog:
+            raise ConnectionError(self.lost or "connection closed")
+
+    def _wake_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     async def next_event(self, idle_limit: float) -> ClientEvent:
         """The machine's next event, waiting for it as wait() does."""
@@ -500,7 +559,7 @@ class Connection:
 
         # --- what the message needs, and whether this server can take it ------------------
         sender_utf8 = not env.mail_from.isascii()
-        needs_utf8 = sender_utf8 or (env.smtputf8 and header_needs_utf8(transfer.message))
+        needs_utf8 = sender_utf8 or (env.smtputf8 and header_needs_utf8(transfer.head))
         has_utf8 = self.supports("smtputf8")
         sendable: list[Recipient] = []
         for rcpt in transfer.recipients:
@@ -522,8 +581,8 @@ class Connection:
 
         mail_params: list[str] = []
         if self.supports("size"):
-            mail_params.append(f"SIZE={len(transfer.message)}")
-        is_8bit = env.body == "8BITMIME" or not transfer.message.isascii()
+            mail_params.append(f"SIZE={transfer.size}")
+        is_8bit = env.body == "8BITMIME" or not transfer.is_ascii
         if is_8bit and self.supports("8bitmime"):
             mail_params.append("BODY=8BITMIME")
         # Without 8BITMIME an 8-bit body goes as is, as Postfix and Exim do: nearly every
@@ -558,33 +617,64 @@ class Connection:
         mail_from: str,
         params: list[str],
         rcpts: list[tuple[str, list[str]]],
-        message: bytes,
+        message: bytes | StoredMessage,
     ) -> tuple[TransactionDone | None, str]:
         """Run one transaction: its replies, and why the connection ended ("" if it did not).
         None when nothing could be sent at all."""
         machine, wire = self._machine, self._wire
         if not self.is_usable:
             return None, wire.lost or "connection closed"
-        machine.send_transaction(mail_from, params, rcpts, message)
+        stored = message if isinstance(message, StoredMessage) else None
+        text = message if isinstance(message, bytes) else None  # None: streamed
+        machine.send_transaction(mail_from, params, rcpts, text)
         wire.flush()
-        try:
-            await wire.wait(self.timeout)
-        except (TimeoutError, ConnectionError) as e:
-            # The machine then yields what it knows: the replies that came before.
-            machine.abort(_describe(e))
         done: TransactionDone | None = None
         why = ""
-        for _ in range(3):  # at most TransactionDone, then ConnectionClosed
-            event = machine.next_event()
-            if isinstance(event, TransactionDone):
-                done = event
-            elif isinstance(event, ConnectionClosed):
-                why = event.reason
+        for _ in range(2):  # the replies; after a streamed text, the reply to it
+            try:
+                await wire.wait(self.timeout)
+            except (TimeoutError, ConnectionError) as e:
+                # The machine then yields what it knows: the replies that came before.
+                machine.abort(_describe(e))
+            is_text_wanted = False
+            for _ in range(3):  # at most TextWanted or TransactionDone, then ConnectionClosed
+                event = machine.next_event()
+                if isinstance(event, TextWanted):
+                    is_text_wanted = True
+                elif isinstance(event, TransactionDone):
+                    done = event
+                elif isinstance(event, ConnectionClosed):
+                    why = event.reason
+            if not is_text_wanted or stored is None:
+                break
+            await self._send_text(stored)
         if machine.is_closed:
             # Nothing unresolved is known to be delivered, so it is retried (a duplicate is
             # possible only if the server took the final dot and the reply was lost: RFC 1047).
             self.abort()
         return done, why or "connection closed"
+
+    async def _send_text(self, stored: StoredMessage) -> None:
+        """A streamed message's text after the 354: a chunk read from the spool (in a
+        thread), handed to the machine, written, and the next only once the transport has
+        taken it (so one connection holds about one chunk). A failed read aborts the
+        transaction without the final dot: a truncated message must never be delivered."""
+        machine, wire = self._machine, self._wire
+        try:
+            chunks = stored.chunks()
+            for _ in range(stored.size + 1):  # bounded: every chunk has at least one byte
+                chunk = await asyncio.to_thread(next, chunks, b"")
+                if not chunk or machine.is_closed:
+                    break
+                machine.send_text(chunk)
+                wire.flush()
+                await wire.drained(self.timeout)
+            machine.end_text()
+            wire.flush()
+        except (TimeoutError, ConnectionError) as e:
+            machine.abort(_describe(e))
+        except Exception as e:  # the spool could not be read: never send the final dot
+            machine.abort(f"cannot read the message from the spool: {e}")
 
     def _record(
         self, done: TransactionDone | None, why: str, addresses: list[str], result: _ResultFn

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from mailgate import metrics, replies, tracelog
@@ -43,6 +44,7 @@ from mailgate.deliver.attempt import (
     Connection,
     RecipientResult,
     Status,
+    StoredMessage,
     Transfer,
     status_of_reply,
 )
@@ -55,7 +57,7 @@ from mailgate.deliver.tlspolicy import (
 )
 from mailgate.deliver.tlsrpt import Reporter, Session, result_type
 from mailgate.errors import SpoolError
-from mailgate.spool.api import NotFound, SpoolStore
+from mailgate.spool.api import NotFound, SpoolStore, header_section
 from mailgate.spool.entry import QUEUE_STATES, Attempt, Envelope, Recipient, queue_state, utcnow
 from mailgate.spool.ids import new_queue_id
 
@@ -67,7 +69,8 @@ MAX_TRANSACTIONS_PER_CONNECTION = 1000  # then QUIT and reconnect, bounding one 
 MAX_HISTORY = 100  # attempts kept per recipient for `queue show`
 STOP_GRACE = 10.0  # seconds stop() lets transactions in flight finish
 # Messages up to this size are read once per try and shared by the entry's jobs; larger ones
-# are read by the connection that sends them (in a worker thread), so memory stays bounded.
+# are streamed from the spool by the connection that sends them (read in a worker thread a
+# chunk at a time), so memory stays bounded whatever the message size.
 CACHED_MESSAGE = 64 * 1024
 # Entries being worked on at once; the rest of a backlog waits on the heap, so that a queue of
 # 100 000 messages costs envelopes in memory, not message bodies or tasks.
@@ -488,14 +491,32 @@ class Engine:
         env = self._envelopes.get(job.qid)
         if env is None:
             return None
-        message = self._messages.get(job.qid)
-        if message is None:
-            try:
+        cached = self._messages.get(job.qid)
+        if cached is not None:
+            return Transfer(job.qid, env, job.recipients, cached)
+        message: bytes | StoredMessage
+        try:
+            if env.size <= CACHED_MESSAGE:
                 message = await asyncio.to_thread(self.store.read_message, job.qid)
-            except SpoolError as e:  # NotFound included: deleted by the operator
-                log.info("qid=%s message unavailable: %s", job.qid, e)
-                return None
+            else:
+                # Streamed from the spool to the server (issue #18): one pass here for what
+                # MAIL FROM must say (8-bit, SMTPUTF8), then the text a chunk at a time.
+                message = await asyncio.to_thread(self._stored, job.qid)
+        except SpoolError as e:  # NotFound included: deleted by the operator
+            log.info("qid=%s message unavailable: %s", job.qid, e)
+            return None
         return Transfer(job.qid, env, job.recipients, message)
+
+    def _stored(self, qid: str) -> StoredMessage:
+        """A large message as attempt.py streams it; reads it once, a chunk at a time."""
+        size, is_ascii = 0, True
+        head = b""
+        for chunk in self.store.read_chunks(qid):
+            if not head:
+                head = header_section(chunk)  # the section within the first chunk (256 KiB)
+            size += len(chunk)
+            is_ascii = is_ascii and chunk.isascii()
+        return StoredMessage(size, head, is_ascii, partial(self.store.read_chunks, qid))
 
     def _job_vanished(self, job: _Job) -> None:
         self._release(job.qid)

@@ -76,7 +76,7 @@ from typing import Final
 
 from mailgate.errors import UsageError
 from mailgate.replies import Reply
-from mailgate.smtp.data import encode_data
+from mailgate.smtp.data import DataEncoder
 
 MAX_REPLY_LINE: Final = 4096  # octets per reply line, CRLF included (RFC 5321 says 512)
 MAX_REPLY_LINES: Final = 100  # lines per multi-line reply (an EHLO reply has about 15)
@@ -88,8 +88,6 @@ _CONTROL_TEXT: Final = re.compile(r"[\x00-\x1f\x7f]")
 # What may not appear inside <...> of a command: controls, space, brackets (RFC 5321 §4.1.2).
 _UNSAFE_PATH: Final = re.compile(r"[\x00-\x20<>\x7f]")
 _UNSAFE_PARAM: Final = re.compile(r"[\x00-\x20\x7f]")
-# A lone CR, a lone LF or CRLF: each becomes CRLF (RFC 5321 §2.3.8).
-_LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 class _NeedData(enum.Enum):
@@ -209,7 +207,16 @@ class ConnectionClosed:
     reason: str
 
 
-ClientEvent = Greeting | EhloReply | StartTlsReply | TransactionDone | QuitReply | ConnectionClosed
+@dataclass(frozen=True, slots=True)
+class TextWanted:
+    """The server answered 354 to a transaction whose text is streamed (`send_transaction()`
+    without a message): give it with `send_text()`, then `end_text()`."""
+
+
+ClientEvent = (
+    Greeting | EhloReply | StartTlsReply | TextWanted | TransactionDone | QuitReply
+    | ConnectionClosed
+)  # fmt: skip
 
 
 # --- states ------------------------------------------------------------------------------------
@@ -292,11 +299,15 @@ _POSITIVE_CLASS: Final[dict[_Step, int]] = {step: 2 for step in _Step} | {_Step.
 class _Transaction:
     """The transaction in flight: what is left to send and the replies so far."""
 
-    __slots__ = ("data", "is_pipelined", "mail", "mail_line", "message", "message_text",
-                 "next_rcpt", "rcpt_lines", "rcpts", "sent_text")  # fmt: skip
+    __slots__ = ("data", "encoder", "is_pipelined", "mail", "mail_line", "message",
+                 "message_text", "next_rcpt", "rcpt_lines", "rcpts", "sent_text")  # fmt: skip
 
     def __init__(
-        self, mail_line: bytes, rcpt_lines: list[bytes], message_text: bytes, is_pipelined: bool
+        self,
+        mail_line: bytes,
+        rcpt_lines: list[bytes],
+        message_text: bytes | None,
+        is_pipelined: bool,
     ) -> None:
         self.mail_line = mail_line
         self.rcpt_lines = rcpt_lines
@@ -308,6 +319,7 @@ class _Transaction:
         self.data: ServerReply | None = None
         self.message: ServerReply | None = None
         self.sent_text = False  # the message text (not a lone dot) went out
+        self.encoder: DataEncoder | None = None  # streamed text: between 354 and end_text()
 
     @property
     def has_recipient(self) -> bool:
@@ -449,11 +461,15 @@ class ClientConnection:
         mail_from: str,
         params: Sequence[str],
         rcpts: Sequence[tuple[str, Sequence[str]]],
-        message: bytes,
+        message: bytes | None,
     ) -> None:
         """One mail transaction: MAIL FROM:<mail_from> params, RCPT TO:<addr> params for each
         recipient, DATA and the message text (stored form: any line ends; it is normalised
-        and dot-stuffed here). Ends with one TransactionDone."""
+        and dot-stuffed here). Ends with one TransactionDone.
+
+        `message` None streams the text: after the 354 the machine yields `TextWanted`, and
+        the adapter gives the text in chunks with `send_text()` and ends it with `end_text()`
+        (a 50 MB message never has to be in memory)."""
         if not rcpts:
             raise UsageError("send_transaction() without recipients")
         try:
@@ -474,6 +490,37 @@ class ClientConnection:
             for rcpt_line in rcpt_lines:
                 self._send(rcpt_line, _Step.RCPT)
             self._send(b"DATA\r\n", _Step.DATA)
+
+    @property
+    def is_sending_text(self) -> bool:
+        """A streamed transaction's text is wanted: `send_text()`/`end_text()` may be called."""
+        return self._txn is not None and self._txn.encoder is not None
+
+    def send_text(self, data: bytes) -> None:
+        """The next chunk of a streamed message text (stored form, cut anywhere: a CRLF or a
+        line's leading dot split between chunks is handled). Ignored once the connection is
+        closed (the transaction's outcome is then already in TransactionDone)."""
+        if self.is_closed:
+            return
+        encoder = self._text_encoder("send_text")
+        out = encoder.feed(data)
+        if out:
+            self._out.append(out)
+
+    def end_text(self) -> None:
+        """The streamed text is complete: its end (and the final dot) go out."""
+        if self.is_closed:
+            return
+        encoder = self._text_encoder("end_text")
+        assert self._txn is not None
+        self._txn.encoder = None
+        self._send(encoder.finish(), _Step.MESSAGE)
+
+    def _text_encoder(self, name: str) -> DataEncoder:
+        txn = self._txn
+        if txn is None or txn.encoder is None:
+            raise UsageError(f"{name}() when no streamed message text is wanted")
+        return txn.encoder
 
     def quit(self) -> None:
         """QUIT (RFC 5321 §4.1.1.10)."""
@@ -590,7 +637,11 @@ class ClientConnection:
                     self._finish()
                 elif txn.has_recipient:
                     txn.sent_text = True
-                    self._send(encode_message(txn.message_text), _Step.MESSAGE)
+                    if txn.message_text is None:
+                        txn.encoder = DataEncoder()
+                        self._events.append(TextWanted())
+                    else:
+                        self._send(encode_message(txn.message_text), _Step.MESSAGE)
                 else:
                     # RFC 2920 §3.1: DATA accepted although no recipient was: an empty message
                     # ends it, and its reply means nothing.
@@ -646,11 +697,9 @@ class ClientConnection:
 def encode_message(message: bytes) -> bytes:
     """The stored message as DATA text: bare CR and bare LF become CRLF (RFC 5321 §2.3.8),
     the last line ends in CRLF, lines starting with "." get another (§4.5.2), and the final
-    ".\\r\\n" follows. Stored messages are normally clean CRLF: that case needs no regex."""
-    pairs = message.count(b"\r\n")
-    if message.count(b"\n") != pairs or message.count(b"\r") != pairs:
-        message = _LINE_END.sub(b"\r\n", message)
-    return encode_data(message)
+    ".\\r\\n" follows."""
+    encoder = DataEncoder()
+    return encoder.feed(message) + encoder.finish()
 
 
 def _capabilities(lines: Sequence[str]) -> dict[str, str]:

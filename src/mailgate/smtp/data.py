@@ -1,8 +1,8 @@
 """The DATA reader: message text from the wire to message bytes, fast and strict.
 
 Owns: finding the end of the message (only CRLF "." CRLF), dot-unstuffing, refusing bare CR,
-bare LF and NUL, counting the size and noticing over-long text lines. Also `encode_data`, the
-inverse (dot-stuffing), for clients and tests.
+bare LF and NUL, counting the size and noticing over-long text lines. Also the inverse,
+`DataEncoder` (dot-stuffing in chunks, for the delivery client) and `encode_data` (tests).
 Must not: know about events, replies or the session; perform I/O; loop per byte in Python
 (this is the hot path: every step is a C-level bytes method over a whole received block).
 
@@ -23,6 +23,7 @@ RFCs:
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -164,9 +165,57 @@ def _check(body: bytes) -> Violation | None:
 
 def encode_data(text: bytes) -> bytes:
     """Message text (CRLF lines) to its DATA wire form: dot-stuffed, CRLF-terminated, and
-    followed by the end-of-data line. The inverse of DataReader for text without bare CR/LF."""
-    if text and not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    if text.startswith(b"."):
-        text = b"." + text
-    return text.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    followed by the end-of-data line. The inverse of DataReader."""
+    encoder = DataEncoder()
+    return encoder.feed(text) + encoder.finish()
+
+
+# A lone CR, a lone LF or CRLF: each becomes CRLF (RFC 5321 §2.3.8).
+_LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+class DataEncoder:
+    """Message text to its DATA wire form, given in chunks cut anywhere: bare CR and bare LF
+    become CRLF (RFC 5321 §2.3.8: we are never the first hop of an SMTP smuggling chain), the
+    last line ends in CRLF, lines starting with "." get another (§4.5.2), and `finish()` adds
+    the end-of-data line. The inverse of DataReader.
+
+    State between chunks: a CR at the end of a chunk is held (it may be half of a CRLF), and
+    whether the text so far ends a line (then a leading "." of the next chunk is doubled).
+    Stored messages are normally clean CRLF: that case needs no regex.
+    """
+
+    __slots__ = ("_at_line_start", "_cr", "_is_empty")
+
+    def __init__(self) -> None:
+        self._cr = False
+        self._at_line_start = True
+        self._is_empty = True
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+        self._cr = data.endswith(b"\r")
+        return self._encode(data[:-1] if self._cr else data)
+
+    def finish(self) -> bytes:
+        """The rest (a held CR is a bare one), a CRLF if the text does not end with one, and
+        the end-of-data line."""
+        out = self._encode(b"\r" if self._cr else b"")
+        self._cr = False
+        if not self._is_empty and not self._at_line_start:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+    def _encode(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        pairs = data.count(b"\r\n")
+        if data.count(b"\n") != pairs or data.count(b"\r") != pairs:
+            data = _LINE_END.sub(b"\r\n", data)
+        if self._at_line_start and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        self._at_line_start = data.endswith(b"\r\n")
+        self._is_empty = False
+        return data

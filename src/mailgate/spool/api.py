@@ -13,7 +13,7 @@ every whole record, cuts a torn tail and never brings back a removed entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +24,7 @@ from mailgate.spool.ids import is_queue_id
 from mailgate.spool.incoming import Incoming
 
 HEADER_LIMIT = 256 * 1024  # read_headers() reads at most this much of a message
+READ_CHUNK = 256 * 1024  # what read_chunks() yields at a time
 # What Envelope.from_json raises on malformed JSON or a JSON value of the wrong shape.
 _PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 
@@ -129,6 +130,11 @@ class SpoolStore(Protocol):
 
     def read_headers(self, qid: str, limit: int = HEADER_LIMIT) -> bytes:
         """The header section, at most `limit` bytes, without reading a large body."""
+        ...
+
+    def read_chunks(self, qid: str, size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The message bytes in chunks of `size` (a large message is never read whole);
+        NotFound at the first next(). Reads the disk: run it in a thread from an event loop."""
         ...
 
     # -- changing -------------------------------------------------------------------------

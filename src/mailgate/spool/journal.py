@@ -68,6 +68,7 @@ from mailgate.errors import SpoolError, SpoolFull, UsageError
 from mailgate.spool import compaction, recovery
 from mailgate.spool.api import (
     HEADER_LIMIT,
+    READ_CHUNK,
     NotFound,
     RecoveryReport,
     checked_qid,
@@ -359,6 +360,35 @@ class JournalStore:
         """The message's header section (up to and excluding the empty line), at most `limit`
         bytes, without reading a large body."""
         return header_section(self._read(qid, limit))
+
+    def read_chunks(self, qid: str, size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The message bytes in chunks of `size`, from a descriptor of our own (a compaction
+        meanwhile cannot close it; an unlinked segment stays readable through it)."""
+        checked_qid(qid)
+        fd = -1
+        for attempt in range(2):
+            with self.mutex:
+                entry = self.index.entries.get(qid)
+                if entry is not None:
+                    seg = self.index.segments[entry.segment]
+                    assert seg.fd is not None  # open while a current entry lives there
+                    try:
+                        fd = os.dup(seg.fd)
+                    except OSError as e:
+                        raise spool_error(e, f"qid={qid} reading message") from None
+                    offset, length = entry.offset, entry.length
+                    break
+            if attempt == 0:
+                self._refresh()
+        if fd < 0:
+            raise NotFound(f"no such queue entry: {qid}")
+        try:
+            for start in range(0, length, size):
+                yield pread_exact(fd, min(size, length - start), offset + start)
+        except OSError as e:
+            raise spool_error(e, f"qid={qid} reading message") from None
+        finally:
+            os.close(fd)
 
     def _read(self, qid: str, limit: int | None) -> bytes:
         # No refresh first: the engine calls this on its event loop for entries it knows,
