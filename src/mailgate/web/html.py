@@ -98,7 +98,15 @@ outline-offset:2px}
 table{border-collapse:collapse;width:100%;margin:.5rem 0}
 th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);
 vertical-align:top;overflow-wrap:anywhere}
-th{font-weight:600}
+th{font-weight:600;white-space:nowrap}td.nowrap{white-space:nowrap}
+@media (max-width:40rem){table.stack thead{position:absolute;width:1px;height:1px;
+overflow:hidden;clip-path:inset(50%)}
+table.stack tr{display:block;border-bottom:1px solid var(--line);padding:.4rem 0}
+table.stack td{display:grid;grid-template-columns:6.5rem 1fr;gap:.75rem;border:0;
+padding:.1rem 0}
+table.stack td::before{content:attr(data-label);font:600 1rem/1.5 system-ui,sans-serif}}
+/* a phone scrolls the chart sideways, starting at its right end: the latest hours */
+.chart{direction:rtl}.chart svg{min-width:34rem;direction:ltr}figure{margin:0}
 dl.settings{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem}
 dl.settings dt{font-weight:600}dl.settings dd{margin:0;overflow-wrap:anywhere}
 @media (max-width:30rem){dl.settings{grid-template-columns:1fr}dl.settings dd{margin-bottom:.5rem}}

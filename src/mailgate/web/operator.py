@@ -211,9 +211,13 @@ def _messages(title: str, state: str, messages: Sequence[QueuedMessage], total: 
         return render("<h2>{title}</h2><p>None.</p>", title=title)
     rows = join(
         render(
-            '<tr><td class="mono">{qid}</td><td>{age}</td><td class="mono">{sender}</td>'
-            '<td class="mono">{rcpts}</td><td data-field="subject">{subject}</td>'
-            "<td>{attempts}</td><td>{reply}</td></tr>",
+            '<tr><td class="mono nowrap" data-label="Queue id">{qid}</td>'
+            '<td class="nowrap" data-label="Age">{age}</td>'
+            '<td class="mono" data-label="From">{sender}</td>'
+            '<td class="mono" data-label="To">{rcpts}</td>'
+            '<td data-field="subject" data-label="Subject">{subject}</td>'
+            '<td data-label="Tries">{attempts}</td>'
+            '<td data-label="Last reply">{reply}</td></tr>',
             qid=_trace_link(m.qid),
             age=_age(_now() - m.received_at),
             sender=m.mail_from or "<>",
@@ -226,7 +230,8 @@ def _messages(title: str, state: str, messages: Sequence[QueuedMessage], total: 
     )
     more = f" (the oldest {len(messages)} of {total})" if total > len(messages) else ""
     return render(
-        '<h2>{title}{more}</h2><div class="scroll"><table data-queue="{state}"><thead><tr>'
+        '<h2>{title}{more}</h2><div class="scroll"><table class="stack" data-queue="{state}">'
+        "<thead><tr>"
         "<th>Queue id</th><th>Age</th><th>From</th><th>To</th><th>Subject</th><th>Tries</th>"
         "<th>Last reply</th></tr></thead><tbody>{rows}</tbody></table></div>",
         title=title,
@@ -249,7 +254,7 @@ def _query(value: str) -> str:
 # --- the chart --------------------------------------------------------------------------------
 
 SERIES = (("accepted", "#1a73e8"), ("refused", "#d93025"), ("delivered", "#188038"))
-_W, _H, _LEFT, _BOTTOM, _TOP = 720, 260, 48, 28, 12
+_W, _H, _LEFT, _BOTTOM, _TOP = 720, 260, 52, 30, 12
 
 
 def chart(o: Overview) -> Html:
@@ -268,7 +273,7 @@ def chart(o: Overview) -> Html:
         parts.append(
             render(
                 '<line x1="{x1}" y1="{y}" x2="{x2}" y2="{y}" stroke="#8888"/>'
-                '<text x="{tx}" y="{ty}" font-size="11" text-anchor="end" '
+                '<text x="{tx}" y="{ty}" font-size="14" text-anchor="end" '
                 'fill="currentColor">{v}</text>',
                 x1=_LEFT,
                 x2=_W - 8,
@@ -298,7 +303,7 @@ def chart(o: Overview) -> Html:
         if i % 3 == 0:
             parts.append(
                 render(
-                    '<text x="{x}" y="{y}" font-size="11" text-anchor="middle" '
+                    '<text x="{x}" y="{y}" font-size="14" text-anchor="middle" '
                     'fill="currentColor">{t}</text>',
                     x=f"{x0 + bar * 1.5:.1f}",
                     y=_H - 8,
@@ -327,11 +332,13 @@ def chart(o: Overview) -> Html:
     totals = {name: sum(b[name] for b in buckets) for name, _ in SERIES}
     return render(
         """<figure>
+<div class="scroll chart">
 <svg id="traffic-chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img"
  aria-labelledby="chart-title" xmlns="http://www.w3.org/2000/svg">
 <title id="chart-title">Messages per hour over the last 24 hours: {summary}</title>
 {parts}
 </svg>
+</div>
 <figcaption><ul class="figures">{legend}</ul></figcaption>
 </figure>
 <details><summary>The figures as a table</summary><div class="scroll"><table>
@@ -384,7 +391,9 @@ def trace_page(query: str, traces: Sequence[MessageTrace]) -> Html:
         to = first.get("to") or []
         events = join(
             render(
-                '<tr><td>{at}</td><td>{kind}</td><td class="mono">{fields}</td></tr>',
+                '<tr><td class="nowrap" data-label="When">{at}</td>'
+                '<td data-label="Event">{kind}</td>'
+                '<td class="mono" data-label="Details">{fields}</td></tr>',
                 at=_when(datetime.fromtimestamp(float(e["at"]), UTC)),
                 kind=e["kind"],
                 fields=_fields(e),
@@ -396,8 +405,8 @@ def trace_page(query: str, traces: Sequence[MessageTrace]) -> Html:
                 """<section><h2 class="mono">{qid}: {status}</h2>
 <dl class="settings"><dt>From</dt><dd class="mono">{sender}</dd><dt>To</dt>
 <dd class="mono">{to}</dd><dt>Message-ID</dt><dd class="mono">{mid}</dd></dl>
-<div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Event</th><th>Details</th></tr>
-</thead><tbody>{events}</tbody></table></div></section>""",
+<div class="scroll"><table class="stack"><thead><tr><th>When (UTC)</th><th>Event</th>
+<th>Details</th></tr></thead><tbody>{events}</tbody></table></div></section>""",
                 qid=trace.qid,
                 status=trace.status,
                 sender=first.get("mail_from", ""),
