@@ -17,7 +17,6 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -55,14 +54,18 @@ def burst(gw: Gateway, attempts: list[tuple[str, str, str]], *, last_after: int 
             c.send(data)
         answers: dict[int, bytes] = {}
         if last_after:
-            deadline = time.monotonic() + 20
-            while sum(a.startswith(b"454 ") for a in answers.values()) < last_after:
+
+            def refused_enough() -> bool:
+                """Read the replies that came; whether `last_after` of them are 454."""
                 waiting = {c.sock.fileno(): i for i, c in enumerate(clients[:held])
                            if i not in answers}  # fmt: skip
-                assert waiting and time.monotonic() < deadline, f"no refusals: {answers}"
-                readable, _, _ = select.select(list(waiting), [], [], 1.0)
+                assert waiting, f"every client answered, too few refusals: {answers}"
+                readable, _, _ = select.select(list(waiting), [], [], 0.1)
                 for fd in readable:
                     answers[waiting[fd]] = clients[waiting[fd]].reply()
+                return sum(a.startswith(b"454 ") for a in answers.values()) >= last_after
+
+            wait_for(refused_enough, timeout=20, what=f"{last_after} refusals (454)")
             clients[-1].send(lines[-1])
         for i, c in enumerate(clients):
             if i not in answers:

@@ -11,7 +11,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -371,7 +370,7 @@ class Lines:
 
 
 def stop_and_wait(gw: Gateway) -> int:
-    """SIGTERM; the exit status (the caller checks it came within 30 s)."""
+    """SIGTERM; the exit status, which must come within 30 s (else the test fails here)."""
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGTERM)
     try:
@@ -386,9 +385,7 @@ def test_sigterm_gives_an_idle_session_421(gateway: Gateway) -> None:
         assert c.reply().startswith("220 ")
         c.send(b"HELO lab.test\r\n")
         assert c.reply().startswith("250 ")
-        started = time.monotonic()
         assert stop_and_wait(gateway) == 0
-        assert time.monotonic() - started < 30
         assert c.reply() == "421 4.3.2 Service shutting down, closing connection\r\n"
         assert c.reply() == ""  # closed
     gateway.proc = None
@@ -437,9 +434,7 @@ def test_sigterm_with_a_delivery_in_flight(tmp_path: Path, sink: SmtpSink) -> No
         qid = send_smarthost(gw)
         wait_for(lambda: sink.commands.count("DATA") == 1 and sink.commands, timeout=20,
                  what="the delivery is in flight")  # fmt: skip
-        started = time.monotonic()
         assert stop_and_wait(gw) == 0
-        assert time.monotonic() - started < 30
         gw.proc = None
         # Never acknowledged by the remote: still ours, and sent again after the restart.
         assert gw.queued() == [qid]

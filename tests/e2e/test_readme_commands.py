@@ -19,14 +19,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.ports import free_port
+from tests.support.ports import accepts, free_base
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -60,29 +59,8 @@ def clone(tmp_path: Path) -> Path:
     return target
 
 
-def free_demo_base() -> int:
-    """N such that N+25, N+26, N+465 and N+587 are all free."""
-    for _ in range(200):  # bounded
-        base = free_port() - 587
-        if base > 1024 and all(_is_free(base + offset) for offset in DEMO_OFFSETS):
-            return base
-    raise RuntimeError("no free port range for the demo")
-
-
-def _is_free(port: int) -> bool:
-    if port > 65535:
-        return False
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-@pytest.fixture
 def demo(clone: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    base = free_demo_base()
+    base = free_base(DEMO_OFFSETS)
     log = clone / "demo.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -107,9 +85,7 @@ def _listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> bool:
     if proc.poll() is not None:
         raise AssertionError(f"scripts/demo exited {proc.returncode}: "
                              f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        return True
-    return False
+    return accepts(port)
 
 
 def test_quick_start_with_the_system_python(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import Gateway
+from tests.support.ports import accepts
 
 pytestmark = pytest.mark.e2e
 
@@ -36,14 +37,6 @@ def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ready_once_every_listener_is_bound(tmp_path: Path, notify_socket: socket.socket,
                                             workers: int) -> None:  # fmt: skip
@@ -56,7 +49,8 @@ def test_ready_once_every_listener_is_bound(tmp_path: Path, notify_socket: socke
     try:
         assert notify_socket.recv(4096) == b"READY=1"
         # At that moment, and not later, every port takes connections.
-        assert {p: _accepts(p) for p in gw.ports.values()} == dict.fromkeys(gw.ports.values(), True)
+        ports = gw.ports.values()
+        assert {p: accepts(p, timeout=5) for p in ports} == dict.fromkeys(ports, True)
         gw.stop()
         assert notify_socket.recv(4096) == b"STOPPING=1"
     finally:

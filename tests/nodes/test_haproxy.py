@@ -18,7 +18,7 @@ import pytest
 from mailgate.receive.proxy import build_v2
 from tests.e2e.conftest import message
 from tests.support.gateway import Gateway
-from tests.support.ports import free_port
+from tests.support.ports import accepts, free_port
 from tests.support.waiting import wait_for
 
 CLIENT = "127.0.0.3"
@@ -57,17 +57,11 @@ backend nodes
     proc = subprocess.Popen([binary, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL,
                             stderr=(tmp_path / "haproxy.log").open("wb"))  # fmt: skip
     try:
-        wait_for(lambda: _listening(port), timeout=10.0, what="haproxy listening")
+        wait_for(lambda: accepts(port), timeout=10.0, what="haproxy listening")
         yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        return True
-    return False
 
 
 @pytest.fixture

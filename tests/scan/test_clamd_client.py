@@ -7,7 +7,6 @@ ScannerUnavailable, never a "clean" verdict. The scripted peers listen on 127.0.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -139,10 +138,10 @@ def test_silent_peer_times_out() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # until the client gives up and closes
 
-    started = time.monotonic()
+    # The client's own timeout ends the wait (its error says so); a client without one would
+    # wait for the silent peer until pytest's timeout.
     with pytest.raises(ScannerUnavailable, match=r"no reply within 0\.3 s"):
         asyncio.run(with_peer(silent, lambda c: c.instream(b"data"), timeout=0.3))
-    assert time.monotonic() - started < 3.0
 
 
 def test_peer_that_closes_at_once_is_unavailable() -> None:

@@ -12,7 +12,6 @@ import asyncio
 import io
 import logging
 import re
-import time
 import zipfile
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -171,16 +170,15 @@ def test_blocked_type_is_refused_without_asking_clamd(stopped_clamd: ClamdHandle
     assert (error.reply.code, error.reply.status) == (554, "5.7.1")
 
 
-def test_mime_bomb_is_refused_quickly_without_asking_clamd(stopped_clamd: ClamdHandle) -> None:
+def test_mime_bomb_is_refused_without_asking_clamd(stopped_clamd: ClamdHandle) -> None:
+    # (bench/bench_mime_bombs.py measures how fast: a clock bound here would be flaky.)
     scanner = Scanner(ScannerConfig(clamd=stopped_clamd.unix_spec, timeout=5.0))
     layers = 10_000
     bomb = b"From: a@example.org\r\nMIME-Version: 1.0\r\n" + b"".join(
         b'Content-Type: multipart/mixed; boundary="n%d"\r\n\r\n--n%d\r\n' % (i, i)
         for i in range(layers)
     )
-    started = time.perf_counter()
-    error = refused(scanner, bomb)
-    assert time.perf_counter() - started < 1.0
+    error = refused(scanner, bomb)  # clamd is stopped: asking it would give 451 4.7.1
     assert error.reply == replies.BAD_MIME
     assert (error.reply.code, error.reply.status) == (554, "5.6.0")
 

@@ -26,7 +26,6 @@ import socket
 import socketserver
 import struct
 import threading
-from types import TracebackType
 
 import dns.flags
 import dns.message
@@ -36,6 +35,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from tests.support.serving import Background
+
 DEFAULT_TTL = 60
 
 
@@ -43,10 +44,11 @@ def _key(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-class DnsServer:
+class DnsServer(Background):
     """An authoritative server for whatever names the test puts in its zone."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__()
         self.host = host
         self.port = 0
         self.queries: list[tuple[str, str]] = []
@@ -56,8 +58,6 @@ class DnsServer:
         self._servfail: set[str] = set()
         self._silent: set[str] = set()
         self._signed: set[str] = set()
-        self._servers: list[socketserver.BaseServer] = []
-        self._threads: list[threading.Thread] = []
 
     # --- zone editing ---------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class DnsServer:
         """The `delivery.nameservers` entry for this server: "127.0.0.1:<port>"."""
         return f"{self.host}:{self.port}"
 
-    def start(self) -> DnsServer:
+    def _listen(self) -> None:
         owner = self
 
         class Udp(socketserver.BaseRequestHandler):
@@ -211,37 +211,9 @@ class DnsServer:
             break
         else:  # pragma: no cover - twenty collisions in a row
             raise RuntimeError("no free port for the test DNS server")
-        udp.daemon_threads = True
-        tcp.daemon_threads = True
         self.port = int(port)
-        self._servers = [udp, tcp]
-        for server in self._servers:
-            thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def stop(self) -> None:
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._servers = []
-        self._threads = []
-
-    def __enter__(self) -> DnsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.serve_in_background(udp)
+        self.serve_in_background(tcp)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:

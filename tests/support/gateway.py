@@ -21,8 +21,8 @@ from mailgate import config
 from mailgate.spool import open_store
 from mailgate.spool.api import SpoolStore
 from mailgate.spool.entry import Envelope
-from tests.support.ports import free_port
-from tests.support.processes import accepts, start_logged, terminate
+from tests.support.ports import accepts, free_port
+from tests.support.processes import start_logged, terminate
 from tests.support.waiting import wait_for
 
 HOSTNAME = "mail.example.org"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,16 +14,18 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.support.serving import Background
 from tests.support.testca import TestCA
 
 ISSUER = "https://idp.example.org/realms/staff"
 AUDIENCE = "mailgate"
 
 
-class Provider:
+class Provider(Background):
     """Keys, tokens, and the JWKS endpoint at `url` (https://127.0.0.1:PORT/jwks)."""
 
     def __init__(self, ca: TestCA) -> None:
+        super().__init__()
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "key-1"
         self.fetches = 0
@@ -51,14 +52,10 @@ class Provider:
         context.load_cert_chain(issued.cert, issued.key)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}/jwks"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _listen(self) -> None:
+        # Bound in __init__, so that `url` is known before start().
+        self.serve_in_background(self.server)
 
     def token(self, login: str, *, audience: str = AUDIENCE, expires_in: float = 300,
               key: rsa.RSAPrivateKey | None = None, **claims: Any) -> str:  # fmt: skip

@@ -1,6 +1,8 @@
 """Free loopback ports for the servers tests start: never a fixed port.
 
-Owns: `free_port`, and `free_privileged_port` (below 1024, for tests started as root).
+Owns: `free_port`, `free_base` (a base number whose offsets are all free), `free_privileged_port`
+(below 1024, for tests started as root), `is_free` (the bind probe) and `accepts` (whether
+something listens on a port now).
 Ports are drawn at random from below the kernel's ephemeral range and probed with a bind: a
 port the kernel hands out for port 0 is also one it hands out as the source port of the next
 outgoing connection, so a server started a moment later could find it taken ("Address already
@@ -10,8 +12,10 @@ runs on one machine unlikely to pick the same port.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -19,6 +23,37 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nobody listens on right now, outside the ephemeral range."""
     low = _ephemeral_low()
     return _probe(host, range(max(1024, low - 20000), low))
+
+
+def free_base(offsets: Sequence[int], host: str = "127.0.0.1") -> int:
+    """N above 1024 such that N + offset is free on `host` for every offset (a program that
+    derives its ports from one base, such as scripts/demo)."""
+    top = max(offsets)
+    for _ in range(200):  # bounded
+        base = free_port(host) - top
+        if base > 1024 and all(is_free(base + offset, host) for offset in offsets):
+            return base
+    raise RuntimeError(f"no free port range for offsets {list(offsets)} on {host}")
+
+
+def is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether `host` can bind TCP `port` now."""
+    if not 0 < port < 65536:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on `host`:`port` now."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout):
+        return True
+    return False
 
 
 def _ephemeral_low() -> int:
@@ -30,15 +65,10 @@ def _ephemeral_low() -> int:
 
 def _probe(host: str, ports: range) -> int:
     """A random port of `ports` that `host` can bind (bounded tries)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     rng = random.Random()
     for _ in range(500):  # bounded; thousands of ports are free there
         port = rng.choice(ports)
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if is_free(port, host):
             return port
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
 

@@ -1,15 +1,13 @@
 """Servers that tests start as child processes: start with a log file, see them listen, stop.
 
 Owns: `start_logged` (the child writes stdout and stderr to a log file, in its own session so
-that a stop never reaches the test runner), `accepts` (a TCP port on loopback answers) and
-`terminate` (SIGTERM, a bounded wait, then SIGKILL).
+that a stop never reaches the test runner) and `terminate` (SIGTERM, a bounded wait, then
+SIGKILL). Whether a port listens is `tests.support.ports.accepts`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,12 +18,6 @@ def start_logged(argv: Sequence[str], log_path: Path,
     with log_path.open("ab") as log:
         return subprocess.Popen(list(argv), stdout=log, stderr=log, env=env,
                                 start_new_session=True)  # fmt: skip
-
-
-def accepts(port: int, host: str = "127.0.0.1") -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), 1):
-        return True
-    return False
 
 
 def terminate(proc: subprocess.Popen[bytes] | None) -> None:

@@ -15,8 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.ports import free_port
-from tests.support.processes import accepts, start_logged, terminate
+from tests.support.ports import accepts, free_port
+from tests.support.processes import start_logged, terminate
 from tests.support.testca import TestCA
 from tests.support.waiting import wait_for
 

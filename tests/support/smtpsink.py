@@ -33,8 +33,9 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
+from tests.support.serving import Background
 from tests.support.waiting import wait_for, wait_for_async
 
 # Addresses tried, in order, when a sink is asked for "any free loopback address": on Linux the
@@ -108,8 +109,9 @@ class Transaction:
         return self.reply.startswith("2")
 
 
-class SmtpSink:
-    """One recording SMTP server on (host, port) in a background thread."""
+class SmtpSink(Background):
+    """One recording SMTP server on (host, port) in a background thread (its own event loop,
+    not a socketserver: it overrides `start` and `stop`)."""
 
     def __init__(
         self,
@@ -121,6 +123,7 @@ class SmtpSink:
         behaviour: Behaviour | None = None,
         count_only: bool = False,
     ) -> None:
+        super().__init__()
         self.requested_host = host
         self.host = host or ""
         self.port = port
@@ -140,7 +143,7 @@ class SmtpSink:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> SmtpSink:
+    def start(self, timeout: float = 10.0) -> Self:
         ready = threading.Event()
         errors: list[BaseException] = []
 
@@ -207,17 +210,6 @@ class SmtpSink:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-
-    def __enter__(self) -> SmtpSink:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- waiting --------------------------------------------------------------------------
 

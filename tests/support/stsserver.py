@@ -15,8 +15,8 @@ from __future__ import annotations
 import http.server
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 
+from tests.support.serving import Background
 from tests.support.testca import TestCA
 
 HOLD_LIMIT = 20.0  # seconds a held request waits at most
@@ -29,8 +29,9 @@ class Served:
     content_type: str = "text/plain"
 
 
-class StsServer:
+class StsServer(Background):
     def __init__(self, ca: TestCA, domains: list[str], host: str = "127.0.0.1") -> None:
+        super().__init__()
         self.host = host
         self.port = 0
         self.requests: list[tuple[str, str]] = []
@@ -41,8 +42,6 @@ class StsServer:
         # bounded: a held request is answered after HOLD_LIMIT seconds anyway.
         self.answering = threading.Event()
         self.answering.set()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     def policy(self, domain: str, *, mode: str, mx: list[str], max_age: int = 86400) -> None:
         lines = ["version: STSv1", f"mode: {mode}", *[f"mx: {m}" for m in mx],
@@ -53,7 +52,7 @@ class StsServer:
         with self._lock:
             self._served[f"mta-sts.{domain}"] = served
 
-    def start(self) -> StsServer:
+    def _listen(self) -> None:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,32 +76,9 @@ class StsServer:
                 return
 
         server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
-        server.daemon_threads = True
         server.socket = self._context.wrap_socket(server.socket, server_side=True)
         self.port = int(server.server_address[1])
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
+        self.serve_in_background(server)
 
-    def stop(self) -> None:
-        self.answering.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> StsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _before_stop(self) -> None:
+        self.answering.set()  # a held request is answered, so its thread ends

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import quopri
-import time
 import tracemalloc
 import zipfile
 
@@ -394,17 +393,18 @@ def test_depth_up_to_the_limit_is_inspected() -> None:
     assert "deeper than 20" in refusal(nested(MAX_DEPTH)).reason
 
 
-def test_nested_bomb_is_refused_quickly_in_little_memory() -> None:
+# How fast these bombs are refused is measured by bench/bench_mime_bombs.py, not asserted here:
+# a loaded machine would make any bound on the clock flaky.
+
+
+def test_nested_bomb_is_refused_in_little_memory() -> None:
     bomb = nested(20_000)  # ~1 MB of nesting
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         refusal(bomb)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
     assert peak < 4 * 1024 * 1024  # the parse stops at depth 21, far before the end of input
 
 
@@ -421,13 +421,11 @@ def test_part_count_up_to_the_limit_is_inspected() -> None:
     assert "too many MIME parts" in refusal(message(multipart(*siblings))).reason
 
 
-def test_flat_bomb_is_refused_quickly() -> None:
+def test_flat_bomb_is_refused() -> None:
     bomb = message(
         b'Content-Type: multipart/mixed; boundary="f"\r\n\r\n' + b"--f\r\n\r\nx\r\n" * 200_000
     )
-    started = time.perf_counter()
-    refusal(bomb)
-    assert time.perf_counter() - started < 1.0
+    assert "too many MIME parts" in refusal(bomb).reason
 
 
 def encoded_words_field(count: int) -> bytes:
@@ -437,10 +435,8 @@ def encoded_words_field(count: int) -> bytes:
 def test_long_mime_header_fields_are_refused_before_they_are_parsed() -> None:
     # policy.default takes seconds on 280 KB of encoded words; the bound refuses at once.
     msg = message(part(encoded_words_field(20_000).decode(), b"x"))
-    started = time.perf_counter()
     assert "Content-Disposition field longer than 16384" in refusal(msg).reason
-    assert time.perf_counter() - started < 0.5
-    # Just under the bound it is parsed, in well under a second.
+    # Just under the bound it is parsed.
     assert find_blocked(message(part(encoded_words_field(1_100).decode(), b"x")), BLOCKED) is None
 
 

@@ -14,6 +14,7 @@ from mailgate.auth.directory import DirectoryBackend
 from mailgate.directory import User
 from mailgate.errors import AuthUnavailable
 from tests.support.memdir import MemoryDirectory
+from tests.support.waiting import wait_for_async
 
 
 class CountingDirectory(MemoryDirectory):
@@ -65,7 +66,8 @@ def test_cache_hits_shared_flights_and_invalidation() -> None:
     async def scenario() -> None:
         # 20 sessions log in at once with the same credentials: one verification.
         tasks = [asyncio.ensure_future(auth.verify("alice", "right")) for _ in range(20)]
-        await asyncio.sleep(0.05)
+        # Every task has joined the flight once the one verification is under way.
+        await wait_for_async(lambda: d.verifications == 1, what="the shared verification")
         d.release.set()
         users = await asyncio.gather(*tasks)
         assert all(u is not None and u.login == "alice" for u in users)
@@ -93,7 +95,7 @@ def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
     async def scenario() -> None:
         first = asyncio.ensure_future(auth.verify("alice", "right"))
         second = asyncio.ensure_future(auth.verify("alice", "right"))
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: d.verifications == 1, what="the shared verification")
         first.cancel()
         d.release.set()
         assert (await second) is not None
