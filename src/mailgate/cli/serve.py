@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -611,13 +612,33 @@ def _die_with_parent() -> None:
 
 
 async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    committed: list[bytes] = []  # queue id lines for the supervisor, written once per loop pass
+
+    def send_committed() -> None:
+        # One write (one wake-up of the supervisor) for every commit of this pass of the loop,
+        # not one per message (issue #19). Writes of at most PIPE_BUF bytes are atomic, so the
+        # two workers' lines never interleave; a write refused whole only delays delivery.
+        lines = committed[:]
+        committed.clear()
+        start = 0
+        while start < len(lines):  # bounded: every pass writes at least one line
+            end, size = start + 1, len(lines[start])
+            while end < len(lines) and size + len(lines[end]) <= select.PIPE_BUF:
+                size += len(lines[end])
+                end += 1
+            try:
+                os.write(wake_fd, b"".join(lines[start:end]))
+            except BlockingIOError:
+                pass  # a full pipe: the supervisor's periodic rescan finds the entries
+            except OSError as e:
+                log.warning("cannot wake the delivery engine for %d entries: %s", end - start, e)
+            start = end
+
     def notify(env: Envelope) -> None:
-        try:
-            os.write(wake_fd, env.id.encode("ascii") + b"\n")
-        except BlockingIOError:
-            pass  # a full pipe: the supervisor's periodic rescan finds the entry
-        except OSError as e:
-            log.warning("qid=%s cannot wake the delivery engine: %s", env.id, e)
+        if not committed:
+            loop.call_soon(send_committed)
+        committed.append(env.id.encode("ascii") + b"\n")
 
     receiver = Receiver(cfg, workers=workers, index=index, on_committed=notify)
     stop = _stop_event_on_signals()
