@@ -29,8 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.ports import free_port
-from tests.support.processes import accepts, start_logged
+from tests.support.ports import accepts, free_port
+from tests.support.processes import start_logged
 from tests.support.waiting import wait_for_async
 
 COMMAND_TIMEOUT = 30.0  # seconds for one DevTools command or page load (a loaded machine)

@@ -25,8 +25,7 @@ from mailgate.directory import open_url
 from tests.e2e.conftest import ALICE, client_tls
 from tests.support.browser import Browser, Page
 from tests.support.gateway import Gateway
-from tests.support.ports import free_port
-from tests.support.processes import accepts
+from tests.support.ports import accepts, free_port
 from tests.support.waiting import wait_for
 from tests.web.conftest import run
 
