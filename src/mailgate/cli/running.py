@@ -9,6 +9,7 @@ signal. Must not: serve mail; cli/serve.py calls these and owns the processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from mailgate.admin.app import AdminServer
     from mailgate.admin.health import Readiness
     from mailgate.directory import Directory
+    from mailgate.receive.tls import ReloadingContext
     from mailgate.spool.api import SpoolStore
 
 log = logging.getLogger("mailgate.serve")
@@ -185,22 +187,46 @@ async def start_admin(
     return server, readiness
 
 
-async def start_web(cfg: Config) -> AdminServer | None:
+CERT_CHECK_INTERVAL = 60.0  # seconds between two looks at the [tls] files for [web]
+
+
+class WebListener:
+    """`[web] listen` in the supervisor; with `[web] tls`, the certificate is reloaded in place
+    when its files change (ACME renewals), like the mail listeners' (receive/tls.py)."""
+
+    def __init__(self, server: AdminServer, watch: asyncio.Task[None] | None) -> None:
+        self.server = server
+        self.watch = watch
+
+    async def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+        await self.server.stop()
+
+
+async def start_web(cfg: Config) -> WebListener | None:
     """Serve `[web] listen` (autoconfig, autodiscover, .mobileconfig, /settings); HTTPS with the
     [tls] certificate when `[web] tls`. None when it is empty."""
     if not cfg.web.listen:
         return None
     from mailgate.admin.app import AdminServer
     from mailgate.cli.common import open_directory
-    from mailgate.receive.tls import server_context
+    from mailgate.receive.tls import ReloadingContext
     from mailgate.web.public import WebContext, make_web_app
 
     directory = open_directory(cfg, check=False)
     context = WebContext(cfg=cfg, is_managed=directory.is_managed)
     server = AdminServer(make_web_app(context), service="web")
-    tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.web.tls else None
-    await server.start(cfg.web.listen, ssl_context=tls)
-    return server
+    tls = ReloadingContext(cfg.tls.cert, cfg.tls.key) if cfg.web.tls else None
+    await server.start(cfg.web.listen, ssl_context=tls.context if tls else None)
+    watch = asyncio.get_running_loop().create_task(_watch_certificate(tls)) if tls else None
+    return WebListener(server, watch)
+
+
+async def _watch_certificate(tls: ReloadingContext) -> None:
+    while True:  # until cancelled by WebListener.stop()
+        await asyncio.sleep(CERT_CHECK_INTERVAL)
+        await asyncio.to_thread(tls.maybe_reload)
 
 
 def _add_operator_pages(

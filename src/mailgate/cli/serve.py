@@ -65,7 +65,7 @@ async def _wind_down(
     engine: Engine | None,
     engine_task: asyncio.Task[None] | None,
     admin: tuple[AdminServer, Readiness] | None,
-    web: AdminServer | None,
+    web: running.WebListener | None,
 ) -> None:
     """The end of `serve`, one process or many: sessions and deliveries wind down side by side
     (together well within 30 seconds), then the admin and web listeners and the trace log
