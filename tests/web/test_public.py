@@ -127,3 +127,35 @@ def test_a_directory_that_fails_is_503(tmp_path: Path) -> None:
             assert r.status == 503
 
     run(go)
+
+
+def test_thunderbird_without_an_address_uses_the_host_and_placeholders(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with served(make_web_app(WebContext(cfg(tmp_path), MANAGED.__contains__))) as c:
+            for host in ("autoconfig.stbotolphs.example.org", "stbotolphs.example.org:443"):
+                r = await c.get("/.well-known/autoconfig/mail/config-v1.1.xml",
+                                headers={"Host": host})  # fmt: skip
+                assert r.status == 200, host
+                root = parse_xml(await r.read())
+                assert root.findtext("emailProvider/domain") == "stbotolphs.example.org"
+                usernames = {s.findtext("username") for s in root.iter("outgoingServer")}
+                assert usernames == {"%EMAILLOCALPART%"}
+            r = await c.get("/mail/config-v1.1.xml", headers={"Host": "autoconfig.other.example"})
+            assert r.status == 404
+
+    run(go)
+
+
+def test_profile_link_is_url_encoded(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with served(make_web_app(WebContext(cfg(tmp_path), MANAGED.__contains__))) as c:
+            r = await c.get("/settings", params={"emailaddress": "a+b@example.org"})
+            text = await r.text()
+            assert 'href="/apple/mobileconfig?emailaddress=a%2Bb%40example.org"' in text
+            r = await c.get("/apple/mobileconfig", params={"emailaddress": "a+b@example.org"})
+            assert r.status == 200
+            assert plistlib.loads(await r.read())["PayloadContent"][0]["EmailAddress"] == (
+                "a+b@example.org"
+            )
+
+    run(go)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -99,8 +100,18 @@ def _settings_url(request: web.Request, address: Address | str) -> str:
 
 async def _thunderbird(request: web.Request) -> web.Response:
     text = request.query.get("emailaddress", "")
+    placeholders = not text.strip()
+    if placeholders:
+        # No address given: the domain the client asked (autoconfig.DOMAIN, or DOMAIN for the
+        # .well-known form), with Thunderbird's own placeholders for the username.
+        text = "user@" + (request.host.rpartition(":")[0] or request.host).removeprefix(
+            "autoconfig."
+        )
     try:
         settings = await _settings_of(request, text)
+        if placeholders:
+            local = settings.username_is_local_part
+            settings = replace(settings, username="%EMAILLOCALPART%" if local else "%EMAILADDRESS%")
     except BadAddress as e:
         return _plain(400, f"emailaddress: {e}\n")
     except NotOurs as e:
@@ -290,7 +301,7 @@ def settings_page(cfg: Config, settings: MailSettings) -> Html:
         "<p>Thunderbird and Outlook can set themselves up: type your address and password "
         "when adding the account, and they find these settings. On an iPhone, iPad or Mac, "
         '<a href="{profile}">download a configuration profile</a> and open it.</p>',
-        profile=Html(render("/apple/mobileconfig?emailaddress={a}", a=str(settings.address))),
+        profile="/apple/mobileconfig?" + urlencode({"emailaddress": str(settings.address)}),
     )
     body = render(
         """<h1>Email program settings</h1>
