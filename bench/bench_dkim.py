@@ -18,9 +18,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from mailgate.directory import DkimKey, Domain
 from mailgate.message import dkimkeys
 from mailgate.message.dkim import Signer
+from mailgate.values import DkimKey, Domain
 
 DOMAIN = "college.example.ac.uk"
 MAX_ITERATIONS = 1_000_000  # a hard bound whatever --seconds says

@@ -29,9 +29,9 @@ from mailgate.message.source import MessageSource
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
 from mailgate.scan import Verdict
-from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.entry import Envelope, Recipient
 from mailgate.spool.incoming import Incoming
+from mailgate.values import Trace
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -56,13 +56,41 @@ class SignerLike(Protocol):
     def sign_section(self, section: HeaderSection, bh: bytes, domain: str) -> bytes: ...
 
 
+class MailParameters(Protocol):
+    """What accept reads of MAIL FROM (RFC 3461, 6152, 6531, 8689 parameters); the protocol's
+    `smtp.events.MailFrom` has them, and accept needs nothing else of the protocol."""
+
+    @property
+    def ret(self) -> str | None: ...
+    @property
+    def envid(self) -> str | None: ...
+    @property
+    def smtputf8(self) -> bool: ...
+    @property
+    def body(self) -> str | None: ...
+    @property
+    def requiretls(self) -> bool: ...
+
+
+class RecipientParameters(Protocol):
+    """What accept reads of one RCPT TO (address and RFC 3461 parameters): what
+    `smtp.events.RcptTo` has."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def notify(self) -> tuple[str, ...] | None: ...
+    @property
+    def orcpt(self) -> str | None: ...
+
+
 @dataclass(slots=True)
 class Transaction:
     """One MAIL ... DATA transaction as the session saw it."""
 
-    mail: MailFrom
+    mail: MailParameters
     mail_from: str  # after policy (may be the user's primary address)
-    rcpts: list[RcptTo] = field(default_factory=list)
+    rcpts: list[RecipientParameters] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +99,7 @@ class SessionFacts:
 
     session_id: str
     sender: Sender
-    trace: stamp.Trace
+    trace: Trace
     is_submission: bool  # RFC 6409 §8 fix-ups apply to authenticated submission only
 
 

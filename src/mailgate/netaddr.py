@@ -1,9 +1,10 @@
 """IP addresses of clients and peers: parsing them, and testing network membership.
 
 Owns: the one rule that an IPv4-mapped IPv6 address (::ffff:a.b.c.d, how a dual-stack listener
-reports IPv4 clients) counts as the IPv4 address it carries, that a network only ever
-contains addresses of its own version, and the syntax of an address literal (RFC 5321
-§4.1.3). Must not: import anything else from mailgate, resolve names, or do any I/O.
+reports IPv4 clients) counts as the IPv4 address it carries, that a network only ever contains
+addresses of its own version, the network a client is counted or grouped in (its /24 or /64,
+`network_of`), and the syntax of an address literal (RFC 5321 §4.1.3). Must not: import anything
+else from mailgate, resolve names, or do any I/O.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def in_networks(address: str | IPAddress, networks: Iterable[IPNetwork]) -> bool
     if ip is None:
         return False
     return any(ip.version == net.version and ip in net for net in networks)
+
+
+def network_of(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The network `address` (unmapped, see `parse_address`) lies in: '192.0.2.0/24',
+    '2001:db8:1:2::/64'; the address itself ('192.0.2.7') when the prefix covers all of it."""
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix >= address.max_prefixlen:
+        return str(address)  # one host: '192.0.2.7' reads better than '192.0.2.7/32'
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def address_literal(text: str) -> IPAddress | None:

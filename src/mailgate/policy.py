@@ -43,10 +43,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mailgate import replies
-from mailgate.directory import Directory, Domain
+from mailgate.directory import Directory
 from mailgate.errors import Rejected
 from mailgate.identity import AuthorField, BadDomain, Mailbox, normalize, parents
 from mailgate.netaddr import IPAddress, IPNetwork, address_literal, in_networks, unmapped
+from mailgate.values import Domain
 
 log = logging.getLogger(__name__)
 _DOMAIN_TTL = 5.0  # seconds a domain look-up is remembered

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from mailgate.directory import Directory, DkimKey, Domain, User, migrate, open_url
+from mailgate.directory import Directory, User, migrate, open_url
 from mailgate.directory.names import normalize_address, normalize_domain
 from mailgate.directory.sql import SqlDirectory
 from mailgate.directory.store import SqliteDirectory
 from mailgate.errors import DirectoryError, DirectoryUnavailable
+from mailgate.values import DkimKey, Domain
 from tests.support.databases import closed_port_url, postgres_database, postgres_sql
 
 DEFAULT = "example.org"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import replace
 
-from mailgate.directory import AppPassword, DkimKey, Domain, User
+from mailgate.directory import AppPassword, User
+from mailgate.values import DkimKey, Domain
 
 
 class MemoryDirectory:

@@ -17,7 +17,7 @@ import pytest
 import dkim
 from mailgate.accept import Acceptor, SessionFacts, Transaction
 from mailgate.config import ScannerConfig
-from mailgate.message import dkimkeys, stamp
+from mailgate.message import dkimkeys
 from mailgate.message.dkim import Signer
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
@@ -26,6 +26,7 @@ from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.incoming import MEMORY_LIMIT
 from mailgate.spool.journal import JournalStore
+from mailgate.values import Trace
 from tests.support.memdir import MemoryDirectory
 
 PRIMARY = "alice@example.org"
@@ -58,7 +59,7 @@ class Site:
         step = max(1, len(message) // pieces)
         for start in range(0, len(message), step):
             incoming.write(message[start : start + step])
-        trace = stamp.Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
+        trace = Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
                             "TLSv1.3:TLS_AES_256_GCM_SHA384", "alice", "PLAIN")  # fmt: skip
         facts = SessionFacts("S1", Sender("submission", "192.0.2.1", "alice"), trace, True)
         txn = Transaction(mail=MailFrom(address=PRIMARY), mail_from=PRIMARY,

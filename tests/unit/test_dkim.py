@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.directory import DkimKey, Domain
 from mailgate.message import dkimkeys
 from mailgate.message.dkim import (
     SIGNED_HEADERS,
@@ -23,6 +22,7 @@ from mailgate.message.dkim import (
     signed_header_names,
 )
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA
+from mailgate.values import DkimKey, Domain
 from tests.dkim.verifier import verify_all
 
 MESSAGE = (

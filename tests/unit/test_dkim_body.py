@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dkim
-from mailgate.directory import DkimKey
 from mailgate.message import dkim as mgdkim
 from mailgate.message import dkimkeys
 from mailgate.message.dkimkeys import ALGORITHM_RSA, load_private_key
 from mailgate.message.headers import parse
+from mailgate.values import DkimKey
 
 DOMAIN = "college.example.ac.uk"
 HEAD = (

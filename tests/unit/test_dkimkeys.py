@@ -11,7 +11,6 @@ import dns.rdatatype
 import dns.zone
 import pytest
 
-from mailgate.directory import DkimKey, Domain
 from mailgate.message import dkimkeys
 from mailgate.message.dkimkeys import (
     ALGORITHM_ED25519,
@@ -20,6 +19,7 @@ from mailgate.message.dkimkeys import (
     LookupFailed,
     check_records,
 )
+from mailgate.values import DkimKey, Domain
 
 DAY = date(2026, 11, 28)
 

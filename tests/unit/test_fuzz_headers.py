@@ -30,6 +30,7 @@ from mailgate.message.authors import read_authors
 from mailgate.policy import check_destination, literal_address
 from mailgate.receive.rdns import host_name
 from mailgate.smtp import parse
+from mailgate.values import Trace
 
 FUZZ_EXAMPLES = int(os.environ.get("MAILGATE_FUZZ_EXAMPLES", "100"))
 fuzz = settings(
@@ -64,14 +65,14 @@ def one_field(data: bytes) -> tuple[str, str]:
     return fields[0]
 
 
-def trace(**changes: object) -> stamp.Trace:
+def trace(**changes: object) -> Trace:
     base: dict[str, object] = {
         "client_helo": "client.test", "client_ip": "192.0.2.1", "client_name": "",
         "service": "submission", "port": 587, "with_keyword": "ESMTPSA",
         "tls": "TLSv1.3:TLS_AES_256_GCM_SHA384", "login": "alice", "mechanism": "PLAIN",
     }  # fmt: skip
     base.update(changes)
-    return stamp.Trace(**base)  # type: ignore[arg-type]  # the keys above are Trace's fields
+    return Trace(**base)  # type: ignore[arg-type]  # the keys above are Trace's fields
 
 
 # --- Received: ------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 import dkim
 from mailgate.accept import Acceptor, SessionFacts, Transaction
 from mailgate.config import ScannerConfig
-from mailgate.message import dkimkeys, stamp
+from mailgate.message import dkimkeys
 from mailgate.message.dkim import Signer
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
@@ -50,6 +50,7 @@ from mailgate.scan import Scanner
 from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.entry import Envelope
 from mailgate.spool.incoming import Incoming
+from mailgate.values import Trace
 from tests.dkim.verifier import ensure_ed25519_verifier
 from tests.support.memdir import MemoryDirectory
 
@@ -102,7 +103,7 @@ class Site:
             hostname="mail.example.org", policy=self.policy, committer=capture,
             scanner=Scanner(ScannerConfig()), signer=Signer(self.directory), hop_limit=50,
         )  # fmt: skip
-        trace = stamp.Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
+        trace = Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
                             "TLSv1.3:TLS_AES_256_GCM_SHA384", "alice", "PLAIN")  # fmt: skip
         facts = SessionFacts("S1", Sender("submission", "192.0.2.1", "alice"), trace, True)
         txn = Transaction(mail=MailFrom(address=PRIMARY), mail_from=PRIMARY,

@@ -6,7 +6,9 @@ import ipaddress
 
 import pytest
 
-from mailgate.netaddr import in_networks, parse_address
+from mailgate import tracelog
+from mailgate.limits.keys import network_key
+from mailgate.netaddr import address_literal, in_networks, network_of, parse_address
 
 NETS = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
 
@@ -39,3 +41,34 @@ def test_parse_address() -> None:
     assert parse_address("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
     assert parse_address("/run/mailgate.sock") is None
     assert not in_networks("192.0.2.7", ())
+
+
+@pytest.mark.parametrize(
+    ("client", "network"),
+    [
+        ("192.0.2.7", "192.0.2.0/24"),
+        ("::ffff:192.0.2.7", "192.0.2.0/24"),  # one client, one network, however it is written
+        ("2001:db8:1:2::25", "2001:db8:1:2::/64"),
+    ],
+)
+def test_one_network_for_rate_limits_and_the_event_log(client: str, network: str) -> None:
+    assert network_key(client, 24, 64) == tracelog.network(client) == network
+    address = parse_address(client)
+    assert address is not None and network_of(address, 32, 128) == str(address)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("[192.0.2.1]", "192.0.2.1"),
+        ("[IPv6:2001:db8::1]", "2001:db8::1"),
+        ("[ipv6:::ffff:10.0.0.1]", "::ffff:a00:1"),  # as written: policy unmaps it
+        ("[IPv6:fe80::1%eth0]", None),  # RFC 5321 has no scope ids
+        ("[tag:content]", None),
+        ("192.0.2.1", None),
+        ("[300.0.0.1]", None),
+    ],
+)
+def test_address_literal(text: str, address: str | None) -> None:
+    found = address_literal(text)
+    assert (None if found is None else str(found)) == address

@@ -7,12 +7,12 @@ import ipaddress
 import pytest
 
 from mailgate import replies
-from mailgate.directory import Domain
 from mailgate.errors import Rejected
 from mailgate.identity import AuthorField
 from mailgate.message import headers
 from mailgate.message.authors import read_authors
 from mailgate.policy import Policy, Sender, may_sign_smarthost
+from mailgate.values import Domain
 from tests.support.memdir import MemoryDirectory
 
 

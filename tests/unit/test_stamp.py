@@ -9,10 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgate.message import stamp
+from mailgate.values import Trace, with_keyword
 
 
 def test_received_header_names_everything() -> None:
-    trace = stamp.Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
+    trace = Trace("client.test", "192.0.2.1", "", "submission", 587, "ESMTPSA",
                         "TLSv1.3:TLS_AES_256_GCM_SHA384", "alice", "PLAIN")  # fmt: skip
     when = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
     out = stamp.received(trace, hostname="mail.example.org", qid="0ABC", recipients=["x@y.test"],
@@ -28,22 +29,22 @@ def test_received_header_names_everything() -> None:
 
 
 def test_received_hides_recipients_when_several_and_quotes_ipv6() -> None:
-    trace = stamp.Trace("h", "2001:db8::1", "", "smarthost", 25, "ESMTP", "", None, None)
+    trace = Trace("h", "2001:db8::1", "", "smarthost", 25, "ESMTP", "", None, None)
     out = stamp.received(trace, hostname="m", qid="Q", recipients=["a@x", "b@x"])
     assert b"[IPv6:2001:db8::1]" in out and b" for " not in out
 
 
 def test_with_keywords_rfc3848() -> None:
-    assert stamp.with_keyword(extended=True, tls=True, authenticated=True) == "ESMTPSA"
-    assert stamp.with_keyword(extended=True, tls=True, authenticated=False) == "ESMTPS"
-    assert stamp.with_keyword(extended=True, tls=False, authenticated=True) == "ESMTPA"
-    assert stamp.with_keyword(extended=True, tls=False, authenticated=False) == "ESMTP"
-    assert stamp.with_keyword(extended=False, tls=False, authenticated=False) == "SMTP"
+    assert with_keyword(extended=True, tls=True, authenticated=True) == "ESMTPSA"
+    assert with_keyword(extended=True, tls=True, authenticated=False) == "ESMTPS"
+    assert with_keyword(extended=True, tls=False, authenticated=True) == "ESMTPA"
+    assert with_keyword(extended=True, tls=False, authenticated=False) == "ESMTP"
+    assert with_keyword(extended=False, tls=False, authenticated=False) == "SMTP"
 
 
 @given(st.text(max_size=80))
 def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
-    trace = stamp.Trace(helo, "192.0.2.1", "", "smarthost", 25, "ESMTP", "", None, None)
+    trace = Trace(helo, "192.0.2.1", "", "smarthost", 25, "ESMTP", "", None, None)
     out = stamp.received(trace, hostname="m", qid="Q", recipients=["a@x"])
     lines = out.split(b"\r\n")
     assert lines[0].startswith(b"Received: from ")
@@ -72,6 +73,6 @@ def test_client_helo_cannot_break_the_received_header(helo: str) -> None:
 def test_an_ehlo_name_that_is_not_a_domain_is_replaced_by_the_address(
     helo: str, written: str
 ) -> None:
-    trace = stamp.Trace(helo, "192.0.2.1", "", "submission", 587, "ESMTPSA", "", "alice", "PLAIN")
+    trace = Trace(helo, "192.0.2.1", "", "submission", 587, "ESMTPSA", "", "alice", "PLAIN")
     out = stamp.received(trace, hostname="mail.example.org", qid="Q", recipients=["a@x"])
     assert out.startswith(f"Received: from {written} ([192.0.2.1])\r\n".encode())

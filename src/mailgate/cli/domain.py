@@ -34,10 +34,11 @@ import dns.resolver
 
 from mailgate.cli.common import CommandError, load_config, open_directory, print_json
 from mailgate.config import Config
-from mailgate.directory import Directory, DkimKey, Domain
+from mailgate.directory import Directory
 from mailgate.dnsresolver import make_resolver
 from mailgate.message import dkimkeys
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, LookupFailed
+from mailgate.values import DkimKey, Domain
 
 DNS_TIMEOUT = 5.0  # seconds for all tries of one lookup
 

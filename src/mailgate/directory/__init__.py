@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from mailgate.values import DkimKey, Domain
+
 if TYPE_CHECKING:
     from mailgate.directory.sql import SqlDirectory
 
@@ -42,22 +44,6 @@ class AppPassword:
     name: str
     created_at: dt.datetime
     last_used_at: dt.datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DkimKey:
-    selector: str
-    algorithm: str  # "rsa-sha256" or "ed25519-sha256"
-    key_path: Path  # private key file, 0600
-    public_key_b64: str  # the p= value of the DNS record
-    active: bool = True  # signing with it; rotated-out keys stay published until removed
-
-
-@dataclass(frozen=True, slots=True)
-class Domain:
-    name: str
-    keys: tuple[DkimKey, ...] = ()
-    smarthost_networks: tuple[str, ...] = ()  # networks whose smart-host mail may be signed
 
 
 class Directory(Protocol):

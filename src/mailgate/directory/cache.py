@@ -27,11 +27,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mailgate.directory import AppPassword, DkimKey, Domain, User
+from mailgate.directory import AppPassword, User
 from mailgate.directory.names import WILDCARD_LOCAL, normalize_address, normalize_domain
 from mailgate.directory.sql import SqlDirectory
 from mailgate.errors import DirectoryError
 from mailgate.log import Throttle
+from mailgate.values import DkimKey, Domain
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from mailgate.directory import AppPassword, DkimKey, Domain, User, migrate, passwords
+from mailgate.directory import AppPassword, User, migrate, passwords
 from mailgate.directory.names import (
     DKIM_ALGORITHMS,
     WILDCARD_LOCAL,
@@ -34,6 +34,7 @@ from mailgate.directory.names import (
 )
 from mailgate.dnsname import MANAGED_DOMAIN_LABELS
 from mailgate.errors import DirectoryError
+from mailgate.values import DkimKey, Domain
 
 log = logging.getLogger(__name__)
 

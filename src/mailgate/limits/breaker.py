@@ -13,13 +13,12 @@ release ID` once the operator has looked at them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from mailgate.errors import DirectoryError, SpoolError
 from mailgate.limits.keys import login_key, printable
-from mailgate.spool.entry import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +29,22 @@ class SuspendingDirectory(Protocol):
     def set_suspended(self, login: str, suspended: bool) -> None: ...
 
 
+class QueuedEntry(Protocol):
+    """What the breaker reads of a spooled entry (spool.entry.Envelope has it)."""
+
+    @property
+    def login(self) -> str: ...
+    @property
+    def held(self) -> bool: ...
+    @property
+    def pending(self) -> Sequence[object]: ...
+
+
 class HoldingStore(Protocol):
     """The spool methods the breaker needs (spool.api.SpoolStore has them)."""
 
     def ids(self) -> Iterable[str]: ...
-    def load(self, qid: str) -> Envelope: ...
+    def load(self, qid: str) -> QueuedEntry: ...
     def hold(self, qid: str) -> object: ...
 
 

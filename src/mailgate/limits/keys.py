@@ -9,9 +9,8 @@ answers of a pure function).
 from __future__ import annotations
 
 import functools
-import ipaddress
 
-from mailgate.netaddr import parse_address
+from mailgate.netaddr import network_of, parse_address
 
 # An attacker chooses the login string; a bounded length keeps counters' memory bounded.
 MAX_LOGIN_KEY = 256
@@ -28,10 +27,7 @@ def network_key(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     address = parse_address(ip)
     if address is None:
         return ip[:MAX_LOGIN_KEY]
-    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
-    if prefix >= address.max_prefixlen:
-        return str(address)  # one host: '192.0.2.7' reads better than '192.0.2.7/32'
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    return network_of(address, ipv4_prefix, ipv6_prefix)
 
 
 def login_key(login: str) -> str:

@@ -50,11 +50,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
 import dkim
-from mailgate.directory import Domain
 from mailgate.errors import MailgateError
 from mailgate.message import headers as header_section
 from mailgate.message.dkimkeys import ALGORITHM_ED25519, ALGORITHM_RSA, load_private_key
 from mailgate.message.headers import HeaderSection
+from mailgate.values import Domain
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailgate.directory import DkimKey, Domain
 from mailgate.dnsname import MANAGED_DOMAIN_LABELS, dkim_selector, domain_name
 from mailgate.errors import MailgateError
 from mailgate.netaddr import in_networks
+from mailgate.values import DkimKey, Domain
 
 ALGORITHM_RSA = "rsa-sha256"
 ALGORITHM_ED25519 = "ed25519-sha256"

@@ -11,36 +11,11 @@ from __future__ import annotations
 
 import email.utils
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailgate.dnsname import domain_name
 from mailgate.netaddr import address_literal
-
-
-@dataclass(frozen=True, slots=True)
-class Trace:
-    """Facts about the session for the Received: header.
-
-    with_keyword: RFC 3848: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA (both), SMTP (HELO).
-    """
-
-    client_helo: str
-    client_ip: str
-    client_name: str  # reverse DNS name or "" when unknown
-    service: str
-    port: int
-    with_keyword: str
-    tls: str  # "TLSv1.3:TLS_AES_256_GCM_SHA384" or ""
-    login: str | None
-    mechanism: str | None
-
-
-def with_keyword(*, extended: bool, tls: bool, authenticated: bool) -> str:
-    """RFC 3848 §1 / RFC 5321 §4.4 protocol keyword."""
-    if not extended:
-        return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+from mailgate.values import Trace
 
 
 def received(trace: Trace, *, hostname: str, qid: str, recipients: list[str],

@@ -21,6 +21,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from mailgate.netaddr import unmapped
+
 V1_PREFIX = b"PROXY "
 V1_MAX_LENGTH = 107  # proxy-protocol.txt §2.1: the worst case, CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -129,8 +131,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
 
 
 def _v6(packed: bytes) -> str:
-    address = ipaddress.IPv6Address(packed)
-    return str(address.ipv4_mapped or address)
+    return str(unmapped(ipaddress.IPv6Address(packed)))
 
 
 def build_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:

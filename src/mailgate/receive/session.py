@@ -27,9 +27,7 @@ from mailgate import metrics, replies, tracelog
 from mailgate.accept import Acceptor, SessionFacts, Transaction, refused
 from mailgate.auth.authenticator import Authenticator
 from mailgate.config import Config
-from mailgate.directory import Directory
 from mailgate.errors import AuthUnavailable, Rejected, SpoolError, SpoolFull
-from mailgate.message import stamp
 from mailgate.policy import Policy, Sender, check_destination
 from mailgate.receive.channel import Channel, Interrupted, PlaintextAfterStartTls
 from mailgate.receive.rdns import ReverseDns
@@ -52,8 +50,10 @@ from mailgate.smtp.events import (
 from mailgate.smtp.server import NEED_DATA, ServerConnection
 from mailgate.spool.api import SpoolStore
 from mailgate.spool.incoming import Incoming
+from mailgate.values import Trace, with_keyword
 
 if TYPE_CHECKING:
+    from mailgate.limits.breaker import SuspendingDirectory
     from mailgate.limits.counters import Counters
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Services:
     store: SpoolStore
     policy: Policy
     acceptor: Acceptor
-    directory: Directory
+    directory: SuspendingDirectory  # the breaker's suspension, nothing else of the directory
     authenticator: Authenticator
     tls: ssl.SSLContext | None
     counters: Counters | None = None  # rate limits, AUTH defence, breaker (limits.counters)
@@ -450,13 +450,13 @@ class Session:
 
     def _facts(self) -> SessionFacts:
         tls = self._tls_description()
-        trace = stamp.Trace(
+        trace = Trace(
             client_helo=self.conn.ehlo_domain or "",
             client_ip=self.client_ip,
             client_name=self.client_name,
             service=self.profile.name,
             port=self.local_port,
-            with_keyword=stamp.with_keyword(
+            with_keyword=with_keyword(
                 extended=self.extended, tls=bool(tls), authenticated=self.login is not None
             ),
             tls=tls,

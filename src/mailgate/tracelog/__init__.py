@@ -6,7 +6,7 @@ of `tracelog.store`. Nothing is written until `start()` (`mailgate serve` calls 
 process); before that, and in tests and tools, every call is a no-op.
 Must not: block the event loop (events go to a buffer; a thread writes them every half
 second), or fail a message: a write error is logged once a minute and the batch dropped.
-Must not import anything from mailgate but `config`.
+Must not import anything from mailgate but `config` and `netaddr`.
 
 Keys (what `mailgate trace QUERY` finds a message by): its queue id, Message-ID, envelope
 sender, every recipient, the login; a DSN's entry is also found by the queue id of the
@@ -15,7 +15,6 @@ message it reports on.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sqlite3
@@ -26,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from mailgate.config import TraceConfig
+from mailgate.netaddr import network_of, parse_address
 from mailgate.tracelog.store import Event, append, connect, day_of, day_path, normalise, prune
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,12 @@ def accepted(qid: str, *, mail_from: str, rcpts: Iterable[str], size: int, login
 
 def network(client: str) -> str:
     """The client's network for `status`' abuse view: /24 (IPv4) or /64 (IPv6), computed
-    once here so that the last hour is grouped by SQLite, not parsed again per query."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
+    once here so that the last hour is grouped by SQLite, not parsed again per query. An
+    IPv4-mapped address counts as IPv4 (netaddr, the rule the rate limits group by too)."""
+    address = parse_address(client)
+    if address is None:
         return client or "unknown"
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    return network_of(address, 24, 64)
 
 
 def rejected(qid: str, *, mail_from: str, rcpts: Iterable[str], login: str, service: str,
