@@ -2,9 +2,10 @@
 
 This is where the objects are wired together: config -> directory, spool, policy, scanner,
 signer, acceptor, listeners, engine. With `[server] workers = N` (N >= 1) the process forks N
-listener workers that share the ports (SO_REUSEPORT, steered by client address) and itself runs
-the delivery engine; workers tell it about new entries through a pipe (one queue id per line),
-so receiving and delivery meet only at the spool. `workers = 0` runs everything in one process.
+listener workers that share the ports (SO_REUSEPORT; steered by client address unless [state]
+shares the counters) and itself runs the delivery engine; workers tell it about new entries
+through a pipe (one queue id per line), so receiving and delivery meet only at the spool.
+`workers = 0` runs everything in one process.
 SIGTERM/SIGINT stop gracefully: listeners close, sessions get `421 4.3.2` at their next
 command (a DATA in progress is answered first), the engine lets transactions in flight finish
 (or abandons them after a grace period: an unrecorded try is simply tried again), and the

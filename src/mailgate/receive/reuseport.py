@@ -5,7 +5,8 @@ The kernel's default spreads connections by a hash of the 4-tuple, so one client
 land on different workers and every per-IP counter (AUTH failures, rate limits, connections per
 IP) would be split N ways. The program instead returns `source address mod N`: the same client
 address always reaches the same socket, so per-IP defences stay exact with several workers.
-receive.serve attaches it to the AUTH services' sockets only. Must not: be needed for
+receive.serve attaches it to the AUTH services' sockets only, and only while the counters are
+per process (`[state] url` empty): shared counters need no pinning. Must not: be needed for
 correctness; when the kernel refuses the program, the default hash is used and a warning logged.
 """
 

@@ -106,13 +106,15 @@ class Listeners:
         sock.bind((address.host, address.port))
         sock.listen(1024)
         if profile.offers_auth and not self._proxy_networks(profile):
-            # Internet-facing AUTH services: one client address, one worker, so the AUTH
-            # guard and per-IP limits see all of a client's attempts. The smart host keeps
-            # the kernel's 4-tuple hash: its clients are few busy internal hosts (a web server
-            # sending a mailing), which must be able to use every core.
+            # Internet-facing AUTH services with per-process counters ([state] url empty):
+            # one client address, one worker, so the AUTH guard and per-IP limits see all of
+            # a client's attempts. With shared counters (Redis) every worker sees them all, so
+            # the kernel's 4-tuple hash spreads one busy address (a large NAT) over every core.
+            # The smart host always keeps the hash: its clients are few busy internal hosts.
             # Behind a balancer (proxy_networks) every connection comes from the balancer:
             # neither steering nor a kernel ban can tell clients apart there.
-            steer_by_client_address(sock, self.workers)  # after listen(): the group exists
+            if not self.services.cfg.state.url:
+                steer_by_client_address(sock, self.workers)  # after listen(): the group exists
             self.kernel_ban.add_socket(sock)
         sock.setblocking(False)
         return sock
