@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import plistlib
+import subprocess
 from pathlib import Path
 
 from mailgate import config
@@ -10,6 +11,7 @@ from mailgate.config import Config
 from mailgate.web import setup_formats
 from mailgate.web.common import CSP
 from mailgate.web.public import WebContext, make_web_app
+from tests.support.testca import TestCA
 from tests.unit.test_web_formats import STANDARD_REQUEST, parse_xml
 from tests.web.conftest import run, served
 
@@ -159,3 +161,27 @@ def test_profile_link_is_url_encoded(tmp_path: Path) -> None:
             )
 
     run(go)
+
+
+def test_mobileconfig_is_served_signed_with_a_ca_certificate(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    issued = ca.issue("mail.example.org")
+    text = f'hostname = "mail.example.org"\n[tls]\ncert = "{issued.cert}"\nkey = "{issued.key}"\n'
+    text += '[submissions]\nlisten = ["127.0.0.1:465"]\n'
+    signed_cfg = config.parse(text, tmp_path / "mailgate.toml")
+
+    async def go() -> bytes:
+        async with served(make_web_app(WebContext(signed_cfg, MANAGED.__contains__))) as c:
+            r = await c.get("/apple/mobileconfig", params={"emailaddress": "alice@example.org"})
+            assert r.status == 200
+            return await r.read()
+
+    body = run(go)
+    (tmp_path / "profile.der").write_bytes(body)
+    out = subprocess.run(
+        ["openssl", "cms", "-verify", "-inform", "DER", "-in", str(tmp_path / "profile.der"),
+         "-CAfile", str(ca.cert_path), "-purpose", "any"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert plistlib.loads(out.stdout)["PayloadContent"][0]["OutgoingMailServerPortNumber"] == 465
