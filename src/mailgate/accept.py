@@ -17,7 +17,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Protocol, TypeVar
 
 from mailgate import metrics, replies, tracelog
@@ -232,10 +234,13 @@ class Acceptor:
         if decision.sign_domain and self._signer is not None:
             # Sign last, over the fields the policy read plus ours: every change is in `prefix`.
             signed = section.prepend(prefix)
-            prefix = (
-                await _maybe_off_loop(is_large, self._sign, signed, incoming, decision.sign_domain)
-                + prefix
-            )
+            if is_large:
+                signature = await asyncio.get_running_loop().run_in_executor(
+                    _signing(), self._sign, signed, incoming, decision.sign_domain
+                )
+            else:
+                signature = self._sign(signed, incoming, decision.sign_domain)
+            prefix = signature + prefix
 
         envelope = Envelope(
             id=incoming.qid,
@@ -265,6 +270,14 @@ class Acceptor:
             return b""
         bh = dkim.body_hash(incoming.chunks(len(incoming.head)))
         return self._signer.sign_section(section, bh, domain)
+
+
+@cache
+def _signing() -> ThreadPoolExecutor:
+    """The thread that hashes large bodies and signs them, one message at a time: a body hash
+    takes a CPU for a while, and must not hold one of the threads that asyncio.to_thread
+    shares with short hops (reading a chunk, commits). Made on first use, after the fork."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="dkim-sign")
 
 
 async def _maybe_off_loop(is_large: bool, fn: Callable[..., _T], *args: Any) -> _T:

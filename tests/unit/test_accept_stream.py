@@ -19,9 +19,11 @@ from mailgate.accept import Acceptor, SessionFacts, Transaction
 from mailgate.config import ScannerConfig
 from mailgate.message import dkimkeys
 from mailgate.message.dkim import Signer
+from mailgate.message.headers import parse
 from mailgate.policy import Policy, Sender
 from mailgate.replies import Reply
 from mailgate.scan import Scanner
+from mailgate.scan.attachments import Blocked, find_blocked
 from mailgate.smtp.events import MailFrom, RcptTo
 from mailgate.spool.group import GroupCommitter
 from mailgate.spool.incoming import MEMORY_LIMIT
@@ -140,3 +142,48 @@ def test_header_over_the_limit_is_refused_before_the_body_is_read(site: Site) ->
     reply, spooled = site.accept(HEAD + huge + b"\r\n" + body(2 * MEMORY_LIMIT))
     assert (reply.code, reply.status) == (552, "5.3.4")
     assert spooled is None
+
+
+class SmallChunks:
+    """A MessageSource that yields `size`-byte chunks, to put chunk boundaries everywhere."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    def chunks(self, start: int = 0, size: int = 0) -> Iterator[bytes]:
+        for offset in range(start, len(self.data), self.size):
+            yield self.data[offset : offset + self.size]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 4096])
+def test_text_body_checks_see_lines_split_between_chunks(size: int) -> None:
+    message = HEAD + b"\r\n" + b"hello\r\n" * 50 + b"begin 644 invoice.exe\r\nM9F]O\r\nend\r\n"
+    section = parse(message, limit=len(message))
+    found = find_blocked(SmallChunks(message, size), ["exe"], section=section)
+    assert found == Blocked("invoice.exe", "uuencoded, extension .exe")
+    harmless = message.replace(b"invoice.exe", b"invoice.txt")
+    assert find_blocked(SmallChunks(harmless, size), ["exe"], section=section) is None
+
+
+@pytest.mark.parametrize("size", [1, 5, 4096])
+def test_executable_at_the_start_of_a_text_body_is_seen_in_small_chunks(size: int) -> None:
+    message = HEAD + b"\r\n\x7fELF\x02\x01\x01 rest of it\r\n"
+    section = parse(message, limit=len(message))
+    found = find_blocked(SmallChunks(message, size), ["exe"], section=section)
+    assert found is not None and found.reason == "content is an ELF executable"
+
+
+def test_mime_walk_fed_in_small_chunks_finds_the_attachment() -> None:
+    message = (
+        HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+        b"--XX\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        b"--XX\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="run.exe"\r\n\r\nAAAA\r\n--XX--\r\n'
+    )
+    section = parse(message, limit=len(message))
+    found = find_blocked(SmallChunks(message, 3), ["exe"], section=section)
+    assert found == Blocked("run.exe", "extension .exe")

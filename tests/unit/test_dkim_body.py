@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,3 +154,11 @@ def test_signature_from_chunked_body_hash_is_dkimpys_byte_for_byte(
     ours = mgdkim._signature_field(tags, include, headers, policy, key)
     assert ours == theirs
     assert dkim.verify(ours + message, dnsfunc=dnsfunc_for(rsa_key))
+
+
+def test_large_body_in_uneven_chunks_equals_dkimpy() -> None:
+    rng = random.Random(18)
+    body = bytes(rng.choice(b"ab \t\r\n.") for _ in range(200_000))
+    pieces = [body[i : i + 70_001] for i in range(0, len(body), 70_001)]
+    for relaxed, c in ((True, b"relaxed/relaxed"), (False, b"simple/simple")):
+        assert mgdkim.body_hash(pieces, relaxed=relaxed) == dkimpy_bh(body, c)

@@ -75,6 +75,7 @@ CANONICALIZATION = b"relaxed/relaxed"
 
 _WSP_RUN = re.compile(rb"[\t ]+")
 _CRLF_BLOCK = b"\r\n" * 65536  # trailing empty lines are hashed in slices of this
+_SLICE = 16 * 1024  # bytes canonicalised per call
 
 
 class BodyHasher:
@@ -96,11 +97,21 @@ class BodyHasher:
     def update(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._done:
             raise ValueError("BodyHasher.update() after digest()")
-        data = self._carry + bytes(chunk)
+        view = memoryview(chunk).cast("B")
+        # In slices: the regular expression holds the GIL for a whole call, and the hasher
+        # runs in a thread beside the event loop (accept.py).
+        for start in range(0, len(view), _SLICE):
+            self._update(bytes(view[start : start + _SLICE]))
+
+    def _update(self, chunk: bytes) -> None:
+        data = self._carry + chunk
         if self._relaxed:
             # §3.4.4: runs of WSP become one SP, then WSP at the end of a line goes. In that
-            # order a run before a CRLF is one SP, so one replace removes it.
-            data = _WSP_RUN.sub(b" ", data).replace(b" \r\n", b"\r\n")
+            # order a run before a CRLF is one SP, so one replace removes it. Most text has
+            # no tab and no two spaces in a row: then there is nothing to compress.
+            if b"\t" in data or b"  " in data:
+                data = _WSP_RUN.sub(b" ", data)
+            data = data.replace(b" \r\n", b"\r\n")
             keep = 2 if data.endswith(b" \r") else 1 if data.endswith((b" ", b"\r")) else 0
         else:
             keep = 1 if data.endswith(b"\r") else 0

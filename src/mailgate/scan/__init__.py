@@ -36,7 +36,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache, partial
 
 from mailgate import metrics, replies
 from mailgate.config import ScannerConfig
@@ -92,10 +94,6 @@ class Scanner:
         )
         self._version = ""
         self._version_at = float("-inf")
-        # One MIME parse of a large message at a time per process: the stdlib parser holds a
-        # part's lines while it reads them (about three times the part's size), so ten
-        # concurrent 25 MB attachments would take ten times that (issue #18).
-        self._large_walks = asyncio.Semaphore(1)
 
     async def check(
         self,
@@ -133,10 +131,9 @@ class Scanner:
                     find_blocked, source, self._blocked, section=section
                 )
             else:
-                async with self._large_walks:
-                    found = await asyncio.to_thread(
-                        find_blocked, source, self._blocked, section=section
-                    )
+                found = await asyncio.get_running_loop().run_in_executor(
+                    _large_walks(), partial(find_blocked, source, self._blocked, section=section)
+                )
         except Rejected as e:  # BAD_MIME is the only refusal find_blocked raises
             record("badmime", detail=e.reason)
             if e.__cause__ is not None:  # the email package raised: keep the traceback
@@ -185,6 +182,16 @@ class Scanner:
             self._version = _header_safe(await self._client.version())
             self._version_at = now
         return self._version
+
+
+@cache
+def _large_walks() -> ThreadPoolExecutor:
+    """The one thread of this process that parses large MIME messages, one at a time: the
+    stdlib parser holds a part's lines while it reads them (about three times the part's
+    size), so ten concurrent 25 MB attachments would take ten times that (issue #18); and a
+    walk of seconds must not hold one of the threads that asyncio.to_thread shares with short
+    hops (reading the next chunk for clamd, commits). Made on first use, after the fork."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mime-walk")
 
 
 async def _read_off_loop(source: MessageSource) -> AsyncIterator[bytes]:
