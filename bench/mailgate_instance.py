@@ -1,6 +1,7 @@
 """Create a mailgate instance shaped like the reference harness's Postfix anchor.
 
-    python3 bench/mailgate_instance.py DIR [--workers N] [--clamd SPEC]
+    python3 bench/mailgate_instance.py DIR [--workers N] [--clamd SPEC] [--state redis://...]
+                                           [--pin-clients auto|yes|no]
 
 Ports 10225 (smart host), 10287 (submission), 10265 (submissions) on 127.0.0.1; user
 bench/benchpass; 127.0.0.0/8 may relay; every message relayed to 127.0.0.1:10026 (the harness's
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int)
     ap.add_argument("--clamd", default="")
     ap.add_argument("--relay", default="127.0.0.1:10026")
+    ap.add_argument("--state", default="", help="[state] url (shared counters in Redis)")
+    ap.add_argument("--pin-clients", default="auto", choices=("auto", "yes", "no"))
     a = ap.parse_args()
     mg = [sys.executable, "-m", "mailgate"]
     subprocess.run([*mg, "init", str(a.dir), "--hostname", "mail.bench.test",
@@ -40,8 +43,11 @@ def main() -> None:
     data.setdefault("limits", {}).update(max_connections=20000, max_connections_per_ip=20000)
     data.setdefault("ratelimits", {})["breaker_recipients_per_hour"] = 0
     data.setdefault("scanner", {})["clamd"] = a.clamd
+    data["server"] = {"pin_clients": a.pin_clients}
     if a.workers is not None:
-        data["server"] = {"workers": a.workers}
+        data["server"]["workers"] = a.workers
+    if a.state:
+        data["state"] = {"url": a.state, "prefix": "mailgate-bench:"}
     config.write_text(toml_dumps(data))
     subprocess.run([*mg, "-c", str(config), "user", "add", "bench", "--password-stdin"],
                    input=b"benchpass\n", check=True, capture_output=True)  # fmt: skip

@@ -249,14 +249,20 @@ class ServerConfig:
              reading its keys) before any byte is read from the network, and the administrative
              commands run as it too; "" keeps the account mailgate was started as.
     group:   the group to switch to; "" is the user's own (login) group.
+    pin_clients: "auto" steers each client address of 587/465 to one worker when the counters
+             are per process ([state] url empty) and not when they are shared; "yes" or "no"
+             decide it whatever [state] says (to measure either way, or to keep kernel bans
+             on one worker).
     """
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     user: str = ""
     group: str = ""
+    pin_clients: str = "auto"
 
 
 AUTH_BACKENDS = ("directory", "ldap", "dovecot")
+PIN_CLIENTS = ("auto", "yes", "no")
 # Asymmetric JWS algorithms only (RFC 7518 §3.1): a token signed with a shared secret ("HS256")
 # could be forged by anyone holding the key set, which is public.
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
@@ -586,6 +592,10 @@ def _convert(key: str, value: Any, base: Path) -> Any:  # one table of key kinds
         if value not in WEB_USERNAMES:
             raise ConfigError(f'{key}: expected "auto", "localpart" or "address"')
         return value
+    if kind == "pin_clients":
+        if value not in PIN_CLIENTS:
+            raise ConfigError(f'{key}: expected "auto", "yes" or "no"')
+        return value
     if kind == "log_format":
         if value not in LOG_FORMATS:
             raise ConfigError(f'{key}: expected "text" or "json"')
@@ -709,6 +719,7 @@ _KINDS_FULL = {
     "trace.retention_days": "posint",
     "trace.max_size_mb": "nonnegint",
     "server.workers": "nonnegint",
+    "server.pin_clients": "pin_clients",
     "server.user": "account",
     "server.group": "account",
     "directory.url": "sqlite_url",

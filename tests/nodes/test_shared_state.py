@@ -234,10 +234,11 @@ def test_redis_stopped_mail_is_accepted_and_the_warning_logged(tmp_path: Path) -
         own.stop()
 
 
+@pytest.mark.parametrize(("pin_clients", "workers_used"), [("auto", 2), ("yes", 1)])
 def test_with_shared_counters_one_submission_client_uses_every_worker(
-    tmp_path: Path, prefix: str
+    tmp_path: Path, prefix: str, pin_clients: str, workers_used: int
 ) -> None:
-    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2},
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2, "pin_clients": pin_clients},
                                    "state": {"url": REDIS, "prefix": prefix}})  # fmt: skip
     gw.start("--no-delivery")
     try:
@@ -245,6 +246,6 @@ def test_with_shared_counters_one_submission_client_uses_every_worker(
                  what="both workers listening")  # fmt: skip
         for _ in range(30):  # the kernel hashes the 4-tuple: 2**-29 that one worker gets all
             send_from(gw, "127.0.0.10", "submission")
-        assert len(worker_of(gw.log_text(), "127.0.0.10", "submission")) == 2
+        assert len(worker_of(gw.log_text(), "127.0.0.10", "submission")) == workers_used
     finally:
         gw.stop()

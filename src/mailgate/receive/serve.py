@@ -113,11 +113,16 @@ class Listeners:
             # The smart host always keeps the hash: its clients are few busy internal hosts.
             # Behind a balancer (proxy_networks) every connection comes from the balancer:
             # neither steering nor a kernel ban can tell clients apart there.
-            if not self.services.cfg.state.url:
+            if self._pins_clients():
                 steer_by_client_address(sock, self.workers)  # after listen(): the group exists
             self.kernel_ban.add_socket(sock)
         sock.setblocking(False)
         return sock
+
+    def _pins_clients(self) -> bool:
+        cfg = self.services.cfg
+        mode = cfg.server.pin_clients
+        return mode == "yes" or (mode == "auto" and not cfg.state.url)
 
     def _proxy_networks(self, profile: Profile) -> tuple[IPNetwork, ...]:
         networks: tuple[IPNetwork, ...] = getattr(self.services.cfg, profile.name).proxy_networks
