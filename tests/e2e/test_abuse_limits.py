@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import ssl
 import statistics
 import time
@@ -251,10 +252,12 @@ def test_auth_brute_force_is_slowed_then_refused_and_others_are_unaffected(
     assert guarded.log_text().count("refused connection client=[127.0.0.2]") == 1
     # Honest clients elsewhere log in at once: alice from her usual client (her login is under
     # attack, but that client is trusted), and bob, whose login was never tried.
+    # (The guard's decision, from the log, rather than the clock: a loaded machine is slow.)
     for source, creds in [("127.0.0.3", ALICE), ("127.0.0.30", BOB)]:
-        reply, seconds = auth_once(guarded, source, *creds)
-        assert reply == line(replies.AUTH_SUCCEEDED)
-        assert seconds < 0.25, seconds
+        assert auth_once(guarded, source, *creds)[0] == line(replies.AUTH_SUCCEEDED)
+        assert not re.search(rf"auth delayed seconds=\S+ client=\[{re.escape(source)}\]",
+                             guarded.log_text())  # fmt: skip
+    assert re.search(r"auth delayed seconds=\S+ client=\[127\.0\.0\.2\]", guarded.log_text())
 
 
 def test_a_success_does_not_reset_other_logins_failures(guarded: Gateway) -> None:

@@ -339,6 +339,8 @@ class Session:
             delay = decision.delay
             if delay > 0:
                 metrics.AUTH_DEFENCE.labels("delayed").inc()
+                log.info("sid=%s auth delayed seconds=%.2f client=[%s]",
+                         self.sid, delay, self.client_ip)  # fmt: skip
         user = None
         unavailable = False
         try:
