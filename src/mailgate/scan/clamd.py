@@ -177,28 +177,21 @@ class ClamdClient:
             chunk = struct.pack("!I", len(view)) + view if view else b""
             writer.write(chunk + b"\0\0\0\0")
             return len(view)
-        sent = 0
-        for start in range(0, len(view), self.chunk_size):
-            if reply.done():
-                return sent
-            piece = view[start : start + self.chunk_size]
-            writer.write(struct.pack("!I", len(piece)))
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-        writer.write(b"\0\0\0\0")  # the zero-length chunk ends the stream
-        return sent
+        return await self._send_chunks(writer, _once(view), reply)
 
     async def _send_chunks(
-        self, writer: asyncio.StreamWriter, chunks: AsyncIterator[bytes], reply: asyncio.Task[str]
+        self,
+        writer: asyncio.StreamWriter,
+        chunks: AsyncIterator[bytes | memoryview],
+        reply: asyncio.Task[str],
     ) -> int:
         """`_send_stream` for chunks that arrive one at a time (read from the spool)."""
         sent = 0
         async for chunk in chunks:
-            if reply.done():
-                return sent
             view = memoryview(chunk)
             for start in range(0, len(view), self.chunk_size):
+                if reply.done():
+                    return sent
                 piece = view[start : start + self.chunk_size]
                 writer.write(struct.pack("!I", len(piece)))
                 writer.write(piece)
@@ -265,3 +258,8 @@ def _parse_instream_reply(reply: str, address: ClamdAddress) -> ScanResult:
             " scanner.max_stream_size; make them equal"
         )
     raise ScannerUnavailable(f"clamd at {address}: unexpected INSTREAM reply {reply!r}")
+
+
+async def _once(view: memoryview) -> AsyncIterator[memoryview]:
+    """`view` as a stream of one chunk (`_send_chunks` cuts it to clamd's chunk size)."""
+    yield view
