@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from mailgate.directory import Directory, User, migrate, open_url
+from mailgate.directory import Directory, User, migrate, open_url, passwords
 from mailgate.directory.names import normalize_address, normalize_domain
 from mailgate.directory.sql import SqlDirectory
 from mailgate.directory.store import SqliteDirectory
@@ -256,6 +256,30 @@ def test_verify_password(d: SqlDirectory) -> None:
     assert d.verify_password("alice", "wrong") is None
     assert d.verify_password("nobody", "correct horse") is None
     assert d.verify_password("", "") is None
+
+
+def test_every_login_costs_one_hash_known_or_not(
+    d: SqlDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What keeps the time of an AUTH from telling whether a login exists: each path verifies
+    # exactly one argon2 hash with the current parameters (the dummy one for an unknown login),
+    # checked without a clock (tests/unit/test_passwords.py: the dummy hash's parameters).
+    d.add_user("alice", "alice@example.org", "correct horse")
+    d.add_user("bob", "bob@example.org", "battery staple")
+    d.set_enabled("bob", False)
+    verified: list[str] = []
+    real = passwords.verify_password
+
+    def spy(stored_hash: str, password: str) -> bool:
+        verified.append(stored_hash)
+        return real(stored_hash, password)
+
+    monkeypatch.setattr(passwords, "verify_password", spy)
+    for login in ("alice", "nobody", "bob"):
+        verified.clear()
+        assert d.verify_password(login, "wrong") is None
+        assert len(verified) == 1, login
+        assert (verified[0] == passwords.DUMMY_HASH) is (login == "nobody")
 
 
 def test_disabled_and_suspended_users_cannot_log_in(d: SqlDirectory) -> None:

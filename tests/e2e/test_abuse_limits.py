@@ -17,7 +17,6 @@ import json
 import os
 import re
 import ssl
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,22 +269,19 @@ def test_a_success_does_not_reset_other_logins_failures(guarded: Gateway) -> Non
         assert c.greeting == line(replies.CLIENT_LOCKED_OUT)
 
 
-def test_existing_and_unknown_logins_get_the_same_answer_in_the_same_time(
-    guarded: Gateway,
-) -> None:
+def test_existing_and_unknown_logins_get_the_same_answer(guarded: Gateway) -> None:
     # Fresh clients and logins with at most one earlier failure: the guard adds no delay.
+    # That an unknown login costs a (dummy) password hash too, so that no clock can tell them
+    # apart, is checked without a clock: tests/directory/test_directory.py (one hash on every
+    # path) and tests/unit/test_passwords.py (the dummy hash has the current parameters).
     guarded.add_user("dora", "dora's password")
     guarded.add_user("erin", "erin's password")
-    known, unknown = [], []
     for i, login in enumerate(["dora", "erin", "dora", "erin"]):
-        reply_k, t_k = auth_once(guarded, f"127.0.1.{i + 1}", login, "wrong")
-        reply_u, t_u = auth_once(guarded, f"127.0.2.{i + 1}", f"nobody{i}", "wrong")
+        reply_k = auth_once(guarded, f"127.0.1.{i + 1}", login, "wrong")[0]
+        reply_u = auth_once(guarded, f"127.0.2.{i + 1}", f"nobody{i}", "wrong")[0]
         assert reply_k == reply_u == line(replies.BAD_CREDENTIALS)
-        known.append(t_k)
-        unknown.append(t_u)
-    # An unknown login costs a (dummy) password hash too: no shortcut a clock could see.
-    k, u = statistics.median(known), statistics.median(unknown)
-    assert 0.5 <= k / u <= 2.0, (known, unknown)
+    log = guarded.log_text()
+    assert not re.search(r"auth delayed seconds=\S+ client=\[127\.0\.[12]\.", log)
 
 
 # --- compromised-account breaker -----------------------------------------------------------
