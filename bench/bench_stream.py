@@ -213,11 +213,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=25 * MB)
     ap.add_argument("--shape", choices=("mime", "plain"), default="mime")
     ap.add_argument("--max-seconds", type=float, default=300.0)
+    # A diagnostic: how much of the NOOP latency is clamd's CPU on the same two cores.
+    ap.add_argument("--clamd-nice", type=int, default=0, help="renice clamd by this much")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mgbench-stream-") as tmp:
         root = Path(tmp)
         sink = SmtpSink("127.0.0.1", free_port(), count_only=True).start()
         with running_clamd(root) as clamd:
+            if a.clamd_nice:
+                os.setpriority(os.PRIO_PROCESS, clamd.pid, a.clamd_nice)
             gw = Gateway(root / "gw", {
                 "server": {"workers": 1},
                 # clamd shares the two cores with everything else: give a scan 120 s rather
@@ -242,6 +246,7 @@ def main() -> None:
                 out = {
                     "benchmark": "stream",
                     "shape": a.shape,
+                    "clamd_nice": a.clamd_nice,
                     "count": a.count,
                     "size": a.size,
                     "workers": len(pids),
