@@ -303,3 +303,28 @@ def test_exempt_clients_are_counted_per_login_only(prefix: str) -> None:
             await a.close()
 
     run(go)
+
+
+def test_a_connection_closed_while_redis_was_away_is_taken_back_later(prefix: str) -> None:
+    async def go() -> None:
+        clock = [1000.0]
+        state = SharedState(REDIS, prefix, now=lambda: clock[0])
+        counters = Counters(Limits(RateLimitsConfig()), AuthGuard(RateLimitsConfig()), state)
+        try:
+            assert await counters.open_connection(IP, 1) == "shared"
+            state._failed(ConnectionError("gone"))  # as a failed command leaves it
+            await counters.close_connection(IP)  # Redis is not asked in the retry pause
+            assert state.unclosed[IP] == 1
+            assert await counters.open_connection(IP, 1) == "local"
+            clock[0] += 10.0
+            heartbeat = asyncio.get_running_loop().create_task(counters.run())
+            deadline = asyncio.get_running_loop().time() + 10
+            while state.unclosed:
+                assert asyncio.get_running_loop().time() < deadline, "never taken back"
+                await asyncio.sleep(0.01)  # polling a bounded wait
+            heartbeat.cancel()
+            assert await counters.open_connection(IP, 1) == "shared"  # the slot is free again
+        finally:
+            await counters.close()
+
+    run(go)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections import Counter
 from datetime import datetime
 from typing import Literal
 
@@ -44,7 +43,6 @@ class Counters:
         self.limits = limits
         self.guard = guard
         self.shared = shared
-        self._unclosed: Counter[str] = Counter()  # connection counts to take back in Redis
 
     # --- sending limits and the breaker --------------------------------------------------
 
@@ -184,21 +182,22 @@ class Counters:
         try:
             await self.shared.conn_close(ip)
         except StateUnavailable:
-            self._unclosed[ip] += 1  # taken back by run() once Redis answers again
+            self.shared.unclosed[ip] += 1  # taken back by run() once Redis answers again
 
     async def run(self) -> None:
         """Keep this process's heartbeat alive in Redis (its connection counts count while it
         does); take back the counts of connections that closed while Redis was away."""
-        if self.shared is None:
+        shared = self.shared
+        if shared is None:
             return
         while True:
             with contextlib.suppress(StateUnavailable):
-                await self.shared.heartbeat()
-                for ip in list(self._unclosed):
-                    while self._unclosed[ip] > 0:
-                        await self.shared.conn_close(ip)
-                        self._unclosed[ip] -= 1
-                    del self._unclosed[ip]
+                await shared.heartbeat()
+                for ip in list(shared.unclosed):
+                    while shared.unclosed[ip] > 0:
+                        await shared.conn_close(ip)
+                        shared.unclosed[ip] -= 1
+                    del shared.unclosed[ip]
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -210,6 +211,9 @@ class SharedState:
         self._retry_at = 0.0  # while now < this, Redis is not asked
         self._warn_at = 0.0  # the next warning line
         self.error = ""  # why Redis is unavailable; "" while it answers
+        # Connections that closed while Redis was away, per address: limits.counters takes
+        # them back once it answers (a reload makes new Counters over this same object).
+        self.unclosed: Counter[str] = Counter()
 
     @property
     def is_available(self) -> bool:
