@@ -5,8 +5,9 @@
 
 Ports 10225 (smart host), 10287 (submission), 10265 (submissions) on 127.0.0.1; user
 bench/benchpass; 127.0.0.0/8 may relay; every message relayed to 127.0.0.1:10026 (the harness's
-sink); connection limits raised for the idle scenario; rate limits and the account breaker off
-(the load generator is one client sending thousands of messages, which they exist to stop).
+sink); connection limits raised for the idle scenario; rate limits, the account breaker and the
+AUTH defence's thresholds out of reach (the load generator is one client sending thousands of
+messages over parallel AUTH sessions, which they exist to stop; they still count everything).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def main() -> None:
     data.setdefault("delivery", {})["relay"] = a.relay
     data.setdefault("limits", {}).update(max_connections=20000, max_connections_per_ip=20000)
     data.setdefault("ratelimits", {})["breaker_recipients_per_hour"] = 0
+    # Twenty parallel AUTHs from one address, each counted while it is in flight, are what the
+    # AUTH defence refuses (454 4.7.0, then a kernel ban): the load generator is one client.
+    data["ratelimits"].update(
+        auth_delay_after=10000, auth_refuse_after=10000, auth_login_refuse_after=10000,
+        auth_parallel_per_client=1000, auth_parallel_per_login=1000, auth_ban_after=0,
+    )  # fmt: skip
     data.setdefault("scanner", {})["clamd"] = a.clamd
     data["server"] = {"pin_clients": a.pin_clients}
     if a.workers is not None:
