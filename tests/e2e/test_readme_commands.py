@@ -59,6 +59,7 @@ def clone(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture
 def demo(clone: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     base = free_base(DEMO_OFFSETS)
     log = clone / "demo.log"
