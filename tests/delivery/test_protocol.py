@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mailgate.errors import SpoolError
+from mailgate.smtp.client import encode_message
 from mailgate.spool.entry import Recipient
 from tests.delivery.conftest import (
     SENDER_DOMAIN,
@@ -44,6 +47,56 @@ def test_output_is_strict_crlf_and_dot_stuffed(
         b"Subject: x\r\n\r\nline1\r\n..\r\nline2\r\n..\r\nline3\r\n..leading dot\r\nlast\r\n"
     )
     assert b"\r\n.\r\n" not in b"\r\n" + t.raw
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_large_message_is_streamed_strict_crlf_dot_stuffed_and_8bit_when_offered(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, offered: bool
+) -> None:
+    # Over CACHED_MESSAGE: sent from the spool a chunk at a time (256 KiB); the line shapes
+    # repeat with every possible offset against the chunk boundaries.
+    sink = sinks(eightbitmime=offered)
+    route(dns, "dest.test", sink)
+    lines = [b".dot", b"plain\r", b"bare lf\n", b"..two", b"caf\xc3\xa9", b"", b"x" * 77]
+    text = b"".join(lines[i % len(lines)] + b" %d\r\n" % i for i in range(40_000))
+    stored = b"Subject: big\n\n" + text + b"last"
+    assert len(stored) > 3 * 256 * 1024
+    qid = harness.enqueue(["bob@dest.test"], message=stored)
+    asyncio.run(_deliver(harness, qid))
+    [t] = sink.accepted()
+    assert t.raw == encode_message(stored)[: -len(b".\r\n")]
+    assert b"\r\n.\r\n" not in b"\r\n" + t.raw
+    assert ("BODY=8BITMIME" in t.mail_params) is offered
+
+
+def test_spool_read_error_while_streaming_never_sends_the_final_dot(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = sinks()
+    route(dns, "dest.test", sink)
+    stored = b"Subject: big\r\n\r\n" + b"line of text\r\n" * 50_000
+    qid = harness.enqueue(["bob@dest.test"], message=stored)
+    reads = harness.store.read_chunks
+    calls = []
+
+    def failing(qid: str, size: int = 256 * 1024) -> Iterator[bytes]:
+        calls.append(qid)
+        chunks = reads(qid, size)
+        yield next(chunks)
+        if len(calls) > 1:  # the first pass only looks at the message; the second sends it
+            raise SpoolError("disk went away")
+        yield from chunks
+
+    monkeypatch.setattr(harness.store, "read_chunks", failing)
+
+    async def scenario() -> None:
+        async with harness.running():
+            await harness.until_attempts(qid, "bob@dest.test", 1)
+
+    asyncio.run(scenario())
+    assert sink.accepted() == []  # the truncated text was never ended with a dot
+    [rcpt] = harness.load(qid).recipients
+    assert rcpt.state == "pending" and rcpt.attempts == 1
 
 
 def test_smtputf8_message_to_a_server_without_it_bounces_5_6_7(
