@@ -21,20 +21,57 @@ Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, b
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Self, TypeVar
 
+import prometheus_client
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+# labels() remembers the child it returned for each tuple of values: the call sites run it
+# several times per message (issue #19), and prometheus-client's own look-up checks the names,
+# converts every value with str() and takes a lock on every call. The library keeps each child
+# for the life of the process anyway (nothing here removes one), so the same object comes back.
+class Counter(prometheus_client.Counter):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        return _child(self, super().labels, labelvalues, labelkwargs)
+
+
+class Gauge(prometheus_client.Gauge):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        return _child(self, super().labels, labelvalues, labelkwargs)
+
+
+class Histogram(prometheus_client.Histogram):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        return _child(self, super().labels, labelvalues, labelkwargs)
+
+
+def _child(
+    metric: _M,
+    make: Callable[..., _M],
+    labelvalues: tuple[object, ...],
+    labelkwargs: dict[str, object],
+) -> _M:
+    if labelkwargs:
+        return make(*labelvalues, **labelkwargs)
+    children: dict[tuple[object, ...], _M] = metric.__dict__.setdefault("_mailgate_children", {})
+    child = children.get(labelvalues)
+    if child is None:
+        child = children[labelvalues] = make(*labelvalues)
+    return child
+
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name for the directory
 

@@ -7,6 +7,7 @@ from mailgate, or build reply text from exception messages.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -122,6 +123,7 @@ HELP_INFO = Reply(
 )
 
 
+@functools.lru_cache(maxsize=16)  # built for every connection, from one or two hostnames
 def greeting(hostname: str) -> bytes:
     """The 220 banner (RFC 5321 §4.3.1)."""
     return f"220 {_one_line(hostname)} ESMTP mailgate\r\n".encode("ascii")

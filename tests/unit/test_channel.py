@@ -113,3 +113,35 @@ def test_a_header_from_anybody_else_is_refused_and_never_believed() -> None:
         assert await channel.read() == b""  # the session sees the end, never the header
 
     asyncio.run(main())
+
+
+# --- the session's direct path ---------------------------------------------------------
+
+
+def test_bytes_go_to_the_direct_callback_while_a_read_waits_until_it_hands_over() -> None:
+    async def main() -> tuple[list[bytes], bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        channel = await a_channel()
+        given: list[bytes] = []
+
+        def direct(data: bytes) -> bool:
+            given.append(data)
+            return data != b"DATA\r\n"  # False: wake the reader
+
+        channel.direct = direct
+        channel.data_received(b"early\r\n")  # no read waits yet: buffered
+        assert await channel.read(loop.time() + 5) == b"early\r\n"
+        reading = asyncio.ensure_future(channel.read(loop.time() + 5))
+        await wait_for_async(lambda: channel._waiter is not None, what="the read to wait")
+        channel.data_received(b"MAIL FROM:<a@b>\r\n")  # handled by the callback
+        assert not reading.done()
+        channel.data_received(b"DATA\r\n")  # handed over: the read ends
+        channel.data_received(b"late\r\n")  # the reader owns the session now: buffered
+        woken = await reading
+        channel.data_received(b"QUIT\r\n")  # no read waits: buffered
+        return given, woken, await channel.read(loop.time() + 5)
+
+    given, woken, after = asyncio.run(main())
+    assert given == [b"MAIL FROM:<a@b>\r\n", b"DATA\r\n"]
+    assert woken == b"late\r\n"  # only what came after the hand-over
+    assert after == b"QUIT\r\n"

@@ -226,3 +226,24 @@ def test_smuggled_end_never_ends_a_message(text: bytes, fake_end: bytes, cuts: l
     _, progress, _ = read_all(split(wire, cuts))
     assert progress.violation is Violation.BARE_CR_OR_LF
     assert not progress.is_done
+
+
+@given(
+    st.lists(
+        st.sampled_from([0, 1, 76, 997, 998, 999, 1000, 2100]) | st.integers(0, 2500),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(1, 4096),
+)
+def test_a_long_line_is_noticed_wherever_the_blocks_cut_the_text(
+    lengths: list[int], read: int
+) -> None:
+    # The line-length check jumps a window at a time (no split per line): it must agree with
+    # the plain definition, RFC 5321 §4.5.3.1.6's 998 octets, whatever the line lengths.
+    text = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    reader = DataReader(max_message_size=10_000_000)
+    wire = text + b".\r\n"
+    for i in range(0, len(wire), read):
+        reader.feed(wire[i : i + read])
+    assert reader.bad_line is (max(lengths) > 998)

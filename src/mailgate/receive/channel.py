@@ -80,6 +80,10 @@ class Channel(asyncio.Protocol):
         self._deadline = 0.0  # loop time after which a waiting read() raises TimeoutError
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # The session's fast path (session.Session._direct): given the bytes received while a
+        # read() waits with nothing buffered; True when it handled them, False to end the read.
+        self.direct: Callable[[bytes], bool] | None = None
+        self._woken = False  # direct() asked the waiting read() to return
 
     # --- protocol callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,6 +111,19 @@ class Channel(asyncio.Protocol):
                 self._eof = True
                 self._proxy.refuse(self, "PROXY header from a peer outside proxy_networks")
                 return
+        waiter = self._waiter
+        if (
+            self.direct is not None
+            and waiter is not None
+            and not waiter.done()
+            and not self._chunks
+        ):
+            # No Task wake-up per command (issue #19): a session waiting for bytes handles
+            # them here. What it cannot finish here it leaves in its machine and wakes read().
+            if not self.direct(data):
+                self._woken = True
+                self._wake()
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._reading_paused and self.transport:
@@ -185,7 +202,7 @@ class Channel(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         if deadline is not None and loop.time() >= deadline:
             raise TimeoutError
-        while not self._chunks and not self._eof:
+        while not self._chunks and not self._eof and not self._woken:
             self._waiter = loop.create_future()
             if deadline is not None:
                 self._arm(loop, deadline)
@@ -193,6 +210,7 @@ class Channel(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+        self._woken = False  # (b"" then: the bytes went to `direct`, not the end of stream)
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -253,6 +271,10 @@ class Channel(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await self._closed
+
+    def extend_deadline(self, deadline: float) -> None:
+        """Move the waiting read()'s deadline (the `direct` callback made progress)."""
+        self._deadline = deadline  # the armed timer, if earlier, re-arms itself (_expire)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self._deadline = deadline

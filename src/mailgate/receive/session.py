@@ -117,6 +117,15 @@ class Session:
         self.stopping = False  # the server stops: 421 4.3.2 instead of the next command
         self.client_name = ""  # forward-confirmed reverse DNS name, for Received:
         self.rdns_refusal: replies.Reply | None = None  # answered at MAIL (require_rdns)
+        # The direct path (_direct): RCPT and DATA need no await when the limits are counted in
+        # this process (no [state] url), as Counters.check_recipient/check_message then do.
+        counters = services.counters
+        self._local_limits = counters is None or counters.shared is None
+        self.deadline = 0.0  # loop time: the end of the current command or data timeout
+        self._taken_over = False  # _direct() stopped and woke run()
+        self._parked: Event | None = None  # the event it stopped at, for run() to handle
+        self._direct_handled = 0
+        self._direct_error: Exception | None = None
 
     # --- main loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -131,13 +140,14 @@ class Session:
             self.conn.start()
             await self._flush()
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._timeout()
+            self.deadline = loop.time() + self._timeout()
+            self.channel.direct = self._direct
             while not self.closing:
                 if self.stopping and not self.in_data:
                     self._say_shutting_down()
                     break
                 try:
-                    data = await self.channel.read(deadline)
+                    data = await self.channel.read(self.deadline)
                 except Interrupted:
                     continue  # stopping: answered at the top of the loop
                 except TimeoutError:
@@ -145,11 +155,21 @@ class Session:
                              self.sid, self._timeout())  # fmt: skip
                     self.channel.write(replies.TIMEOUT.to_bytes())
                     break
-                self.conn.receive_data(data)
-                handled = await self._process_events()
+                handled = 0
+                if self._taken_over:
+                    # The protocol callback fed its bytes to the machine already and stopped
+                    # at what needs this coroutine (see _direct); `data` is only what arrived
+                    # since, for after that event.
+                    self._taken_over = False
+                    handled = await self._take_over()
+                    if data:
+                        self.conn.receive_data(data)
+                else:
+                    self.conn.receive_data(data)
+                handled += await self._process_events()
                 if await self._flush() or handled:
                     # Only progress restarts the clock: bytes that complete no command do not.
-                    deadline = loop.time() + self._timeout()
+                    self.deadline = loop.time() + self._timeout()
         except Interrupted:  # stopped before the greeting (smart host greeting delay)
             self._say_shutting_down()
         except (ConnectionError, TimeoutError) as e:
@@ -161,6 +181,7 @@ class Session:
             log.exception("sid=%s session failed", self.sid)
             self.channel.write(replies.INTERNAL_ERROR.to_bytes())
         finally:
+            self.channel.direct = None
             metrics.SESSIONS.labels(self.profile.name).dec()
             self._drop_incoming()
             self.channel.close()
@@ -186,9 +207,9 @@ class Session:
         data = self.conn.data_to_send()
         if data:
             self.channel.write(data)
-            if not self.channel.is_writable:
-                # A client that never reads our replies must not hold the session forever.
-                await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
+        if not self.channel.is_writable:  # (replies _direct() wrote count too)
+            # A client that never reads our replies must not hold the session forever.
+            await asyncio.wait_for(self.channel.drain(), self.s.cfg.limits.command_timeout)
         return bool(data)
 
     async def _process_events(self) -> int:
@@ -202,20 +223,90 @@ class Session:
             handled += 1
             try:
                 await self._handle(event)
-            except Rejected as e:
-                log.info("sid=%s refused %s reply=%r reason=%r",
-                         self.sid, type(event).__name__, e.reply.line(), e.reason)  # fmt: skip
-                self._count_refusal(event, e.reply)
-                self.conn.send(e.reply)
-            except Exception:
-                log.exception("sid=%s error handling %s", self.sid, type(event).__name__)
-                self._drop_incoming()
-                if self.conn.pending_event is None:
-                    # Nothing to answer (a failed MessageChunk, say): end this session only.
-                    self.channel.write(replies.INTERNAL_ERROR.to_bytes())
-                    self.closing = True
+            except Exception as e:
+                if not self._handler_failed(event, e):
                     return handled
-                self.conn.send(replies.INTERNAL_ERROR)
+        return handled
+
+    def _handler_failed(self, event: Event, error: Exception) -> bool:
+        """Answer an event whose handling raised; False when the session must end."""
+        if isinstance(error, Rejected):
+            log.info("sid=%s refused %s reply=%r reason=%r",
+                     self.sid, type(event).__name__, error.reply.line(), error.reason)  # fmt: skip
+            self._count_refusal(event, error.reply)
+            self.conn.send(error.reply)
+            return True
+        log.error("sid=%s error handling %s", self.sid, type(event).__name__, exc_info=error)
+        self._drop_incoming()
+        if self.conn.pending_event is None:
+            # Nothing to answer (a failed MessageChunk, say): end this session only.
+            self.channel.write(replies.INTERNAL_ERROR.to_bytes())
+            self.closing = True
+            return False
+        self.conn.send(replies.INTERNAL_ERROR)
+        return True
+
+    # --- the direct path: the machine driven from the protocol callback ------------------
+    def _direct(self, data: bytes) -> bool:
+        """Channel.data_received's fast path (issue #19), called only while run() waits in
+        read() with nothing buffered: feed the machine and handle every event that needs
+        nothing but this process (EHLO, MAIL, message chunks, RSET; RCPT and DATA when the
+        limits are this process's own) right here, and write the replies: no Task wake-up, no
+        coroutine per command. Returns False to wake run() instead (the bytes are in the
+        machine already): an event that must await (STARTTLS, AUTH, end of data, shared
+        limits), the end of the session, a stopping server, a client that does not read our
+        replies, or an error."""
+        handled = 0
+        try:
+            self.conn.receive_data(data)
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                assert isinstance(event, Event)
+                handled += 1
+                try:
+                    done = self._handle_now(event)
+                except Exception as e:
+                    if not self._handler_failed(event, e):
+                        return self._wake_run(handled)
+                    continue
+                if not done:
+                    self._parked = event
+                    return self._wake_run(handled)
+                if self.closing:
+                    return self._wake_run(handled)
+            out = self.conn.data_to_send()
+            if out:
+                self.channel.write(out)
+        except Exception as e:  # a bug: run() logs it and ends this session with a 451
+            self._direct_error = e
+            return self._wake_run(handled)
+        if out or handled:
+            self.deadline = asyncio.get_running_loop().time() + self._timeout()
+            self.channel.extend_deadline(self.deadline)
+        if (self.stopping and not self.in_data) or not self.channel.is_writable:
+            return self._wake_run(0)
+        return True
+
+    def _wake_run(self, handled: int) -> bool:
+        self._taken_over = True
+        self._direct_handled = handled
+        return False
+
+    async def _take_over(self) -> int:
+        """In run(), after _direct() stopped: finish the event it parked; how many events the
+        callback handled (progress, for the deadline)."""
+        handled, self._direct_handled = self._direct_handled, 0
+        if self._direct_error is not None:
+            error, self._direct_error = self._direct_error, None
+            raise error
+        event, self._parked = self._parked, None
+        if event is not None:
+            try:
+                await self._handle(event)
+            except Exception as e:
+                self._handler_failed(event, e)
         return handled
 
     def _count_refusal(self, event: Event, reply: replies.Reply) -> None:
@@ -273,7 +364,8 @@ class Session:
                  self.client_ip, result.name or "-", result.detail)  # fmt: skip
 
     # --- events ---------------------------------------------------------------------
-    async def _handle(self, event: Event) -> None:
+    def _handle_now(self, event: Event) -> bool:
+        """Handle an event that needs no await; False when it needs _handle()."""
         match event:
             case MessageChunk(data=data):
                 self._write_chunk(data)
@@ -282,12 +374,33 @@ class Session:
                 self._drop_incoming()
                 log.info("sid=%s ehlo=%s", self.sid, _safe(domain))
                 self.conn.send(replies.OK)
+            case MailFrom():
+                self.conn.send(self._mail(event))
+            case RcptTo() if self._local_limits:
+                self._check_rcpt(event)
+                self._local_limits_rcpt(event)
+                self.conn.send(replies.RECIPIENT_OK)
+            case DataStart() if self._local_limits:
+                self._local_limits_message()
+                self._begin_data()
+                self.conn.send(replies.START_DATA)
+            case Reset():
+                self._drop_incoming()
+                self.txn = None
+            case Quit() | Close():
+                self.closing = True
+            case _:
+                return False
+        return True
+
+    async def _handle(self, event: Event) -> None:
+        if self._handle_now(event):
+            return
+        match event:
             case StartTls():
                 await self._start_tls()
             case Auth():
                 await self._auth(event)
-            case MailFrom():
-                self.conn.send(self._mail(event))
             case RcptTo():
                 await self._rcpt(event)
                 self.conn.send(replies.RECIPIENT_OK)
@@ -296,11 +409,6 @@ class Session:
                 self.conn.send(replies.START_DATA)
             case EndOfData():
                 self.conn.send(await self._end_of_data(event))
-            case Reset():
-                self._drop_incoming()
-                self.txn = None
-            case Quit() | Close():
-                self.closing = True
             case _:
                 raise AssertionError(f"unhandled event {event!r}")
 
@@ -386,13 +494,27 @@ class Session:
         self.txn = Transaction(mail=event, mail_from=mail_from)
         return replies.SENDER_OK
 
-    async def _rcpt(self, event: RcptTo) -> None:
+    def _check_rcpt(self, event: RcptTo) -> None:
         assert self.txn is not None
         self.s.policy.check_rcpt(self._sender(), event.address)
         check_destination(event.address, self.s.cfg.smarthost.bad_nets,
                           allow_special=self.s.cfg.delivery.allow_internal_literals)  # fmt: skip
+
+    async def _rcpt(self, event: RcptTo) -> None:
+        self._check_rcpt(event)
+        assert self.txn is not None
         if self.s.counters is not None:
             await self.s.counters.check_recipient(
+                service=self.profile.name, login=self.login, ip=self.client_ip,
+                rcpt_in_message=len(self.txn.rcpts) + 1,
+            )  # fmt: skip
+        self.txn.rcpts.append(event)
+
+    def _local_limits_rcpt(self, event: RcptTo) -> None:
+        """_rcpt()'s limit check and bookkeeping when the limits are this process's own."""
+        assert self.txn is not None
+        if self.s.counters is not None:
+            self.s.counters.limits.check_recipient(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 rcpt_in_message=len(self.txn.rcpts) + 1,
             )  # fmt: skip
@@ -405,6 +527,17 @@ class Session:
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 nrcpt=len(self.txn.rcpts),
             )  # fmt: skip
+        self._begin_data()
+
+    def _local_limits_message(self) -> None:
+        assert self.txn is not None
+        if self.s.counters is not None:
+            self.s.counters.limits.check_message(
+                service=self.profile.name, login=self.login, ip=self.client_ip,
+                nrcpt=len(self.txn.rcpts),
+            )  # fmt: skip
+
+    def _begin_data(self) -> None:
         self.incoming = self.s.store.begin()
         self.write_error = None
         self.in_data = True
@@ -490,4 +623,6 @@ _COMMANDS = {"MailFrom": "MAIL", "RcptTo": "RCPT", "DataStart": "DATA", "EndOfDa
 
 
 def _safe(text: str) -> str:
+    if text.isprintable() and " " not in text:  # the usual EHLO name: no loop per character
+        return text[:100]
     return "".join(c if c.isprintable() and c != " " else "?" for c in text)[:100]

@@ -68,10 +68,10 @@ MAX_PATH_OCTETS: Final = 256  # RFC 5321 §4.5.3.1.3, including the angle bracke
 MAX_DOMAIN_OCTETS: Final = 255  # RFC 5321 §4.5.3.1.2
 MAX_ENVID_CHARS: Final = 100  # RFC 3461 §4.4
 MAX_ORCPT_CHARS: Final = 500  # RFC 3461 §4.2
-SASL_MECHANISMS: Final = ("PLAIN", "LOGIN")
+SASL_MECHANISMS: Final[tuple[str, ...]] = ("PLAIN", "LOGIN")
 # Bearer-token mechanisms (RFC 7628 OAUTHBEARER, and Google's XOAUTH2 that preceded it): offered
 # only when the server is configured to verify tokens ([auth.oauth]).
-TOKEN_MECHANISMS: Final = ("OAUTHBEARER", "XOAUTH2")
+TOKEN_MECHANISMS: Final[tuple[str, ...]] = ("OAUTHBEARER", "XOAUTH2")
 
 
 def _fail(reply: replies.Reply) -> ProtocolViolation:

@@ -136,6 +136,10 @@ class State(enum.Enum):
     TLS_PENDING = "tls-pending"  # 220 sent for STARTTLS: waiting for tls_started()
     CLOSED = "closed"  # Quit or Close was yielded
 
+    # TRANSITIONS is looked up by state several times per command: hash by identity (members
+    # are singletons and compare by identity) in C, not Enum's Python-level hash of the name.
+    __hash__ = object.__hash__
+
 
 # In a state (outer key), an event (inner key) may be yielded; once it is answered positively
 # (or yielded, for events that need no answer) the machine moves to the inner value. A command
