@@ -13,6 +13,7 @@
 #   OUT=docs/perf-runs/peers.jsonl bench/run-peers.sh            # RUNS=3 MSGS=3000 by default
 #   RUNS=1 MSGS=500 ONLY="mailgate postfix" QUIET_LOAD=8 OUT=/tmp/p.jsonl bench/run-peers.sh
 #   MAILGATE_MYPYC=1 ... bench/run-peers.sh                      # measure the compiled build
+# Then IDLE_COUNT (10,000) idle connections to mailgate (IDLE=0 skips): PSS of the server.
 # Every variable of the harness passes through (RUNS, MSGS, ONLY, QUIET_LOAD, QUIET_MAX_S, BASE).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); PROJ=${PROJ:-$(cd "$HERE/.." && pwd)}; export PROJ
@@ -112,6 +113,29 @@ if [ "$LARGE" = 1 ]; then
         unset MAILGATE_CONFIG
         cg_drop mailgate-large
     fi
+fi
+
+# Idle connections (IDLE=0 skips): mailgate holding $IDLE_COUNT connections after EHLO, PSS of
+# the server's processes (the harness's instance, connection limits raised to 20,000).
+IDLE=${IDLE:-1}; IDLE_COUNT=${IDLE_COUNT:-10000}
+if [ "$IDLE" = 1 ] && [[ " $ONLY " == *" mailgate "* ]]; then
+    cfg=$BASE/mailgate-run/mg/mailgate-idle.toml
+    "$BASE/venv/bin/python" - "$BASE/mailgate-run/mg/mailgate.toml" "$cfg" <<'PYEOF'
+import sys, tomllib, tomli_w
+c = tomllib.load(open(sys.argv[1], "rb"))
+c.setdefault("limits", {}).update(max_connections=20000, max_connections_per_ip=20000)
+open(sys.argv[2], "wb").write(tomli_w.dumps(c).encode())
+PYEOF
+    export MAILGATE_CONFIG=$cfg
+    "$BASE/venv/bin/mailgate" serve > "$BASE/mailgate-run/serve-idle.log" 2>&1 & MGPID=$!
+    for _ in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/10225) 2>/dev/null && break; sleep 0.5; done
+    python3 "$SB/scenario.py" idle --server mailgate --host 127.0.0.1 --port 10225 \
+        --counts "$IDLE_COUNT" --pid "$MGPID" >> "$OUT" 2>> "$OUT.large.err"
+    kill "$MGPID"; wait "$MGPID" 2>/dev/null; MGPID=
+    unset MAILGATE_CONFIG
+fi
+
+if [ "$LARGE" = 1 ]; then
     if [[ " $ONLY " == *" postfix "* ]]; then
         "$SB/setup-postfix.sh" start > "$BASE/run/postfix-large-setup.log" 2>&1 || { echo "postfix setup failed"; exit 1; }
         postconf -e message_size_limit=52428800 && postfix reload > /dev/null 2>&1
