@@ -310,3 +310,37 @@ def test_dsn_parameters_are_passed_on_to_dsn_servers(
     # The DSN-capable next hop took the SUCCESS request over: no notice from us.
     assert notices.connections == 0
     assert t.mail_from == SENDER
+
+
+def test_large_message_bounce_returns_its_headers_read_without_the_body(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = sinks(end_of_data="554 5.6.0 Content rejected")
+    bounces = sinks()
+    route(dns, "dest.test", dest)
+    route(dns, SENDER_DOMAIN, bounces)
+    body = b"SECRET line of a large message\r\n" * 20_000
+    qid = harness.enqueue(["bob@dest.test"], message=make_message(body=body))
+    whole_reads: list[str] = []
+    read_message = harness.store.read_message
+
+    def counted(qid: str) -> bytes:
+        whole_reads.append(qid)
+        return read_message(qid)
+
+    monkeypatch.setattr(harness.store, "read_message", counted)
+
+    async def scenario() -> None:
+        async with harness.running():
+            await harness.until_gone(qid)
+            await bounces.wait_for_async(1)
+
+    asyncio.run(scenario())
+    assert qid not in whole_reads  # streamed to the server; only its headers for the DSN
+    [t] = bounces.accepted()
+    assert b"SECRET" not in t.message
+    msg = parse(t.message)
+    [headers] = [p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers"]
+    payload = headers.get_payload(decode=True)
+    assert isinstance(payload, bytes) and payload.endswith(b"Message-ID: <Hello@sender.test>\r\n")
+    assert delivery_status(t.message)[1]["diagnostic-code"] == "smtp; 554 5.6.0 Content rejected"

@@ -103,6 +103,18 @@ def test_what_is_returned(ret: str | None, size: int, kind: str) -> None:
     assert (b"Body text" in dsn) is (kind == "message/rfc822")
 
 
+def test_large_original_given_as_its_header_section_returns_the_headers() -> None:
+    # The engine reads only the header section of a message over MAX_RETURNED_SIZE.
+    head = ORIGINAL.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    whole = bounce.build(original=envelope(), message=ORIGINAL + b"x" * bounce.MAX_RETURNED_SIZE,
+                         notices=[failed()], reporting_mta="m", now=NOW)  # fmt: skip
+    headers_only = bounce.build(original=envelope(), message=head, notices=[failed()],
+                                reporting_mta="m", now=NOW,
+                                size=bounce.MAX_RETURNED_SIZE + 1)  # fmt: skip
+    assert parts(headers_only)[2].get_content_type() == "text/rfc822-headers"
+    assert parts(headers_only)[2].get_payload() == parts(whole)[2].get_payload()
+
+
 def test_delay_warning_returns_headers_and_retry_time() -> None:
     notice = bounce.Notice("bob@example.net", "delayed", "4.2.1", "450 4.2.1 Busy",
                            "mx.example.net", will_retry_until=NOW)  # fmt: skip

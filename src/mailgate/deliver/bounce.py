@@ -83,13 +83,15 @@ def build(
     reporting_mta: str,
     now: datetime,
     recipient: str | None = None,
+    size: int | None = None,
 ) -> bytes:
     """The complete DSN message (CRLF line endings) to be queued from the null sender.
 
     `recipient` is who the DSN goes to: the original sender by default, the postmaster for a
     double bounce. The original message is returned in full only to its own sender, only for
     failures, when RET is not HDRS (RFC 3461 §4.3) and when it is at most MAX_RETURNED_SIZE;
-    otherwise its headers only (always for a double bounce).
+    otherwise its headers only (always for a double bounce). `size` is the original's size
+    when `message` is only its header section (a large message is not read whole for this).
     """
     if not notices:
         raise ValueError("a DSN needs at least one recipient notice")
@@ -104,7 +106,7 @@ def build(
         is_own_sender
         and "failed" in actions
         and original.ret != "HDRS"
-        and len(message) <= MAX_RETURNED_SIZE
+        and (len(message) if size is None else size) <= MAX_RETURNED_SIZE
     )
     boundary = f"{secrets.token_hex(8)}/{_clean(reporting_mta)}"
     msgid = f"<{secrets.token_hex(12)}@{_clean(reporting_mta)}>"

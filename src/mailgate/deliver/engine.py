@@ -829,8 +829,16 @@ class Engine:
     ) -> None:
         message = self._messages.get(env.id)
         if message is None:
-            message = await asyncio.to_thread(self.store.read_message, env.id)
+            message = await asyncio.to_thread(self._original, env)
         await self._queue_dsn(env, message, notices, now, to=env.mail_from)
+
+    def _original(self, env: Envelope) -> bytes:
+        """What a DSN needs of the message: all of it, or only its header section when it is
+        too large to be returned (bounce.MAX_RETURNED_SIZE), so that a 50 MB message is not
+        read whole to quote its headers."""
+        if env.size > bounce.MAX_RETURNED_SIZE:
+            return self.store.read_headers(env.id) + b"\r\n"  # and the empty line after it
+        return self.store.read_message(env.id)
 
     async def _send_delay_warning(self, env: Envelope, now: datetime) -> None:
         until = schedule.expires_at(
@@ -857,7 +865,7 @@ class Engine:
             if failed:
                 notices = [_notice(r, "failed", r.last_reply, None) for r in failed]
                 try:
-                    message = await asyncio.to_thread(self.store.read_message, qid)
+                    message = await asyncio.to_thread(self._original, env)
                 except NotFound:
                     message = b""
                 now = self.now()
@@ -897,6 +905,7 @@ class Engine:
         dsn = bounce.build(
             original=original,
             message=message,
+            size=original.size if original.size > bounce.MAX_RETURNED_SIZE else None,
             notices=notices,
             reporting_mta=self.cfg.hostname,
             now=now,
