@@ -9,6 +9,7 @@ else from mailgate, resolve names, or do any I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -23,6 +24,9 @@ def unmapped(address: IPAddress) -> IPAddress:
     return address
 
 
+# Asked several times for every message about the same few client addresses (the limits, the
+# smart host's networks, the event log's grouping); the answers are immutable values.
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     """`text` (a peer address, perhaps in brackets or with a scope id) as an IP address,
     IPv4-mapped ones as IPv4; None when it is not an IP address (a Unix socket peer, "")."""
@@ -42,6 +46,7 @@ def in_networks(address: str | IPAddress, networks: Iterable[IPNetwork]) -> bool
     return any(ip.version == net.version and ip in net for net in networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The network `address` (unmapped, see `parse_address`) lies in: '192.0.2.0/24',
     '2001:db8:1:2::/64'; the address itself ('192.0.2.7') when the prefix covers all of it."""
