@@ -21,9 +21,10 @@ echo "results in $OUT" >&2
 redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --daemonize no \
   > "$OUT/redis.log" 2>&1 &
 REDIS_PID=$!
-MGPID=
+MGPID= MG=
 cleanup() {
   [ -n "$MGPID" ] && { kill "$MGPID" 2>/dev/null || true; wait "$MGPID" 2>/dev/null || true; }
+  [ -n "$MG" ] && rm -rf "$MG"
   kill "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -62,5 +63,6 @@ for variant in memory-pinned:none:auto redis-pinned:redis:yes redis-unpinned:red
   MGPID=
   redis-cli -p "$REDIS_PORT" flushall > /dev/null
   rm -rf "$MG"
+  MG=
 done
 grep -h '"summary": true' "$OUT"/*.jsonl
