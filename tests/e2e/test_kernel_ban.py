@@ -115,9 +115,11 @@ def test_ipv6_ban() -> None:
 
 
 def every_worker_listens(log: str) -> bool:
+    """Every worker has joined the steering groups of both AUTH ports (587 and 465)."""
     started = re.search(r"mailgate started hostname=\S+ workers=(\d+)", log)
-    return started is not None and len(listening(log, "submission")) >= max(
-        1, int(started.group(1))
+    workers = max(1, int(started.group(1))) if started is not None else 0
+    return started is not None and all(
+        len(listening(log, service)) >= workers for service in ("submission", "submissions")
     )
 
 
@@ -130,8 +132,9 @@ def test_locked_out_client_that_keeps_reconnecting_is_dropped_in_the_kernel(
                         "auth_ban_after": 3, "auth_ban_period": 3.0}},
     )  # fmt: skip
     try:
-        # The guesses and the reconnects must reach the same worker: until every worker has
-        # joined the port's steering group, the kernel may send them to different ones.
+        # The guesses (465) and the reconnects (587) must reach the same worker: until every
+        # worker has joined both ports' steering groups, the kernel may send them to different
+        # ones (once they have, socket i of each group is worker i's: cli.serve.BindingTurn).
         wait_for(lambda: every_worker_listens(gw.log_text()), timeout=20,
                  what="every worker listening")  # fmt: skip
         for n in range(2):

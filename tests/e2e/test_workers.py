@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from tests.e2e.conftest import message
+from tests.e2e.test_attacks import connect
 from tests.support.gateway import Gateway, toml_dumps
 from tests.support.ports import free_port
+from tests.support.processes import start_logged
 from tests.support.waiting import wait_for
 
 
@@ -135,3 +137,51 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
 
     wait_for(gone, timeout=30, what="workers to exit")
     gw.proc = None
+
+
+def test_a_client_address_reaches_the_same_worker_on_587_and_465(tmp_path: Path) -> None:
+    """Socket i of every steered group is worker i's, whichever worker is ready first: an AUTH
+    lock-out earned on 465 (counted in one worker's memory) holds on 587. Worker 0 is held
+    stopped before it binds, so a worker 1 that binds at once joins every group first."""
+    gw = Gateway(tmp_path / "gw", {"server": {"workers": 2}})
+    env = dict(os.environ, MAILGATE_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    gw.proc = start_logged([sys.executable, "-m", "mailgate", "-c", str(gw.config), "serve",
+                            "--no-delivery"], gw.log_path, env)  # fmt: skip
+    try:
+        pids = wait_for(lambda: worker_pids(gw.log_text(), 2), timeout=20, what="two workers")
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            # worker 1 has either bound (worker 0 would join the groups second) or is waiting
+            wait_for(lambda: listening(gw.log_text(), "submission") or
+                     "worker 1: waiting for worker 0 to bind" in gw.log_text(),
+                     timeout=20, what="worker 1 to bind or wait")  # fmt: skip
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        wait_for(lambda: len(listening(gw.log_text(), "submissions")) == 2, timeout=20,
+                 what="both workers listening")  # fmt: skip
+        addresses = [f"127.0.0.{n}" for n in range(2, 8)]
+        for ip in addresses:
+            with connect(gw.ports["submission"], source=ip) as c:
+                assert c.cmd(b"EHLO lab.test").startswith(b"250-")
+            with connect(gw.ports["submissions"], source=ip, tls=True) as c:
+                assert c.cmd(b"EHLO lab.test").startswith(b"250-")
+
+        def reached() -> dict[str, tuple[set[str], set[str]]]:
+            log = gw.log_text()
+            return {ip: (worker_of(log, ip, "submission"), worker_of(log, ip, "submissions"))
+                    for ip in addresses}  # fmt: skip
+
+        wait_for(lambda: all(a and b for a, b in reached().values()), timeout=10,
+                 what="every session logged")  # fmt: skip
+        expected = {ip: ({str(pids[int(ip.rsplit(".", 1)[1]) % 2])},) * 2 for ip in addresses}
+        assert reached() == expected
+    finally:
+        gw.stop()
+
+
+def worker_pids(log: str, workers: int) -> list[int] | None:
+    """The pid of each worker index, once every one has been started."""
+    found = dict(re.findall(r"worker started index=(\d+) pid=(\d+)", log))
+    if len(found) < workers:
+        return None
+    return [int(found[str(i)]) for i in range(workers)]

@@ -59,6 +59,7 @@ _REAP_INTERVAL = 0.5  # how often the supervisor looks for dead workers
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LISTENING = b"+listening "  # a worker's line on the wake pipe once bound (queue ids are [0-9A-Z])
 _PRUNE_INTERVAL = 3600.0  # seconds between two applications of [trace] retention
+_BIND_TURN_TIMEOUT = 15.0  # seconds a worker waits for the previous one to bind its sockets
 
 
 async def _wind_down(
@@ -464,19 +465,26 @@ class Supervisor:
         log.info("spool recovered path=%s %s", self.cfg.spool.path, store.recover())
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
+        # turns[i] passes the turn to bind from worker i to worker i + 1 (BindingTurn).
+        turns = [os.pipe() for _ in range(self.workers - 1)]
         for index in range(self.workers):
-            self._fork(index)
+            self._fork(index, BindingTurn.of(index, turns))
+        for fd in (fd for pair in turns for fd in pair):
+            os.close(fd)  # a worker that dies before binding then passes the turn (EOF)
         _asyncio_run(self._main())
         return 0
 
-    def _fork(self, index: int) -> None:
+    def _fork(self, index: int, turn: BindingTurn | None = None) -> None:
+        """Start worker `index`; `turn` orders its binding after its predecessor's (None: it
+        binds at once, as a restarted worker does: the others are bound already)."""
         pid = os.fork()
         if pid == 0:  # the worker
             _die_with_parent()
             os.close(self.wake_read)
             status = 0
             try:
-                _asyncio_run(_worker_main(self.cfg, index, self.workers, self.wake_write))
+                turn = turn.keep_own() if turn is not None else BindingTurn(index)
+                _asyncio_run(_worker_main(self.cfg, index, self.workers, self.wake_write, turn))
             except BaseException:
                 log.exception("worker %d failed", index)
                 status = 1
@@ -612,7 +620,82 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> None:
+class BindingTurn:
+    """Workers bind their listening sockets one after the other, worker 0 first.
+
+    A SO_REUSEPORT group numbers its sockets in the order they joined (listen()), and the
+    steering program (receive/reuseport.py) picks a socket by that number: `address mod N`.
+    Workers binding concurrently could join the 587 group in one order and the 465 group in
+    the other, so one client address would reach one worker on 587 and another on 465, and an
+    AUTH lock-out earned on one port (counted in that worker's memory) would not hold on the
+    other. One worker at a time gives every group the same order (socket i is worker i's).
+    A worker that dies leaves the same gap in every group (the kernel moves the last socket
+    into it) and its replacement joins last everywhere, so the order stays the same across
+    ports. The wait is bounded: a predecessor stuck before binding costs a warning, not the
+    service.
+    """
+
+    def __init__(self, index: int, wait_fd: int | None = None, pass_fd: int | None = None,
+                 others: tuple[int, ...] = ()) -> None:  # fmt: skip
+        self.index = index
+        self.wait_fd = wait_fd  # readable (a byte, or EOF) once worker index - 1 has bound
+        self.pass_fd = pass_fd  # written once this worker has bound
+        self.others = others  # the other workers' ends, inherited through fork
+
+    @classmethod
+    def of(cls, index: int, turns: list[tuple[int, int]]) -> BindingTurn:
+        """Worker `index`'s ends of the supervisor's pipes (turns[i]: worker i to i + 1)."""
+        wait_fd = turns[index - 1][0] if index > 0 else None
+        pass_fd = turns[index][1] if index < len(turns) else None
+        mine = {wait_fd, pass_fd}
+        others = tuple(fd for pair in turns for fd in pair if fd not in mine)
+        return cls(index, wait_fd, pass_fd, others)
+
+    def keep_own(self) -> BindingTurn:
+        """In the worker: close the other workers' ends, so that the predecessor's exit is
+        seen as EOF here rather than hidden by a copy of its end held by this process."""
+        for fd in self.others:
+            os.close(fd)
+        return BindingTurn(self.index, self.wait_fd, self.pass_fd)
+
+    async def wait(self) -> None:
+        """Until the previous worker has bound its sockets, exited, or _BIND_TURN_TIMEOUT."""
+        if self.wait_fd is None:
+            return
+        if not select.select([self.wait_fd], [], [], 0)[0]:
+            log.info("worker %d: waiting for worker %d to bind its sockets",
+                     self.index, self.index - 1)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(self.wait_fd, readable)
+        try:
+            await asyncio.wait_for(ready, _BIND_TURN_TIMEOUT)
+        except TimeoutError:
+            log.warning("worker %d: worker %d has not bound its sockets after %g s: binding "
+                        "now (a client address may reach different workers on different "
+                        "ports)", self.index, self.index - 1, _BIND_TURN_TIMEOUT)  # fmt: skip
+        finally:
+            loop.remove_reader(self.wait_fd)
+            os.close(self.wait_fd)
+            self.wait_fd = None
+
+    def passed(self) -> None:
+        """This worker has bound its sockets: the next one may bind."""
+        if self.pass_fd is None:
+            return
+        with contextlib.suppress(OSError):  # the next worker is gone: its replacement binds
+            os.write(self.pass_fd, b".")
+        os.close(self.pass_fd)
+        self.pass_fd = None
+
+
+async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int,
+                       turn: BindingTurn) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     committed: list[bytes] = []  # queue id lines for the supervisor, written once per loop pass
 
@@ -649,7 +732,11 @@ async def _worker_main(cfg: Config, index: int, workers: int, wake_fd: int) -> N
         with contextlib.suppress(OSError):
             os.write(wake_fd, _LISTENING + str(index).encode("ascii") + b"\n")
 
-    await receiver.start()  # binding drops a capability per thread: before the log's thread
+    await turn.wait()
+    try:
+        await receiver.start()  # binding drops a capability per thread: before the log's thread
+    finally:
+        turn.passed()
     tracelog.start(cfg.trace)
     await receiver.run(stop, on_serving=serving)
     tracelog.stop()
