@@ -145,3 +145,49 @@ def test_bytes_go_to_the_direct_callback_while_a_read_waits_until_it_hands_over(
     assert given == [b"MAIL FROM:<a@b>\r\n", b"DATA\r\n"]
     assert woken == b"late\r\n"  # only what came after the hand-over
     assert after == b"QUIT\r\n"
+
+
+class FlowTransport(FakeTransport):
+    """Records pause_reading()/resume_reading() in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+def test_the_direct_path_lets_the_loop_turn_after_64_kib_and_then_reads_again() -> None:
+    # Without the pause a client streaming DATA keeps the loop in one turn for as much as the
+    # transport reads in a row, and every other session's reply waits for it.
+    async def main() -> tuple[list[str], list[str], int]:
+        loop = asyncio.get_running_loop()
+        channel = Channel(lambda ch: None)
+        transport = FlowTransport()
+        channel.connection_made(transport)  # type: ignore[arg-type]
+        given: list[bytes] = []
+
+        def direct(data: bytes) -> bool:
+            given.append(data)
+            return True  # handled
+
+        channel.direct = direct
+        reading = asyncio.ensure_future(channel.read(loop.time() + 5))
+        await wait_for_async(lambda: channel._waiter is not None, what="the read to wait")
+        channel.data_received(b"x" * 32 * 1024)
+        channel.data_received(b"x" * 32 * 1024)  # 64 KiB handled in this turn: pause
+        before_turn = list(transport.calls)
+        await wait_for_async(lambda: transport.calls == ["pause", "resume"],
+                             what="reading to resume")  # fmt: skip
+        channel.data_received(b"x" * 32 * 1024)  # a new turn: counted from zero
+        after = list(transport.calls)
+        reading.cancel()
+        return before_turn, after, sum(map(len, given))
+
+    before_turn, after, handled = asyncio.run(main())
+    assert before_turn == ["pause"]
+    assert after == ["pause", "resume"]
+    assert handled == 96 * 1024

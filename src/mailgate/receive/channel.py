@@ -32,6 +32,10 @@ from typing import cast
 from mailgate.receive import proxy
 
 _HIGH_WATER = 256 * 1024  # pause reading above this many unread bytes
+# What the fast path handles for one connection before it lets the loop turn: uvloop reads a
+# readable socket up to 32 times per turn, so ten clients sending large messages made one turn
+# (and every other session's reply) wait for up to 80 MB of DATA to be unstuffed and spilled.
+_TURN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class Channel(asyncio.Protocol):
         self._buffered = 0
         self._eof = False
         self._reading_paused = False
+        self._turn_bytes = 0  # handled by the fast path since it last let the loop turn
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._closed = asyncio.get_running_loop().create_future()
@@ -123,6 +128,12 @@ class Channel(asyncio.Protocol):
             if not self.direct(data):
                 self._woken = True
                 self._wake()
+                return
+            self._turn_bytes += len(data)
+            if self._turn_bytes >= _TURN_BYTES and not self._reading_paused and self.transport:
+                self.transport.pause_reading()
+                self._reading_paused = True
+                asyncio.get_running_loop().call_soon(self._next_turn)
             return
         self._chunks.append(data)
         self._buffered += len(data)
@@ -130,6 +141,15 @@ class Channel(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
         self._wake()
+
+    def _next_turn(self) -> None:
+        """Read again after the fast path paused for the other connections (unless read() has
+        resumed already, or bytes wait in the buffer for it)."""
+        self._turn_bytes = 0
+        transport = self.transport
+        if self._reading_paused and not self._chunks and transport and not transport.is_closing():
+            self._reading_paused = False
+            transport.resume_reading()
 
     def _read_header(self, data: bytes) -> bytes:
         """Collect a balancer's PROXY header; the bytes after it once it is complete."""
