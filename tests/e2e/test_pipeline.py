@@ -151,6 +151,7 @@ def test_large_message_is_delivered_byte_for_byte_and_its_signature_verifies(
     # in chunks: lines starting with "." (dot-stuffed twice on the way), trailing white space,
     # empty lines at the end, and an attachment.
     gateway.cli("domain", "add", "college.example.org", "--allow-network", "127.0.0.0/8")
+    gateway.wait_directory(domains=1)  # no AUTH here to make the worker look again
     records = json.loads(gateway.cli("domain", "dns", "college.example.org", "--json").stdout)
     text = b"".join(b".line %d with a dot  \r\n\tand a tab\r\n" % i for i in range(60_000))
     big = attachment_message("data.bin", bytes(range(256)) * 12_000,

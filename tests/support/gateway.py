@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.support.processes import start_logged, terminate
 from tests.support.waiting import wait_for
 
 HOSTNAME = "mail.example.org"
+_LOADED = r"mailgate\[(\d+)\] \S+: directory loaded generation=\d+ users=\d+ domains=(\d+)"
 DEFAULT_DOMAIN = "example.org"
 
 
@@ -145,6 +147,21 @@ class Gateway:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+
+    def wait_directory(self, *, domains: int, timeout: float = 15) -> None:
+        """Wait until every listener worker's directory view has `domains` domains: a change
+        made with the CLI reaches a running server by the view's poll, not at once."""
+
+        def every_worker_has_them() -> bool:
+            log = self.log_text()
+            workers = set(re.findall(r"worker started index=\d+ pid=(\d+)", log))
+            # the last "directory loaded" line of each process wins
+            loaded = dict(re.findall(_LOADED, log))
+            return bool(workers) and all(int(loaded.get(pid, -1)) >= domains for pid in workers)
+
+        wait_for(
+            every_worker_has_them, timeout=timeout, what=f"the workers' view of {domains} domains"
+        )
 
     def pids(self) -> set[int]:
         """The supervisor and its workers."""
