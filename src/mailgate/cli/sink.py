@@ -93,7 +93,11 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     case EndOfData():
                         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{next(_counter):06d}.eml"
                         head = f"X-Sink-Envelope: from=<{mail_from}> to=<{'>,<'.join(rcpts)}>\r\n"
-                        (folder / name).write_bytes(head.encode() + b"".join(chunks))
+                        # Written aside, then renamed: a reader watching the folder never
+                        # sees a half-written message.
+                        part = folder / f".{name}.part"
+                        part.write_bytes(head.encode() + b"".join(chunks))
+                        part.rename(folder / name)
                         log.info("saved %s from=<%s> nrcpt=%d", name, mail_from, len(rcpts))
                         conn.send(replies.queued(name))
                     case Quit() | Close():
