@@ -12,7 +12,7 @@ from mailgate.web import setup_formats
 from mailgate.web.common import CSP
 from mailgate.web.public import WebContext, make_web_app
 from tests.support.testca import TestCA
-from tests.unit.test_web_formats import STANDARD_REQUEST, parse_xml
+from tests.unit.test_web_formats import BASE, STANDARD_REQUEST, parse_xml
 from tests.web.conftest import run, served
 
 ERROR_CODE = "d:Response/d:Error/d:ErrorCode"
@@ -20,16 +20,7 @@ MANAGED = {"example.org", "stbotolphs.example.org"}
 
 
 def cfg(tmp_path: Path) -> Config:
-    text = """hostname = "mail.example.org"
-[directory]
-default_domain = "example.org"
-[submission]
-listen = ["127.0.0.1:587"]
-[submissions]
-listen = ["127.0.0.1:465"]
-[smarthost]
-listen = ["127.0.0.1:25"]
-"""
+    text = BASE + '[smarthost]\nlisten = ["127.0.0.1:25"]\n'
     return config.parse(text, tmp_path / "mailgate.toml")
 
 
