@@ -17,7 +17,7 @@ import pytest
 
 from mailgate.receive.proxy import build_v2
 from tests.e2e.conftest import message
-from tests.support.gateway import Gateway
+from tests.support.gateway import Gateway, started
 from tests.support.ports import accepts, free_port
 from tests.support.waiting import wait_for
 
@@ -67,13 +67,8 @@ backend nodes
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     a, b = node(tmp_path / "a"), node(tmp_path / "b")
-    a.start("--no-delivery")
-    b.start("--no-delivery")
-    try:
+    with started(a, b):
         yield a, b
-    finally:
-        a.finish()
-        b.finish()
 
 
 def test_nodes_behind_haproxy_see_the_real_client(

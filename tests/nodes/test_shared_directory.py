@@ -14,7 +14,7 @@ from mailgate.directory import migrate
 from tests.e2e.conftest import message, submission
 from tests.e2e.test_operations import http_get
 from tests.support.databases import closed_port_url, postgres_database
-from tests.support.gateway import Gateway, run_cli
+from tests.support.gateway import Gateway, run_cli, started
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
@@ -33,13 +33,8 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
         steps = [m.name for m in migrate.migrations("postgresql")]
         assert out.endswith(f" to schema version {len(steps)} ({', '.join(steps)})\n")
         assert run_cli(b.config, "directory", "migrate").stdout.endswith(": nothing to do\n")
-        a.start("--no-delivery")
-        b.start("--no-delivery")
-        try:
+        with started(a, b):
             yield a, b
-        finally:
-            a.finish()
-            b.finish()
 
 
 def auth_reply(gw: Gateway, login: str, password: str) -> tuple[int, bytes]:

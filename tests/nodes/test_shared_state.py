@@ -21,7 +21,7 @@ from tests.e2e.test_attacks import Client, connect, line
 from tests.e2e.test_operations import http_get
 from tests.e2e.test_workers import listening, send_from, worker_of
 from tests.support.databases import REDIS, postgres_database, redis_prefix
-from tests.support.gateway import Gateway, run_cli
+from tests.support.gateway import Gateway, run_cli, started
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
@@ -57,13 +57,8 @@ def two_nodes(tmp_path: Path, prefix: str, ratelimits: dict[str, Any]) -> Iterat
         b = node(tmp_path / "b", url, state, ratelimits)
         run_cli(a.config, "directory", "migrate")
         a.add_user("carol", PASSWORD)
-        a.start("--no-delivery")
-        b.start("--no-delivery")
-        try:
+        with started(a, b):
             yield a, b
-        finally:
-            a.finish()
-            b.finish()
 
 
 def send_one(c: Client, rcpts: list[bytes]) -> bytes:

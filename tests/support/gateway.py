@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,13 @@ class Gateway:
 
     def message(self, qid: str) -> bytes:
         return self.store().read_message(qid)
+
+
+@contextlib.contextmanager
+def started(*gateways: Gateway, args: tuple[str, ...] = ("--no-delivery",)) -> Iterator[None]:
+    """Start each gateway in turn; finish every one that started, whatever happens."""
+    with contextlib.ExitStack() as stack:
+        for gw in gateways:
+            gw.start(*args)
+            stack.callback(gw.finish)
+        yield
