@@ -7,7 +7,9 @@ Ports are drawn at random from below the kernel's ephemeral range and probed wit
 port the kernel hands out for port 0 is also one it hands out as the source port of the next
 outgoing connection, so a server started a moment later could find it taken ("Address already
 in use"). Below the ephemeral range only listeners compete, and a random draw makes two test
-runs on one machine unlikely to pick the same port.
+runs on one machine unlikely to pick the same port. A port handed out is not handed out again
+by this process for a while: a test often draws several ports (two gateways' listeners) before
+any server binds one, and the bind probe alone would hand out the same free port twice.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+
+# Ports recently handed out by this process; bounded, so a long run never runs out.
+_RECENT: deque[tuple[str, int]] = deque(maxlen=2000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,9 +35,13 @@ def free_base(offsets: Sequence[int], host: str = "127.0.0.1") -> int:
     """N above 1024 such that N + offset is free on `host` for every offset (a program that
     derives its ports from one base, such as scripts/demo)."""
     top = max(offsets)
+    low = _ephemeral_low()
+    rng = random.Random()
     for _ in range(200):  # bounded
-        base = free_port(host) - top
-        if base > 1024 and all(is_free(base + offset, host) for offset in offsets):
+        base = rng.randrange(max(1025, low - 20000), low - top)
+        ports = [base + offset for offset in offsets]
+        if all(_unclaimed(port, host) for port in ports):
+            _RECENT.extend((host, port) for port in ports)
             return base
     raise RuntimeError(f"no free port range for offsets {list(offsets)} on {host}")
 
@@ -68,9 +78,15 @@ def _probe(host: str, ports: range) -> int:
     rng = random.Random()
     for _ in range(500):  # bounded; thousands of ports are free there
         port = rng.choice(ports)
-        if is_free(port, host):
+        if _unclaimed(port, host):
+            _RECENT.append((host, port))
             return port
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
+
+
+def _unclaimed(port: int, host: str) -> bool:
+    """Free now, and not handed out by this process lately."""
+    return (host, port) not in _RECENT and is_free(port, host)
 
 
 def free_privileged_port(host: str = "127.0.0.1") -> int:
