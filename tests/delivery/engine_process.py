@@ -1,8 +1,10 @@
 """Run the delivery engine alone in a process, for crash tests (kill -9 from the test).
 
-    python -m tests.delivery.engine_process SPOOL NAMESERVER [MAX_PER_DESTINATION]
+    python -m tests.delivery.engine_process SPOOL NAMESERVER [PER_DESTINATION [no-recover]]
 
 Prints "running" once the engine has started; runs until SIGTERM (graceful) or SIGKILL.
+"no-recover" skips `recover()` (which takes the journal's exclusive lock), for a test that
+holds the shared lock to keep the engine from writing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from mailgate.deliver.engine import Engine
 from mailgate.spool.journal import JournalStore
 
 
-async def main(spool: Path, nameserver: str, per_destination: int) -> None:
+async def main(spool: Path, nameserver: str, per_destination: int, recover: bool) -> None:
     host, _, port = nameserver.rpartition(":")
     cfg = Config(
         path=spool.parent / "mailgate.toml",
@@ -33,7 +35,8 @@ async def main(spool: Path, nameserver: str, per_destination: int) -> None:
         ),
     )
     store = JournalStore(spool)
-    store.recover()
+    if recover:
+        store.recover()
     engine = Engine(cfg, store)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -46,4 +49,5 @@ async def main(spool: Path, nameserver: str, per_destination: int) -> None:
 
 if __name__ == "__main__":
     per_destination = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], per_destination))
+    recover = sys.argv[4] != "no-recover" if len(sys.argv) > 4 else True
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], per_destination, recover))

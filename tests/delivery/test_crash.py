@@ -6,6 +6,7 @@ server and recording sinks; the test kills it with SIGKILL and starts it again.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -28,10 +29,11 @@ class EngineProcess:
         self.harness = harness
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self) -> None:
+    def start(self, *, recover: bool = True) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.delivery.engine_process",
-             str(self.harness.cfg.spool.path), self.harness.dns.nameserver, "1"],
+             str(self.harness.cfg.spool.path), self.harness.dns.nameserver, "1",
+             "recover" if recover else "no-recover"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -110,3 +112,29 @@ def test_kill_in_the_middle_of_a_burst_loses_nothing(
     # One connection (max_per_destination 1): at most the one message whose 250 was in flight
     # when the process died can arrive twice (RFC 1047); a recorded one never does.
     assert sum(got.values()) - count <= 1
+
+
+def test_kill_between_delivery_and_removal_delivers_again(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, engine_process: EngineProcess
+) -> None:
+    """The removal of a delivered entry goes to the journal after the server's 250 (on the
+    engine's spool thread, batched): a crash in between must deliver it again, never lose it."""
+    dest = sinks()
+    route(dns, "dest.test", dest)
+    qid = harness.enqueue(["r@dest.test"], message=make_message("m"))
+    # Our shared lock lets the engine read the journal but not append to it: the delivery
+    # happens, its removal cannot be written.
+    lock = os.open(harness.cfg.spool.path / "journal.lock", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        engine_process.start(recover=False)
+        wait_for(lambda: len(dest.accepted()) == 1, timeout=15)
+        engine_process.kill()
+    finally:
+        os.close(lock)
+    assert harness.store.ids() == [qid]  # delivered, not removed
+
+    engine_process.start()
+    wait_for(lambda: harness.store.ids() == [], timeout=15)
+    engine_process.stop()
+    assert [t.rcpt_to for t in dest.accepted()] == [("r@dest.test",), ("r@dest.test",)]

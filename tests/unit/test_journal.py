@@ -383,6 +383,53 @@ def test_a_removal_is_written_for_every_process_without_its_own_fdatasync(
     assert calls.calls == {"fdatasync": 1}
 
 
+def test_a_change_batch_applies_updates_and_removals_in_order_with_one_write(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = commit(store), commit(store), commit(store)
+    calls = Counting(monkeypatch, "write", "fdatasync")
+    results = store.change_batch(
+        [(a.id, None), (b.id, bump), (b.id, bump), ("X" * 12, None), (c.id, bump), (c.id, None),
+         (a.id, bump)]
+    )  # fmt: skip
+    assert calls.calls == {"write": 1, "fdatasync": 1}  # an update is among them: synced
+    monkeypatch.undo()
+    assert results[0] is None
+    assert isinstance(results[1], Envelope) and results[1].recipients[0].attempts == 1
+    assert isinstance(results[2], Envelope) and results[2].recipients[0].attempts == 2
+    assert type(results[3]) is NotFound  # no such entry: its neighbours go on
+    assert isinstance(results[4], Envelope) and results[5] is None  # updated, then removed
+    assert type(results[6]) is NotFound  # removed earlier in the same batch
+    assert store.ids() == [b.id]
+    assert state(JournalStore(store.path)) == state(store)
+    assert store.load(b.id) == results[2]
+
+
+def test_a_change_batch_of_removals_alone_is_not_synced(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = [commit(store) for _ in range(3)]
+    calls = Counting(monkeypatch, "write", "fdatasync")
+    assert store.change_batch([(e.id, None) for e in stored]) == [None, None, None]
+    assert calls.calls == {"write": 1, "fdatasync": 0}  # like remove(): see the docstring
+    monkeypatch.undo()
+    assert store.ids() == [] and JournalStore(store.path).ids() == []
+
+
+def test_a_change_batch_that_cannot_be_written_changes_nothing(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = commit(store), commit(store)
+    before = size(store)
+    monkeypatch.setattr(os, "write", failing(os.write, errno.ENOSPC))
+    results = store.change_batch([(a.id, None), (b.id, bump)])
+    monkeypatch.undo()
+    assert [type(r) for r in results] == [SpoolFull, SpoolFull]
+    assert size(store) == before
+    assert state(store) == state(JournalStore(store.path))
+    assert store.ids() == sorted([a.id, b.id]) and store.load(b.id) == b
+
+
 def test_a_directory_fsync_failure_fails_the_batch_that_made_the_segment(
     store: JournalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

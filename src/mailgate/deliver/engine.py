@@ -8,7 +8,8 @@ delivery log. Must not: parse SMTP itself (attempt.py), resolve names (route.py)
 text (bounce.py), do retry maths (schedule.py), or touch spool files except through `SpoolStore`.
 
 Durability (STYLE.md §5): the spool is the truth. Every try's outcome is written with
-`SpoolStore.update` before the next message is sent on that connection, so after a crash (kill -9
+`SpoolStore.update` (or the removal) before the next message is sent on that connection (on
+spoolthread.py's thread, batched with the other connections' changes), so after a crash (kill -9
 at any moment) the engine picks everything up again from the spool, and a recipient whose
 server accepted the message and whose outcome was recorded is never sent it again. An entry
 whose recipients are all final is finished (bounce queued first, then removed), also when the
@@ -49,6 +50,7 @@ from mailgate.deliver.attempt import (
     status_of_reply,
 )
 from mailgate.deliver.route import Host, Route, RouteError, Router
+from mailgate.deliver.spoolthread import SpoolThread
 from mailgate.deliver.tlspolicy import (
     REQUIRETLS_UNSUPPORTED,
     TlsPolicy,
@@ -130,6 +132,8 @@ class Engine:
         self.cfg = cfg
         self.dcfg = cfg.delivery
         self.store = store
+        # Loads, updates and removals: one thread, batched (a to_thread per message cost more).
+        self._spool = SpoolThread(store)
         self.now = now
         self.rng = rng or random.Random()
         self.router = Router(self.dcfg, rng=self.rng, bad_nets=cfg.smarthost.bad_nets)
@@ -298,7 +302,7 @@ class Engine:
                 if qid not in present and not self._active.get(qid):
                     self._forget(qid)
         todo = [q for q in ids if not self._active.get(q)]
-        loaded = await asyncio.to_thread(self._read_envelopes, todo)
+        loaded = await self._spool.call(partial(self._read_envelopes, todo))
         for env in loaded:
             self._envelopes[env.id] = env
             if env.is_done:
@@ -687,14 +691,14 @@ class Engine:
                     and not self._success_notices(merged, results)
                 ):
                     with contextlib.suppress(NotFound):
-                        await asyncio.to_thread(self.store.remove, qid)
+                        await self._spool.remove(qid)
                     self._log(merged, results, now)
                     tracelog.removed(qid)
                     self._forget(qid)
                     return
                 try:
-                    new = await asyncio.to_thread(
-                        self.store.update, qid, lambda e: self._merge(e, results, now, warn=warn)
+                    new = await self._spool.update(
+                        qid, lambda e: self._merge(e, results, now, warn=warn)
                     )
                 except NotFound:
                     log.info("qid=%s deleted during delivery", qid)
@@ -879,7 +883,7 @@ class Engine:
                 else:
                     log.warning("qid=%s double bounce undeliverable, discarded", qid)
             with contextlib.suppress(NotFound):
-                await asyncio.to_thread(self.store.remove, qid)
+                await self._spool.remove(qid)
             log.info("qid=%s removed", qid)
             tracelog.removed(qid)
         except SpoolError as e:

@@ -147,6 +147,14 @@ class SpoolStore(Protocol):
         """Delete an entry (the engine's own removals: no poke)."""
         ...
 
+    def change_batch(
+        self, changes: Sequence[tuple[str, Callable[[Envelope], Envelope] | None]]
+    ) -> list[Envelope | Exception | None]:
+        """Several updates (a change) and removals (None) in order, as one write (and one
+        fdatasync when an update is among them): per item the new envelope, None for a
+        removal, or that item's own error."""
+        ...
+
     def hold(self, qid: str) -> Envelope:
         """The engine skips held entries until `release()`; pokes the engine."""
         ...

@@ -125,7 +125,7 @@ class _Change:
     change: Callable[[Envelope], Envelope] | None
     done: bool = False
     result: Envelope | None = None
-    error: BaseException | None = None
+    error: Exception | None = None
 
 
 class JournalStore:
@@ -491,25 +491,62 @@ class JournalStore:
         self.poke()
         return count
 
+    def change_batch(
+        self, changes: Sequence[tuple[str, Callable[[Envelope], Envelope] | None]]
+    ) -> list[Envelope | Exception | None]:
+        """Several update()s (a change) and remove()s (None) at once, applied in order, with one
+        write and, when an update is among them, one fdatasync before returning.
+
+        Returns one result per item: the new envelope (an update), None (a removal), or that
+        item's own error (NotFound, SpoolError, SpoolFull); one item's error does not stop the
+        others unless the cause is shared (a failed write fails them all). Each `change` may
+        run in another thread of this process and must only compute."""
+        requests: list[_Change] = []
+        results: list[Envelope | Exception | None] = []
+        for qid, change in changes:
+            try:
+                checked_qid(qid)
+            except NotFound as e:
+                results.append(e)
+                continue
+            results.append(None)
+            requests.append(_Change(qid, change))
+        if requests:
+            self._apply_queued(requests)
+        out = iter(requests)
+        for n, result in enumerate(results):
+            if isinstance(result, Exception):
+                continue
+            request = next(out)
+            results[n] = request.error if request.error is not None else request.result
+        return results
+
     def _change(self, request: _Change) -> Envelope | None:
+        self._apply_queued([request])
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _apply_queued(self, requests: list[_Change]) -> None:
+        """Queue `requests` and see them applied: each ends done, or with its error set."""
         # Queue first, then wait for the lock: whoever holds it next applies everything
-        # queued, so when we get it our request is either done or still in the queue.
+        # queued, so when we get it our requests are either done or still in the queue.
         with self._queue_lock:
-            self._changes.append(request)
+            self._changes.extend(requests)
         try:
             with self.writing():
-                if not request.done:
+                if not all(request.done for request in requests):
                     with self._queue_lock:
                         batch, self._changes = self._changes, []
                     self._apply_changes(batch)
         except OSError as e:
             with self._queue_lock:
-                if request in self._changes:
-                    self._changes.remove(request)
-            raise spool_error(e, f"qid={request.qid} changing entry") from None
-        if request.error is not None:
-            raise request.error
-        return request.result
+                mine = {id(request) for request in requests}
+                self._changes = [r for r in self._changes if id(r) not in mine]
+            for request in requests:
+                if not request.done:
+                    request.error = spool_error(e, f"qid={request.qid} changing entry")
+                    request.done = True
 
     def _apply_changes(self, batch: list[_Change]) -> None:
         """Under the exclusive flock: one write and one fdatasync for a batch of changes.
