@@ -1,7 +1,8 @@
 """Create a mailgate instance shaped like the reference harness's Postfix anchor.
 
     python3 bench/mailgate_instance.py DIR [--workers N] [--clamd SPEC] [--state redis://...]
-                                           [--pin-clients auto|yes|no] [--ports S,SUB,SUBS]
+                                           [--state-prefix P] [--pin-clients auto|yes|no]
+                                           [--ports S,SUB,SUBS]
 
 Ports 10225 (smart host), 10287 (submission), 10265 (submissions) on 127.0.0.1 (--ports
 changes them); user
@@ -31,6 +32,7 @@ def make_instance(
     clamd: str = "",
     relay: str = "127.0.0.1:10026",
     state: str = "",
+    state_prefix: str = "mailgate-bench:",
     pin_clients: str = "auto",
     ports: tuple[int, int, int] = (10225, 10287, 10265),
 ) -> Path:
@@ -58,7 +60,7 @@ def make_instance(
     if workers is not None:
         data["server"]["workers"] = workers
     if state:
-        data["state"] = {"url": state, "prefix": "mailgate-bench:"}
+        data["state"] = {"url": state, "prefix": state_prefix}
     config.write_text(toml_dumps(data))
     subprocess.run([*mg, "-c", str(config), "user", "add", "bench", "--password-stdin"],
                    input=b"benchpass\n", check=True, capture_output=True)  # fmt: skip
@@ -72,12 +74,14 @@ def main() -> None:
     ap.add_argument("--clamd", default="")
     ap.add_argument("--relay", default="127.0.0.1:10026")
     ap.add_argument("--state", default="", help="[state] url (shared counters in Redis)")
+    ap.add_argument("--state-prefix", default="mailgate-bench:", help="[state] prefix")
     ap.add_argument("--pin-clients", default="auto", choices=("auto", "yes", "no"))
     ap.add_argument("--ports", default="10225,10287,10265", help="smart host,sub,subs")
     a = ap.parse_args()
     s, sub, subs = (int(p) for p in a.ports.split(","))
     config = make_instance(a.dir, workers=a.workers, clamd=a.clamd, relay=a.relay, state=a.state,
-                           pin_clients=a.pin_clients, ports=(s, sub, subs))  # fmt: skip
+                           state_prefix=a.state_prefix, pin_clients=a.pin_clients,
+                           ports=(s, sub, subs))  # fmt: skip
     print(config)
 
 

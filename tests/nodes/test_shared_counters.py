@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -16,8 +18,8 @@ import redis
 from mailgate import replies
 from mailgate.config import RateLimitsConfig
 from mailgate.errors import Rejected
-from mailgate.limits import AuthGuard, Limits
-from mailgate.limits.counters import Counters
+from mailgate.limits import AuthDecision, AuthGuard, Limits
+from mailgate.limits.counters import FRESH, Counters
 from mailgate.limits.shared import SharedState
 from tests.support.databases import REDIS, redis_prefix
 from tests.support.ports import free_port
@@ -241,7 +243,7 @@ def test_redis_unreachable_counts_per_process_with_one_warning(
         counters = Counters(Limits(cfg), AuthGuard(cfg), state)
         try:
             await counters.check_message(service="submission", login="h", ip=IP, nrcpt=1)
-            assert not state.is_available and "ConnectionError" in state.error
+            assert not state.is_available and "ConnectionRefusedError" in state.error
             await counters.record_message(service="submission", login="h", ip=IP, nrcpt=1)
             with pytest.raises(Rejected) as refused:  # the per-process counter holds
                 await counters.check_message(service="submission", login="h", ip=IP, nrcpt=1)
@@ -328,3 +330,151 @@ def test_a_connection_closed_while_redis_was_away_is_taken_back_later(prefix: st
             await counters.close()
 
     run(go)
+
+
+# --- the same decisions as the per-process counters -------------------------------------
+
+DIFF_CFG = dataclasses.replace(
+    RateLimitsConfig(
+        login_messages_per_hour=6, login_recipients_per_message=3, ip_recipients_per_hour=12,
+        service_messages_per_hour=30, ip_messages_per_hour=4, shadow=("ip_messages_per_hour",),
+        breaker_recipients_per_hour=9, auth_delay_after=2, auth_refuse_after=5,
+        auth_login_refuse_after=4, auth_parallel_per_client=2, auth_parallel_per_login=2,
+    ),
+    exempt_networks=(ipaddress.ip_network("198.51.100.0/24"),),
+)  # fmt: skip
+Event = tuple[object, ...]
+
+
+def script_of_events(seed: int, n: int) -> list[Event]:
+    """A seeded sequence of what sessions do: messages (every RCPT, DATA, then the record),
+    AUTH attempts begun and ended in any order, connections to AUTH services."""
+    rng = random.Random(seed)
+    logins = ["alice", "Bob", "bob", "carol"]
+    ips = ["192.0.2.7", "192.0.2.8", "198.51.100.1", "2001:db8::1", "2001:db8::2"]
+    events: list[Event] = []
+    for _ in range(n):
+        kind = rng.choice(["message"] * 4 + ["begin"] * 3 + ["end"] * 2 + ["connect"])
+        if kind == "message":
+            events.append(("message", rng.choice(["submission", "submissions"]),
+                           rng.choice(logins), rng.choice(ips), rng.randint(1, 4)))  # fmt: skip
+        elif kind == "begin":
+            events.append(("begin", rng.choice(ips), rng.choice(logins)))
+        elif kind == "end":
+            events.append(("end", rng.random(), rng.choice([(True, True), (False, True),
+                                                             (False, False)])))  # fmt: skip
+        else:
+            events.append(("connect", rng.choice(ips)))
+    return events
+
+
+async def play(events: list[Event], pick: Callable[[int], Counters],
+               before_each: Callable[[], None] = lambda: None
+               ) -> tuple[list[object], int]:  # fmt: skip
+    """Each event through `pick(i)`: what each one decided, in a comparable form, and how many
+    checks were answered without waiting."""
+    outcomes: list[object] = []
+    answered_now = 0
+    open_attempts: list[tuple[Counters, str, str, AuthDecision]] = []
+    for i, event in enumerate(events):
+        before_each()
+        counters = pick(i)
+        if event[0] == "message":
+            _, service, login, ip, nrcpt = event
+            assert isinstance(service, str) and isinstance(login, str) and isinstance(ip, str)
+            assert isinstance(nrcpt, int)
+            try:
+                # As the session does: answered at once when the counts allow (decides_now),
+                # else after asking Redis.
+                for n in range(1, nrcpt + 1):
+                    if counters.decides_now(service, login, ip):
+                        answered_now += 1
+                        counters.check_recipient_now(service=service, login=login, ip=ip,
+                                                     rcpt_in_message=n)  # fmt: skip
+                    else:
+                        await counters.check_recipient(service=service, login=login, ip=ip,
+                                                       rcpt_in_message=n)  # fmt: skip
+                if counters.decides_now(service, login, ip):
+                    answered_now += 1
+                    counters.check_message_now(service=service, login=login, ip=ip, nrcpt=nrcpt)
+                else:
+                    await counters.check_message(service=service, login=login, ip=ip,
+                                                 nrcpt=nrcpt)  # fmt: skip
+            except Rejected as e:
+                outcomes.append(("refused", e.reply, e.reason))
+                continue
+            trip = await counters.record_message(service=service, login=login, ip=ip,
+                                                 nrcpt=nrcpt)  # fmt: skip
+            outcomes.append(("sent", trip and (trip.login, trip.metric, trip.count,
+                                               trip.threshold)))  # fmt: skip
+        elif event[0] == "begin":
+            _, ip, login = event
+            assert isinstance(ip, str) and isinstance(login, str)
+            d = await counters.begin_attempt(ip, login)
+            outcomes.append(("auth", d.action, d.delay, d.reply, d.reason))
+            if not d.is_refused:
+                open_attempts.append((counters, ip, login, d))
+        elif event[0] == "end":
+            _, where, how = event
+            assert isinstance(where, float) and isinstance(how, tuple)
+            if not open_attempts:
+                continue
+            began, ip, login, d = open_attempts.pop(int(where * len(open_attempts)))
+            await began.end_attempt(ip, login, d, succeeded=how[0], verified=how[1])
+            if began.shared is not None:
+                await began.shared.check()  # a PING: what it sent before has run in Redis
+        else:
+            _, ip = event
+            assert isinstance(ip, str)
+            outcomes.append(("connect", (await counters.admit(ip, 1000, lockout=True))[1]))
+    return outcomes, answered_now
+
+
+def per_process(events: list[Event]) -> list[object]:
+    alone = Counters(Limits(DIFF_CFG), AuthGuard(DIFF_CFG), None)
+    return run(lambda: play(events, lambda i: alone))[0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_process_on_redis_decides_as_the_per_process_counters(prefix: str, seed: int) -> None:
+    """Counts kept from the scripts' answers (a clock that never moves: they stay fresh) answer
+    as the per-process counters do: this process's own records always update them."""
+    events = script_of_events(seed, 150)
+
+    async def go() -> tuple[list[object], int]:
+        one = Counters(Limits(DIFF_CFG), AuthGuard(DIFF_CFG),
+                       SharedState(REDIS, prefix, now=lambda: 1000.0))  # fmt: skip
+        try:
+            return await play(events, lambda i: one)
+        finally:
+            await one.close()
+
+    shared, answered_now = run(go)
+    assert shared == per_process(events)
+    assert answered_now >= 50  # many checks were answered from kept counts
+    assert any(o[0] == "refused" for o in shared if isinstance(o, tuple))  # the limits bit
+    assert any(o[0] == "auth" and o[1] != "allow" for o in shared if isinstance(o, tuple))
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_three_processes_on_redis_decide_as_one_per_process_counter(prefix: str, seed: int) -> None:
+    """Events spread over three processes (kept counts too old to answer the next event: its
+    first check asks Redis) decide as one process counting alone would: the cluster is one
+    counter."""
+    events = script_of_events(seed, 150)
+    clock = [1000.0]
+
+    def tick() -> None:
+        clock[0] += FRESH  # kept counts are never fresh
+
+    async def go() -> tuple[list[object], int]:
+        nodes = [Counters(Limits(DIFF_CFG), AuthGuard(DIFF_CFG),
+                          SharedState(REDIS, prefix, now=lambda: clock[0]))
+                 for _ in range(3)]  # fmt: skip
+        try:
+            return await play(events, lambda i: nodes[i % 3], tick)
+        finally:
+            for n in nodes:
+                await n.close()
+
+    assert run(go)[0] == per_process(events)

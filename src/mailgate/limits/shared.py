@@ -10,9 +10,10 @@ by Redis, so a burst of connections spread over many workers and nodes is counte
   (member "OTHER-SIDE|ATTEMPT-ID", score the time), trimmed to the depth that can matter; the
   trusted (login, client) pairs as keys with an expiry; attempts in flight as sorted sets whose
   scores are expiry times, so a worker that dies mid-attempt does not leave them raised.
-- connections per client address (`conn_open`, `conn_close`): a hash per address with a field per
+- connections per client address (`admit`, `conn_close`): a hash per address with a field per
   process, counted only while that process's heartbeat key lives (a dead process stops counting
-  within `HEARTBEAT_TTL` seconds).
+  within `HEARTBEAT_TTL` seconds). `admit` also reads the client's AUTH failures, so a
+  connection costs one round trip at connect whether or not the lock-out is checked.
 
 Every window is on the Redis server's clock (TIME inside the scripts): one clock for the whole
 cluster, whatever the nodes' clocks say. Must not: decide anything (limits.rate and
@@ -20,21 +21,30 @@ limits.authguard hold the rules; limits.counters asks them), or hide a failure: 
 error becomes `StateUnavailable`, and after one the store is not asked again for
 `RETRY_AFTER` seconds, so a dead Redis costs each session nothing but a comparison.
 
+The connection is our own (`_Pipe`, RESP2 over one asyncio connection per process): every
+command a loop turn makes goes out in one write, answers are matched in order, and a command
+costs about 20-30 us of client CPU against redis-py's 120-140 us (docs/PERFORMANCE.md, issue
+#13). redis-py parses the URL (`redis://`, `rediss://`, `unix://`, user, password, db).
+Commands whose answer nobody waits for (`auth_end`, `conn_close`) are sent without waiting.
+
 The scripts touch keys of one prefix and, for connections, heartbeat keys they find in a hash:
 they need one Redis (with replicas or Sentinel if wanted), not Redis Cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import logging
 import secrets
+import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.connection import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +164,21 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 return redis.call('ZCARD', KEYS[1])
 """
 
-# KEYS[1]: the address's hash. ARGV: heartbeat key prefix, this process, maximum, ttl,
-# heartbeat ttl. Returns 1 (counted) or 0 (the address has `maximum` connections open in the
-# cluster). Refreshes this process's heartbeat first, so its own connections always count.
-_CONN_OPEN = """
+# KEYS[1]: the address's hash; KEYS[2]: the client's AUTH failures. ARGV: heartbeat key prefix,
+# this process, maximum, ttl, heartbeat ttl, AUTH window (0: KEYS[2] is not read).
+# Returns {1 (counted) or 0 (the address has `maximum` connections open in the cluster), the
+# client's AUTH failures in the window (0 when not read)}. Refreshes this process's heartbeat
+# first, so its own connections always count.
+_ADMIT = """
 redis.call('SET', ARGV[1] .. ARGV[2], '1', 'EX', ARGV[5])
+local failures = 0
+local window = tonumber(ARGV[6])
+if window > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  failures = redis.call('ZCARD', KEYS[2])
+end
 local total = 0
 local fields = redis.call('HGETALL', KEYS[1])
 for j = 1, #fields, 2 do
@@ -168,17 +188,194 @@ for j = 1, #fields, 2 do
     redis.call('HDEL', KEYS[1], fields[j])
   end
 end
-if total >= tonumber(ARGV[3]) then return 0 end
+if total >= tonumber(ARGV[3]) then return {0, failures} end
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {1, failures}
+"""
+
+# KEYS[1]: the address's hash. ARGV: this process, connections closed.
+_CONN_CLOSE = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2])) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
 return 1
 """
 
-# KEYS[1]: the address's hash. ARGV: this process.
-_CONN_CLOSE = """
-if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1
-"""
+_SCRIPTS = {
+    "rate": _RATE,
+    "auth_begin": _AUTH_BEGIN,
+    "auth_end": _AUTH_END,
+    "auth_client": _AUTH_CLIENT,
+    "admit": _ADMIT,
+    "conn_close": _CONN_CLOSE,
+}
+
+
+class ReplyError(Exception):
+    """Redis answered a command with an error ("ERR ...", "NOSCRIPT ...", a script's error)."""
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply: wait for more bytes."""
+
+
+def _encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = repr(float(arg)).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
+    """The RESP2 reply that starts at `pos`, and where the next one starts. Raises _Incomplete,
+    or ValueError for bytes that are not RESP."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind, line, pos = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+    if kind == 0x2B:  # +simple string
+        return line, pos
+    if kind == 0x2D:  # -error
+        return ReplyError(line.decode(errors="replace")), pos
+    if kind == 0x3A:  # :integer
+        return int(line), pos
+    if kind == 0x24:  # $bulk string
+        n = int(line)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise _Incomplete
+        return bytes(buf[pos : pos + n]), pos + n + 2
+    if kind == 0x2A:  # *array
+        n = int(line)
+        if n < 0:
+            return None, pos
+        items = []
+        for _ in range(n):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    raise ValueError(f"not a RESP reply: {bytes(buf[pos - len(line) - 3 : end])!r}")
+
+
+class _Pipe(asyncio.Protocol):
+    """One connection to Redis: commands pipelined, answers matched to them in order.
+
+    Every command made in one turn of the event loop goes out in one write; a command that has
+    no answer within TIMEOUT, a protocol error or a closed connection fails every command in
+    flight (their callers count per process) and the next command opens a new connection."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.error: BaseException | None = None  # why it is no longer usable
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("Redis closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        pos = 0
+        waiting = self._waiting
+        try:
+            while pos < len(buf):
+                value, pos = _parse(buf, pos)
+                if not waiting:
+                    raise ValueError("an answer to no command")
+                future, _ = waiting.popleft()
+                if future.done():
+                    continue
+                if isinstance(value, ReplyError):
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+        except _Incomplete:
+            pass
+        except ValueError as e:
+            self._fail(ConnectionError(f"Redis protocol error: {e}"))
+            return
+        if pos:
+            del buf[:pos]
+
+    def command(self, *args: bytes | str | int | float) -> asyncio.Future[Any]:
+        """Send a command (in this loop turn's write); the future gets its answer, or the
+        exception: ReplyError, ConnectionError, TimeoutError."""
+        future = self._loop.create_future()
+        if self.error is not None:
+            future.set_exception(ConnectionError(str(self.error)))
+            return future
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(_encode(args))
+        self._waiting.append((future, self._loop.time()))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(TIMEOUT, self._check_timeout)
+        return future
+
+    def _flush(self) -> None:
+        if self._out and self._transport is not None and self.error is None:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _check_timeout(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        late = self._loop.time() - self._waiting[0][1]
+        if late >= TIMEOUT:
+            self._fail(TimeoutError(f"Redis did not answer within {TIMEOUT:g}s"))
+        else:
+            self._watchdog = self._loop.call_later(TIMEOUT - late, self._check_timeout)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._out.clear()
+        while self._waiting:
+            future, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(str(error) or type(error).__name__))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self._fail(ConnectionError("closed"))
+
+
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """rediss://: the system's trust store, or ssl_ca_certs; ssl_cert_reqs=none turns the
+    check off (as redis-py reads the same query parameters)."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    reqs = options.get("ssl_cert_reqs")
+    if reqs in ("none", ssl.CERT_NONE):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif options.get("ssl_check_hostname") in (False, "false", "False"):
+        context.check_hostname = False
+    return context
 
 
 class StateUnavailable(Exception):
@@ -193,41 +390,74 @@ class SharedState:
         self.prefix = prefix
         self.process = secrets.token_hex(8)  # this process, for connection counts
         self._now = now
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-            health_check_interval=30,
-        )  # fmt: skip
-        self._scripts = {
-            name: self._redis.register_script(text)
-            for name, text in (
-                ("rate", _RATE),
-                ("auth_begin", _AUTH_BEGIN),
-                ("auth_end", _AUTH_END),
-                ("auth_client", _AUTH_CLIENT),
-                ("conn_open", _CONN_OPEN),
-                ("conn_close", _CONN_CLOSE),
-            )
-        }
+        # raises ValueError on a URL redis-py cannot read
+        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+        self._pipe: _Pipe | None = None
+        self._opening: asyncio.Lock | None = None
         self._retry_at = 0.0  # while now < this, Redis is not asked
         self._warn_at = 0.0  # the next warning line
         self.error = ""  # why Redis is unavailable; "" while it answers
         # Connections that closed while Redis was away, per address: limits.counters takes
         # them back once it answers (a reload makes new Counters over this same object).
         self.unclosed: Counter[str] = Counter()
+        self._closes: Counter[str] = Counter()  # closed in this loop turn, sent at its end
+        self._is_closed = False  # close() was called: commands it cut short are no failure
 
     @property
     def is_available(self) -> bool:
         return not self.error
 
+    def now(self) -> float:
+        """This process's clock (monotonic, injectable): retry pauses, kept counts."""
+        return self._now()
+
     def key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    # --- the connection ------------------------------------------------------------------
+
+    async def _connection(self) -> _Pipe:
+        pipe = self._pipe
+        if pipe is not None and pipe.error is None:
+            return pipe
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # one connection for every caller that finds none
+            pipe = self._pipe
+            if pipe is None or pipe.error is not None:
+                self._pipe = None
+                pipe = self._pipe = await asyncio.wait_for(self._open(), TIMEOUT)
+        return pipe
+
+    async def _open(self) -> _Pipe:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        if "path" in options:
+            _, pipe = await loop.create_unix_connection(_Pipe, options["path"])
+        else:
+            is_tls = getattr(options.get("connection_class"), "__name__", "") == "SSLConnection"
+            _, pipe = await loop.create_connection(
+                _Pipe, options.get("host", "localhost"), int(options.get("port", 6379)),
+                ssl=_tls_context(options) if is_tls else None,
+            )  # fmt: skip
+        hello: list[asyncio.Future[Any]] = []
+        if options.get("password"):
+            who = [options["username"]] if options.get("username") else []
+            hello.append(pipe.command("AUTH", *who, options["password"]))
+        if int(options.get("db") or 0):
+            hello.append(pipe.command("SELECT", int(options["db"])))
+        for answer in await asyncio.gather(*hello, return_exceptions=True):
+            if isinstance(answer, BaseException):
+                pipe.close()
+                raise answer
+        return pipe
+
+    async def _call(self, op: Callable[[_Pipe], Awaitable[T]]) -> T:
         if self.error and self._now() < self._retry_at:
             raise StateUnavailable(self.error)
         try:
-            result = await op()
-        except (RedisError, OSError) as e:
+            result = await op(await self._connection())
+        except (ReplyError, OSError, ValueError) as e:  # TimeoutError, ConnectionError too
             self._failed(e)
             raise StateUnavailable(self.error) from e
         if self.error:
@@ -236,8 +466,43 @@ class SharedState:
         return result
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        script = self._scripts[name]
-        return await self._call(lambda: script(keys=keys, args=args))
+        async def run(pipe: _Pipe) -> Any:
+            try:
+                return await pipe.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
+            except ReplyError as e:
+                if not str(e).startswith("NOSCRIPT"):
+                    raise
+                # Redis restarted or its script cache was flushed: EVAL caches it again.
+                return await pipe.command("EVAL", _SCRIPTS[name], len(keys), *keys, *args)
+
+        return await self._call(run)
+
+    def _send(self, name: str, keys: list[str], args: list[Any],
+              on_error: Callable[[], None]) -> None:  # fmt: skip
+        """Run a script whose answer nobody waits for (in this loop turn's write, pipelined
+        with the others); `on_error()` when it could not run."""
+        if self.error and self._now() < self._retry_at:
+            on_error()
+            return
+        pipe = self._pipe
+        if pipe is None or pipe.error is not None:
+            task = asyncio.get_running_loop().create_task(self._script(name, keys, args))
+            task.add_done_callback(lambda t: None if t.cancelled() or not t.exception()
+                                   else on_error())  # fmt: skip
+            return
+
+        def done(answer: asyncio.Future[Any], retried: bool = False) -> None:
+            error = answer.exception()
+            if error is None or self._is_closed:
+                return
+            if not retried and str(error).startswith("NOSCRIPT"):
+                again = pipe.command("EVAL", _SCRIPTS[name], len(keys), *keys, *args)
+                again.add_done_callback(lambda a: done(a, retried=True))
+                return
+            self._failed(error)
+            on_error()
+
+        pipe.command("EVALSHA", _SHA[name], len(keys), *keys, *args).add_done_callback(done)
 
     def _failed(self, e: BaseException) -> None:
         now = self._now()
@@ -270,11 +535,13 @@ class SharedState:
     async def trip_once(self, trip: str, value: str, ttl: float) -> bool:
         """Set the trip key unless set: True for the one caller in the cluster that set it."""
         key = self.key("trip", trip)
-        return bool(await self._call(lambda: self._redis.set(key, value, nx=True, ex=int(ttl))))
+        answer = await self._call(lambda pipe: pipe.command("SET", key, value, "NX", "EX",
+                                                            int(ttl)))  # fmt: skip
+        return answer is not None
 
     async def clear_trip(self, trip: str) -> None:
         key = self.key("trip", trip)
-        await self._call(lambda: self._redis.delete(key))
+        await self._call(lambda pipe: pipe.command("DEL", key))
 
     # --- AUTH --------------------------------------------------------------------------
 
@@ -302,12 +569,14 @@ class SharedState:
         status = out[0].decode() if isinstance(out[0], bytes) else str(out[0])
         return status, int(out[1]), int(out[2]), attempt
 
-    async def auth_end(
+    def auth_end(
         self, client: str, login: str, attempt: str, outcome: str, trust_period: float
     ) -> None:
-        """End an attempt `auth_begin` let through: outcome "ok", "failed" or "unverified"."""
+        """End an attempt `auth_begin` let through: outcome "ok", "failed" or "unverified".
+        Sent without waiting for the answer; if it is lost, the attempt stays in flight until
+        its expiry and stays counted (as a failure, or until a later success forgets it)."""
         args: list[Any] = [attempt, client, login, outcome, trust_period]
-        await self._script("auth_end", self._auth_keys(client, login), args)
+        self._send("auth_end", self._auth_keys(client, login), args, on_error=lambda: None)
 
     async def auth_client_failures(self, client: str, window: float) -> int:
         return int(await self._script("auth_client", [self.key("authc", client)], [window]))
@@ -317,24 +586,61 @@ class SharedState:
     async def heartbeat(self) -> None:
         """This process is alive: its connections count for HEARTBEAT_TTL seconds more."""
         key = self.key("proc", self.process)
-        await self._call(lambda: self._redis.set(key, "1", ex=HEARTBEAT_TTL))
+        await self._call(lambda pipe: pipe.command("SET", key, "1", "EX", HEARTBEAT_TTL))
+
+    async def admit(self, address: str, maximum: int, client: str = "",
+                    window: float = 0.0) -> tuple[bool, int]:  # fmt: skip
+        """Count a connection from `address` unless it has `maximum` open in the cluster; with
+        `client` (its AUTH key), read its AUTH failures in `window` too, in the same round trip.
+        Returns (counted, failures)."""
+        keys = [self.key("conn", address), self.key("authc", client or address)]
+        args: list[Any] = [self.key("proc", ""), self.process, maximum, CONNECTION_TTL,
+                           HEARTBEAT_TTL, window if client else 0]  # fmt: skip
+        counted, failures = await self._script("admit", keys, args)
+        return bool(counted), int(failures)
 
     async def conn_open(self, address: str, maximum: int) -> bool:
         """Count a connection from `address` unless it has `maximum` open in the cluster."""
-        args: list[Any] = [self.key("proc", ""), self.process, maximum, CONNECTION_TTL,
-                           HEARTBEAT_TTL]  # fmt: skip
-        return bool(await self._script("conn_open", [self.key("conn", address)], args))
+        return (await self.admit(address, maximum))[0]
 
-    async def conn_close(self, address: str) -> None:
-        await self._script("conn_close", [self.key("conn", address)], [self.process])
+    async def conn_close(self, address: str, count: int = 1) -> None:
+        await self._script("conn_close", [self.key("conn", address)], [self.process, count])
+
+    def conn_close_soon(self, address: str) -> None:
+        """Take a connection back at the end of this loop turn (the closes of one turn from
+        one address in one command), without waiting; one that cannot be sent goes to
+        `unclosed`."""
+        if not self._closes:
+            asyncio.get_running_loop().call_soon(self._send_closes)
+        self._closes[address] += 1
+
+    def _send_closes(self) -> None:
+        closes, self._closes = self._closes, Counter()
+        for address, count in closes.items():
+
+            def lost(address: str = address, count: int = count) -> None:
+                self.unclosed[address] += count
+
+            self._send("conn_close", [self.key("conn", address)], [self.process, count], lost)
 
     async def check(self) -> None:
         """PING Redis now (no retry pause: /readyz asks). Raises StateUnavailable naming the
         URL and the error; logs nothing (the counters' users log once a minute)."""
         try:
-            await self._redis.ping()
-        except (RedisError, OSError) as e:
+            pipe = await self._connection()
+            await pipe.command("PING")
+        except (ReplyError, OSError, ValueError) as e:
             raise StateUnavailable(f"{self._safe_url}: {type(e).__name__}: {e}") from e
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        closes, self._closes = self._closes, Counter()
+        for address, count in closes.items():
+            with contextlib.suppress(StateUnavailable):
+                await self.conn_close(address, count)
+        self._is_closed = True
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+
+
+_SHA = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}  # noqa: S324

@@ -58,7 +58,6 @@ class Listeners:
         self.open: set[Session] = set()  # told to stop by stop()
         self.per_ip: Counter[str] = Counter()  # this process's connections per address
         self._shared_open: dict[asyncio.Task[Any] | None, str] = {}  # counted in Redis
-        self._closing: set[asyncio.Task[None]] = set()  # their take-backs, while they run
         self._refusal_logged: dict[str, float] = {}  # ip -> when its next refusal is logged
         self._lockout_refusals: Counter[str] = Counter()  # client key -> refused reconnects
         self.kernel_ban = KernelBan()
@@ -231,9 +230,11 @@ class Listeners:
         counters = self.services.counters
         if counters is None:
             return None
+        locked_out = False
         if self._is_shared():
+            # One round trip: the cluster's count of `ip` and, on the AUTH services, its lock-out.
             limit = self.services.cfg.limits.max_connections_per_ip
-            admission = await counters.open_connection(ip, limit)
+            admission, locked_out = await counters.admit(ip, limit, lockout=profile.offers_auth)
             if admission == "refused":
                 self._refuse_too_many(ip, profile)
                 return replies.TOO_MANY_CONNECTIONS
@@ -242,7 +243,9 @@ class Listeners:
             elif self.per_ip[ip] > limit:  # Redis unreachable: this process counts alone
                 self._refuse_too_many(ip, profile)
                 return replies.TOO_MANY_CONNECTIONS
-        if profile.offers_auth and await counters.is_client_refused(ip):
+        elif profile.offers_auth:
+            locked_out = counters.guard.is_client_refused(ip)
+        if locked_out:
             # A password guesser that reached auth_refuse_after: refused before any session,
             # TLS handshake or per-connection log line, so a flood of its reconnects stays cheap.
             self._log_refusal(ip, profile, "too many AUTH failures")
@@ -271,9 +274,7 @@ class Listeners:
     def _close_shared(self, ip: str) -> None:
         counters = self.services.counters
         assert counters is not None
-        task = asyncio.get_running_loop().create_task(counters.close_connection(ip))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        counters.close_connection_soon(ip)  # sent with this loop turn's other commands
 
     def _log_refusal(self, ip: str, profile: Profile, why: str) -> None:
         """One log line per refused client a minute."""

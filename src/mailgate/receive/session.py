@@ -117,10 +117,6 @@ class Session:
         self.stopping = False  # the server stops: 421 4.3.2 instead of the next command
         self.client_name = ""  # forward-confirmed reverse DNS name, for Received:
         self.rdns_refusal: replies.Reply | None = None  # answered at MAIL (require_rdns)
-        # The direct path (_direct): RCPT and DATA need no await when the limits are counted in
-        # this process (no [state] url), as Counters.check_recipient/check_message then do.
-        counters = services.counters
-        self._local_limits = counters is None or counters.shared is None
         self.deadline = 0.0  # loop time: the end of the current command or data timeout
         self._taken_over = False  # _direct() stopped and woke run()
         self._parked: Event | None = None  # the event it stopped at, for run() to handle
@@ -376,11 +372,11 @@ class Session:
                 self.conn.send(replies.OK)
             case MailFrom():
                 self.conn.send(self._mail(event))
-            case RcptTo() if self._local_limits:
+            case RcptTo() if self._limits_now():
                 self._check_rcpt(event)
                 self._local_limits_rcpt(event)
                 self.conn.send(replies.RECIPIENT_OK)
-            case DataStart() if self._local_limits:
+            case DataStart() if self._limits_now():
                 self._local_limits_message()
                 self._begin_data()
                 self.conn.send(replies.START_DATA)
@@ -510,11 +506,18 @@ class Session:
             )  # fmt: skip
         self.txn.rcpts.append(event)
 
+    def _limits_now(self) -> bool:
+        """The direct path (_direct) may answer RCPT and DATA: the limits need no await (counted
+        in this process, or shared counts read or recorded a moment ago: Counters.decides_now)."""
+        counters = self.s.counters
+        return counters is None or counters.decides_now(self.profile.name, self.login,
+                                                        self.client_ip)  # fmt: skip
+
     def _local_limits_rcpt(self, event: RcptTo) -> None:
-        """_rcpt()'s limit check and bookkeeping when the limits are this process's own."""
+        """_rcpt()'s limit check and bookkeeping when _limits_now() said so."""
         assert self.txn is not None
         if self.s.counters is not None:
-            self.s.counters.limits.check_recipient(
+            self.s.counters.check_recipient_now(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 rcpt_in_message=len(self.txn.rcpts) + 1,
             )  # fmt: skip
@@ -532,7 +535,7 @@ class Session:
     def _local_limits_message(self) -> None:
         assert self.txn is not None
         if self.s.counters is not None:
-            self.s.counters.limits.check_message(
+            self.s.counters.check_message_now(
                 service=self.profile.name, login=self.login, ip=self.client_ip,
                 nrcpt=len(self.txn.rcpts),
             )  # fmt: skip
