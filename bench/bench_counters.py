@@ -9,14 +9,14 @@ server runs, against a Redis of its own on a free port (started and stopped by i
 
     python bench/bench_counters.py --messages 3000 --sessions 20 --rounds 3
 
-Prints one JSON object: per round, this process's CPU per message (the counters' client side:
-encoding, the socket, parsing, the rules), the commands it sent to Redis per message (each a
-round trip's worth of work for both sides, whether or not a session waits for its answer) and
-the commands Redis ran per message (those the scripts call included), with medians. It uses
-whichever of the counters' calls the code under test has, so the same file measures an older tree
-(`PYTHONPATH=/path/to/old/src python bench/bench_counters.py`): before issue #19's change,
-the connection count and the lock-out were two calls (`open_connection`, `is_client_refused`)
-and every check asked Redis.
+Prints one JSON object: per round, this process's CPU per message (the counters' client
+side: encoding, the socket, parsing, the rules), Redis's own CPU per message, the commands sent
+to Redis per message (each a round trip's worth of work for both sides, whether or not a
+session waits for its answer) and the commands Redis ran per message (those the scripts call
+included), with medians. It uses whichever of the counters' calls the code under test has, so
+the same file measures an older tree (`PYTHONPATH=/path/to/old/src python
+bench/bench_counters.py`): before issue #19's change, the connection count and the lock-out
+were two calls (`open_connection`, `is_client_refused`) and every check asked Redis.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import socket
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -81,8 +83,14 @@ async def one_message(counters: Counters, rcpts: int) -> None:
         await counters.close_connection(IP)
 
 
-async def round_(url: str, prefix: str, messages: int, sessions: int,
-                 rcpts: int) -> dict[str, float]:  # fmt: skip
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Redis's, here)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def round_(url: str, prefix: str, messages: int, sessions: int, rcpts: int,
+                 redis_pid: int) -> dict[str, float]:  # fmt: skip
     # As bench/mailgate_instance.py: limits on, out of this load's reach, so every rule runs.
     cfg = RateLimitsConfig(
         login_messages_per_hour=10**7, ip_recipients_per_hour=10**7,
@@ -101,9 +109,10 @@ async def round_(url: str, prefix: str, messages: int, sessions: int,
             left[0] -= 1
             await one_message(counters, rcpts)
 
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, wall, server = time.process_time(), time.perf_counter(), cpu_seconds(redis_pid)
     await asyncio.gather(*(session() for _ in range(sessions)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    server = cpu_seconds(redis_pid) - server
     await counters.close()
     await asyncio.sleep(0.05)
     after = _commands(stats)
@@ -114,6 +123,7 @@ async def round_(url: str, prefix: str, messages: int, sessions: int,
     sent = sum(counts.get(k, 0) for k in ("evalsha", "eval", "ping", "hello", "auth", "select"))
     return {
         "cpu_us_per_message": round(cpu / messages * 1e6, 1),
+        "redis_server_cpu_us_per_message": round(server / messages * 1e6, 1),
         "messages_per_s": round(messages / wall, 1),
         "commands_sent_per_message": round(sent / messages, 2),
         "script_calls_per_message": round(
@@ -151,7 +161,7 @@ def main() -> None:
             except redis.ConnectionError:
                 time.sleep(0.05)
         rounds = [
-            uvloop.run(round_(url, f"bench{i}:", a.messages, a.sessions, a.rcpts))
+            uvloop.run(round_(url, f"bench{i}:", a.messages, a.sessions, a.rcpts, proc.pid))
             for i in range(a.rounds)
         ]
     finally:
@@ -161,6 +171,8 @@ def main() -> None:
         "bench": "counters", "code": mailgate.__file__, "messages": a.messages,
         "sessions": a.sessions, "rcpts": a.rcpts, "rounds": rounds,
         "cpu_us_per_message_median": statistics.median(r["cpu_us_per_message"] for r in rounds),
+        "redis_server_cpu_us_per_message_median": statistics.median(
+            r["redis_server_cpu_us_per_message"] for r in rounds),
         "commands_sent_per_message_median": statistics.median(
             r["commands_sent_per_message"] for r in rounds),
     }))  # fmt: skip
