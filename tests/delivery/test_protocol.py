@@ -49,6 +49,31 @@ def test_output_is_strict_crlf_and_dot_stuffed(
     assert b"\r\n.\r\n" not in b"\r\n" + t.raw
 
 
+@pytest.mark.parametrize("lines", [1, 4000])  # in memory; streamed in chunks
+@pytest.mark.parametrize("service", ["smarthost", "submission", "bounce", ""])
+def test_a_message_received_over_smtp_has_its_header_section_normalised_and_its_body_stuffed(
+    harness: Harness, dns: DnsServer, sinks: SinkFactory, service: str, lines: int
+) -> None:
+    # A received message's body has CR and LF only as CRLF (DATA refused the others): the
+    # encoder only stuffs its dots. Its header section, partly ours, is normalised anyway.
+    # A body with a bare LF cannot come over SMTP: it shows which messages are trusted.
+    sink = sinks()
+    route(dns, "dest.test", sink)
+    filler = b"x" * 76 + b"\r\n.\r\n"
+    body = b".one\r\ntwo\r\n" + filler * lines + b"bare\nlf\r\n"
+    stored = b"X-Ours: a\nSubject: x\r\n\r\n" + body
+    qid = harness.enqueue(["bob@dest.test"], message=stored, service=service)
+    asyncio.run(_deliver(harness, qid))
+    [t] = sink.accepted()
+    trusted = service in ("smarthost", "submission")
+    tail = b"bare\nlf\r\n" if trusted else b"bare\r\nlf\r\n"
+    assert t.raw == (
+        b"X-Ours: a\r\nSubject: x\r\n\r\n..one\r\ntwo\r\n"
+        + (b"x" * 76 + b"\r\n..\r\n") * lines
+        + tail
+    )
+
+
 @pytest.mark.parametrize("offered", [True, False])
 def test_large_message_is_streamed_strict_crlf_dot_stuffed_and_8bit_when_offered(
     harness: Harness, dns: DnsServer, sinks: SinkFactory, offered: bool

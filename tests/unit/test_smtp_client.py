@@ -502,8 +502,8 @@ def test_encode_message(stored: bytes, wire: bytes) -> None:
     assert encode_message(stored) == wire
 
 
-def encoded_in_chunks(message: bytes, cuts: Sequence[int]) -> bytes:
-    encoder = DataEncoder()
+def encoded_in_chunks(message: bytes, cuts: Sequence[int], clean_from: int | None = None) -> bytes:
+    encoder = DataEncoder(clean_from)
     points = sorted({min(c, len(message)) for c in cuts})
     out, start = [], 0
     for point in [*points, len(message)]:
@@ -554,6 +554,49 @@ def test_data_encoder_in_chunks_equals_the_whole(message: bytes, cuts: list[int]
         normalised = b"." + normalised
     reference = normalised.replace(b"\r\n.", b"\r\n..") + b".\r\n"
     assert encoded_in_chunks(message, cuts) == reference
+
+
+@settings(max_examples=500)
+@given(
+    head=st.lists(
+        st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\r\n.\r\n"]), max_size=12
+    ).map(b"".join),
+    lines=st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"x" * 5]), max_size=20),
+    end=st.sampled_from([b"", b"\r\n", b"tail", b"."]),
+    cuts=st.lists(st.integers(min_value=0, max_value=120), max_size=8),
+)
+def test_data_encoder_with_a_clean_body_equals_full_normalisation(
+    head: bytes, lines: list[bytes], end: bytes, cuts: list[int]
+) -> None:
+    # A head with any line ends, then a body with CR and LF only as CRLF (what DATA let
+    # through): only dot-stuffing after clean_from gives the very bytes of full normalisation,
+    # wherever the chunks are cut and even when a CRLF straddles clean_from.
+    body = b"".join(line + b"\r\n" for line in lines) + end
+    message = head + body
+    reference = encoded_in_chunks(message, cuts)
+    assert encoded_in_chunks(message, cuts, clean_from=len(head)) == reference
+    assert encode_message(message, len(head)) == encode_message(message)
+
+
+@pytest.mark.parametrize(
+    ("stored", "clean_from", "wire"),
+    [
+        # Before clean_from every line end is normalised, after it only dots are stuffed.
+        (b"A: b\nC: d\n\r\n.x\r\ny", 10, b"A: b\r\nC: d\r\n\r\n..x\r\ny\r\n.\r\n"),
+        # A CRLF across clean_from is one line end.
+        (b"a\r\n.b\r\n", 2, b"a\r\n..b\r\n.\r\n"),
+        # The promise is trusted: a bare LF after clean_from goes out as it is (a message
+        # received over SMTP cannot have one; see deliver/engine.py _RECEIVED_OVER_SMTP).
+        (b"a\n\r\nb\nc", 4, b"a\r\n\r\nb\nc\r\n.\r\n"),
+        (b"a\nb", 0, b"a\nb\r\n.\r\n"),
+        (b"a\nb", 99, b"a\r\nb\r\n.\r\n"),
+    ],
+)
+def test_data_encoder_only_stuffs_dots_after_clean_from(
+    stored: bytes, clean_from: int, wire: bytes
+) -> None:
+    assert encode_message(stored, clean_from) == wire
+    assert encoded_in_chunks(stored, [1, 3, 5], clean_from) == wire
 
 
 def test_streamed_text_goes_after_the_354_in_chunks() -> None:

@@ -130,12 +130,18 @@ class StoredMessage:
 
 @dataclass(frozen=True, slots=True)
 class Transfer:
-    """One message to some of its recipients, all for one destination."""
+    """One message to some of its recipients, all for one destination.
+
+    clean_from: the offset from which the message has CR and LF only as CRLF pairs (received
+                over SMTP, after its header section), so that only dot-stuffing is done there
+                (smtp.data.DataEncoder); None: it is all normalised.
+    """
 
     qid: str
     envelope: Envelope
     recipients: tuple[Recipient, ...]
     message: bytes | StoredMessage
+    clean_from: int | None = None
 
     @property
     def size(self) -> int:
@@ -608,7 +614,9 @@ class Connection:
                         params.append(param)
             rcpts.append((rcpt.address, params))
 
-        done, why = await self._transaction(env.mail_from, mail_params, rcpts, transfer.message)
+        done, why = await self._transaction(
+            env.mail_from, mail_params, rcpts, transfer.message, transfer.clean_from
+        )
         self._record(done, why, [r.address for r in sendable], result)
         return [results[r.address] for r in transfer.recipients]
 
@@ -618,6 +626,7 @@ class Connection:
         params: list[str],
         rcpts: list[tuple[str, list[str]]],
         message: bytes | StoredMessage,
+        clean_from: int | None = None,
     ) -> tuple[TransactionDone | None, str]:
         """Run one transaction: its replies, and why the connection ended ("" if it did not).
         None when nothing could be sent at all."""
@@ -626,7 +635,7 @@ class Connection:
             return None, wire.lost or "connection closed"
         stored = message if isinstance(message, StoredMessage) else None
         text = message if isinstance(message, bytes) else None  # None: streamed
-        machine.send_transaction(mail_from, params, rcpts, text)
+        machine.send_transaction(mail_from, params, rcpts, text, clean_from=clean_from)
         wire.flush()
         done: TransactionDone | None = None
         why = ""

@@ -59,6 +59,7 @@ from mailgate.deliver.tlspolicy import (
 )
 from mailgate.deliver.tlsrpt import Reporter, Session, result_type
 from mailgate.errors import SpoolError
+from mailgate.smtp.events import SMARTHOST, SUBMISSION, SUBMISSIONS
 from mailgate.spool.api import NotFound, SpoolStore, header_section
 from mailgate.spool.entry import QUEUE_STATES, Attempt, Envelope, Recipient, queue_state, utcnow
 from mailgate.spool.ids import new_queue_id
@@ -79,6 +80,11 @@ CACHED_MESSAGE = 64 * 1024
 MAX_ACTIVE_ENTRIES = 2000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+# Entries whose message came over SMTP: DATA refused bare CR and bare LF (smtp/data.py), and
+# accept.py put its new header section in front of the received body unchanged, so after the
+# header section CR and LF come only as CRLF (the encoder then only dot-stuffs; see
+# _clean_from).
+_RECEIVED_OVER_SMTP = frozenset(p.name for p in (SUBMISSION, SUBMISSIONS, SMARTHOST))
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +503,7 @@ class Engine:
             return None
         cached = self._messages.get(job.qid)
         if cached is not None:
-            return Transfer(job.qid, env, job.recipients, cached)
+            return Transfer(job.qid, env, job.recipients, cached, _clean_from(env, cached))
         message: bytes | StoredMessage
         try:
             if env.size <= CACHED_MESSAGE:
@@ -509,7 +515,8 @@ class Engine:
         except SpoolError as e:  # NotFound included: deleted by the operator
             log.info("qid=%s message unavailable: %s", job.qid, e)
             return None
-        return Transfer(job.qid, env, job.recipients, message)
+        head = message if isinstance(message, bytes) else message.head
+        return Transfer(job.qid, env, job.recipients, message, _clean_from(env, head))
 
     def _stored(self, qid: str) -> StoredMessage:
         """A large message as attempt.py streams it; reads it once, a chunk at a time."""
@@ -1008,6 +1015,16 @@ def _failure_result(
         address, status, reply, detail, failure.host, failure.tls,
         verified=failure.verified, policy=failure.policy, peer=failure.peer,
     )  # fmt: skip
+
+
+def _clean_from(env: Envelope, head: bytes) -> int | None:
+    """Where the message's body begins when it came over SMTP (from there on it has CR and LF
+    only as CRLF: see _RECEIVED_OVER_SMTP); `head` is its start. None for the messages we made
+    (bounces, reports) and any other: the encoder normalises all of those. The header section
+    is always normalised: we wrote part of it."""
+    if env.service not in _RECEIVED_OVER_SMTP:
+        return None
+    return len(header_section(head)) + 2  # and the empty line
 
 
 def _quote(text: str) -> str:

@@ -299,8 +299,9 @@ _POSITIVE_CLASS: Final[dict[_Step, int]] = {step: 2 for step in _Step} | {_Step.
 class _Transaction:
     """The transaction in flight: what is left to send and the replies so far."""
 
-    __slots__ = ("data", "encoder", "is_pipelined", "mail", "mail_line", "message",
-                 "message_text", "next_rcpt", "rcpt_lines", "rcpts", "sent_text")  # fmt: skip
+    __slots__ = ("clean_from", "data", "encoder", "is_pipelined", "mail", "mail_line",
+                 "message", "message_text", "next_rcpt", "rcpt_lines", "rcpts",
+                 "sent_text")  # fmt: skip
 
     def __init__(
         self,
@@ -308,10 +309,12 @@ class _Transaction:
         rcpt_lines: list[bytes],
         message_text: bytes | None,
         is_pipelined: bool,
+        clean_from: int | None = None,
     ) -> None:
         self.mail_line = mail_line
         self.rcpt_lines = rcpt_lines
         self.message_text = message_text
+        self.clean_from = clean_from  # see DataEncoder
         self.is_pipelined = is_pipelined
         self.mail: ServerReply | None = None
         self.rcpts: list[ServerReply | None] = [None] * len(rcpt_lines)
@@ -462,6 +465,8 @@ class ClientConnection:
         params: Sequence[str],
         rcpts: Sequence[tuple[str, Sequence[str]]],
         message: bytes | None,
+        *,
+        clean_from: int | None = None,
     ) -> None:
         """One mail transaction: MAIL FROM:<mail_from> params, RCPT TO:<addr> params for each
         recipient, DATA and the message text (stored form: any line ends; it is normalised
@@ -469,7 +474,8 @@ class ClientConnection:
 
         `message` None streams the text: after the 354 the machine yields `TextWanted`, and
         the adapter gives the text in chunks with `send_text()` and ends it with `end_text()`
-        (a 50 MB message never has to be in memory)."""
+        (a 50 MB message never has to be in memory). `clean_from`: from this offset on the
+        text is known to have CR and LF only as CRLF, and is only dot-stuffed (DataEncoder)."""
         if not rcpts:
             raise UsageError("send_transaction() without recipients")
         try:
@@ -478,7 +484,7 @@ class ClientConnection:
         except UnicodeEncodeError:
             raise UsageError("an address or parameter cannot be encoded") from None
         self._command(Command.TRANSACTION)
-        txn = _Transaction(mail_line, rcpt_lines, message, self.is_pipelining)
+        txn = _Transaction(mail_line, rcpt_lines, message, self.is_pipelining, clean_from)
         self._txn = txn
         if self._needs_reset:
             self._send(b"RSET\r\n", _Step.RSET)
@@ -638,10 +644,11 @@ class ClientConnection:
                 elif txn.has_recipient:
                     txn.sent_text = True
                     if txn.message_text is None:
-                        txn.encoder = DataEncoder()
+                        txn.encoder = DataEncoder(txn.clean_from)
                         self._events.append(TextWanted())
                     else:
-                        self._send(encode_message(txn.message_text), _Step.MESSAGE)
+                        text = encode_message(txn.message_text, txn.clean_from)
+                        self._send(text, _Step.MESSAGE)
                 else:
                     # RFC 2920 §3.1: DATA accepted although no recipient was: an empty message
                     # ends it, and its reply means nothing.
@@ -694,11 +701,11 @@ class ClientConnection:
         self._events.append(ConnectionClosed(reason))
 
 
-def encode_message(message: bytes) -> bytes:
-    """The stored message as DATA text: bare CR and bare LF become CRLF (RFC 5321 §2.3.8),
-    the last line ends in CRLF, lines starting with "." get another (§4.5.2), and the final
-    ".\\r\\n" follows."""
-    encoder = DataEncoder()
+def encode_message(message: bytes, clean_from: int | None = None) -> bytes:
+    """The stored message as DATA text: bare CR and bare LF become CRLF (RFC 5321 §2.3.8;
+    before `clean_from`, see DataEncoder), the last line ends in CRLF, lines starting with "."
+    get another (§4.5.2), and the final ".\\r\\n" follows."""
+    encoder = DataEncoder(clean_from)
     return encoder.feed(message) + encoder.finish()
 
 

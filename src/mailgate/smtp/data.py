@@ -195,23 +195,44 @@ class DataEncoder:
     last line ends in CRLF, lines starting with "." get another (§4.5.2), and `finish()` adds
     the end-of-data line. The inverse of DataReader.
 
+    `clean_from`: the offset in the text from which CR and LF are known to come only as CRLF
+    pairs (a message received over SMTP after its header section: DataReader refused bare CR
+    and LF); from there on only dot-stuffing is done, which saves three passes over the text
+    (a quarter of the delivery engine's time with 10 MiB messages). None: normalise it all.
+
     State between chunks: a CR at the end of a chunk is held (it may be half of a CRLF), and
     whether the text so far ends a line (then a leading "." of the next chunk is doubled).
     Stored messages are normally clean CRLF: that case needs no regex.
     """
 
-    __slots__ = ("_at_line_start", "_cr", "_is_empty")
+    __slots__ = ("_at_line_start", "_clean_from", "_cr", "_is_empty", "_offset")
 
-    def __init__(self) -> None:
+    def __init__(self, clean_from: int | None = None) -> None:
         self._cr = False
         self._at_line_start = True
         self._is_empty = True
+        self._clean_from = clean_from
+        self._offset = 0  # text octets fed so far
 
     def feed(self, data: bytes) -> bytes:
+        start = self._offset  # where `data` begins in the text (a held CR: one before)
+        self._offset += len(data)
         if self._cr:
             data = b"\r" + data
+            start -= 1
         self._cr = data.endswith(b"\r")
-        return self._encode(data[:-1] if self._cr else data)
+        if self._cr:
+            data = data[:-1]
+        if self._clean_from is None:
+            return self._encode(data)
+        cut = self._clean_from - start
+        if cut <= 0:
+            return self._stuff(data)
+        if cut >= len(data):
+            return self._encode(data)
+        if data[cut - 1 : cut + 1] == b"\r\n":
+            cut += 1  # a CRLF across the border stays one line end
+        return self._encode(data[:cut]) + self._stuff(data[cut:])
 
     def finish(self) -> bytes:
         """The rest (a held CR is a bare one), a CRLF if the text does not end with one, and
@@ -228,6 +249,12 @@ class DataEncoder:
         pairs = data.count(b"\r\n")
         if data.count(b"\n") != pairs or data.count(b"\r") != pairs:
             data = _LINE_END.sub(b"\r\n", data)
+        return self._stuff(data)
+
+    def _stuff(self, data: bytes) -> bytes:
+        """Dot-stuffing of text whose CR and LF come only as CRLF."""
+        if not data:
+            return b""
         if self._at_line_start and data.startswith(b"."):
             data = b"." + data
         data = data.replace(b"\r\n.", b"\r\n..")
