@@ -45,6 +45,22 @@ def test_the_log_formatter_escapes_every_message_and_keeps_traceback_lines() -> 
     assert lines[-1] == "ValueError: bad\\u2028value"
 
 
+def test_the_service_format_gives_the_standard_formatters_bytes() -> None:
+    # log.Formatter writes log._FORMAT out as an f-string and formats a second's time stamp
+    # once (issue #19): the lines must stay byte for byte what logging.Formatter makes.
+    fast = mglog.Formatter(mglog._FORMAT)
+    standard = logging.Formatter(mglog._FORMAT)
+    for created in (1796309623.0, 1796309623.0004, 1796309623.9996, 1796309624.5, 0.25):
+        for msg, args in (("sid=%s connect client=[%s]:%d", ("0A1B", "192.0.2.1", 25)),
+                          ("ehlo=%s", ("x\r\ny\u2028",)), ("plain", ())):  # fmt: skip
+            record = logging.LogRecord("mailgate.receive.session", logging.WARNING, __file__, 1,
+                                       msg, args, None)  # fmt: skip
+            record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+            assert fast.format(record) == visible(standard.format(record))
+            assert fast.format(record) != fast.format(logging.makeLogRecord(vars(record) | {
+                "created": created + 1.0}))  # the cached second moves on  # fmt: skip
+
+
 def _all_replies() -> list[replies.Reply]:
     """Every Reply constant in replies.py, and every Reply function called with hostile text."""
     hostile = "r\u00e9sum\u00e9\u2028\x1b[2J\u202e\u4e2d.exe"
