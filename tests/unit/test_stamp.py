@@ -76,3 +76,13 @@ def test_an_ehlo_name_that_is_not_a_domain_is_replaced_by_the_address(
     trace = Trace(helo, "192.0.2.1", "", "submission", 587, "ESMTPSA", "", "alice", "PLAIN")
     out = stamp.received(trace, hostname="mail.example.org", qid="Q", recipients=["a@x"])
     assert out.startswith(f"Received: from {written} ([192.0.2.1])\r\n".encode())
+
+
+@given(st.text(alphabet=st.sampled_from("ab ()\\<>\r\n\x00\u2028é@."), max_size=30) | st.text())
+def test_the_fast_paths_keep_every_character_rule(text: str) -> None:
+    # Issue #19: one C-level scan for the usual text; the rules are the per-character ones.
+    printable = "".join(c for c in text if c.isprintable())[:200]
+    assert stamp.scanned_by(text) == f"X-Scanned-By: {printable}\r\n".encode()
+    kept = "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
+    assert stamp._comment_safe(text) == kept
+    assert stamp._path_safe(text) == all(c.isprintable() and c not in "<>\r\n" for c in text)

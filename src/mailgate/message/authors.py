@@ -88,7 +88,10 @@ def read_authors(section: HeaderSection) -> tuple[AuthorField, ...]:
 def _read_field(name: str, text: str, *, is_list: bool) -> AuthorField:
     if "\ufffd" in text:
         raise _Unreadable("octets that are not UTF-8")
-    if any(unicodedata.category(ch) == "Cc" and ch != "\t" for ch in text):
+    # (a printable text has no control character: one C-level scan for the usual field)
+    if not text.isprintable() and any(
+        unicodedata.category(ch) == "Cc" and ch != "\t" for ch in text
+    ):
         raise _Unreadable("a control character")
     parser = _Parser(text)
     mailboxes = [parser.mailbox()]

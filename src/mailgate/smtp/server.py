@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import json
 from collections import deque
 from collections.abc import Callable
@@ -207,6 +208,7 @@ _LOGIN_PASSWORD: Final = b"334 UGFzc3dvcmQ6\r\n"  # base64("Password:")
 _TOKEN: Final = frozenset(parse.TOKEN_MECHANISMS)
 
 
+@functools.cache  # the same two configured strings for every connection (issue #19)
 def token_error_challenge(scope: str = "", openid_configuration: str = "") -> bytes:
     """The 334 line that tells a bearer-token client why it failed (RFC 7628 §3.2.2): base64 of
     a JSON object with "status" (an OAuth error code, RFC 6750 §3.1: the token is invalid,
