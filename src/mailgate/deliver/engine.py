@@ -249,8 +249,10 @@ class Engine:
             until = (self._heap[0][0] - self.now()).total_seconds()
             timeout = max(0.0, min(timeout, until))
         if timeout > 0 and not self._event.is_set():
+            # asyncio.timeout, not wait_for: no Task per wait (Python 3.11's wait_for makes one)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
         self._event.clear()
 
     def _schedule(self, qid: str) -> None:
@@ -431,7 +433,8 @@ class Engine:
             dest.wakeup.clear()
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(dest.wakeup.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # no Task per wait, unlike wait_for
+                        await dest.wakeup.wait()
             finally:
                 dest.idle -= 1
         if self._stopping or not dest.jobs:
@@ -682,7 +685,9 @@ class Engine:
         """Write the outcome of one try to the spool, log it, send notices that are due."""
         qid = job.qid
         now = self.now()
-        lock = self._locks.setdefault(qid, asyncio.Lock())
+        lock = self._locks.get(qid)
+        if lock is None:
+            lock = self._locks[qid] = asyncio.Lock()
         warn: list[Envelope] = []
         try:
             async with lock:
@@ -690,16 +695,15 @@ class Engine:
                 if env is None:
                     return
                 # Fast path: the last open job of an entry delivered everything and nobody
-                # asked for a success notice. Removing the entry is the record (one fsync).
-                merged = self._merge(env, results, now, warn=[])
+                # asked for a success notice. Removing the entry is the record (one write).
                 if (
                     self._active.get(qid) == 1
-                    and all(r.state == "delivered" for r in merged.recipients)
-                    and not self._success_notices(merged, results)
+                    and _all_delivered(env, results)
+                    and not self._success_notices(env, results)
                 ):
                     with contextlib.suppress(NotFound):
                         await self._spool.remove(qid)
-                    self._log(merged, results, now)
+                    self._log(env, results, now, all_delivered=True)
                     tracelog.removed(qid)
                     self._forget(qid)
                     return
@@ -779,11 +783,20 @@ class Engine:
             warn.append(new)
         return new
 
-    def _log(self, env: Envelope, results: Sequence[RecipientResult], now: datetime) -> None:
-        states = {r.address: r.state for r in env.recipients}
+    def _log(
+        self,
+        env: Envelope,
+        results: Sequence[RecipientResult],
+        now: datetime,
+        *,
+        all_delivered: bool = False,
+    ) -> None:
+        """The outcome of each recipient of one try (`env` with the results applied; or, with
+        all_delivered, `env` before, when the results delivered every recipient)."""
+        states = {} if all_delivered else {r.address: r.state for r in env.recipients}
         delay = (now - env.received_at).total_seconds()
         for res in results:
-            state = states.get(res.address, "pending")
+            state = "delivered" if all_delivered else states.get(res.address, "pending")
             status = {"delivered": "sent", "failed": "bounced"}.get(state, "deferred")
             reply = res.reply_line
             if state == "failed" and res.status == "deferred":
@@ -1032,10 +1045,22 @@ def _quote(text: str) -> str:
     return text.replace('"', "'")
 
 
+def _all_delivered(env: Envelope, results: Sequence[RecipientResult]) -> bool:
+    """Whether `env` with `results` applied (as _merge applies them) has every recipient
+    delivered, without building that envelope."""
+    status = {r.address: r.status for r in results}  # the last one counts, as in _merge
+    return all(
+        r.state == "delivered" or (r.state == "pending" and status.get(r.address) == "delivered")
+        for r in env.recipients
+    )
+
+
 def _tls_required_no(head: bytes) -> bool:
     """RFC 8689 §5: the message has a `TLS-Required: No` header field."""
     end = head.find(b"\r\n\r\n")
     block = head if end < 0 else head[: end + 2]
+    if b"tls-required" not in block.lower():
+        return False  # nearly every message: one pass in C instead of a loop over the lines
     for line in block.split(b"\r\n"):
         name, sep, value = line.partition(b":")
         if sep and name.strip().lower() == b"tls-required":

@@ -236,6 +236,10 @@ class State(enum.Enum):
     QUIT = "quit"  # QUIT sent
     CLOSED = "closed"
 
+    # Looked up in COMMANDS and _AFTER_REPLY several times per transaction: hash by identity
+    # (members are singletons and compare by identity) in C, not Enum's Python-level hash.
+    __hash__ = object.__hash__
+
 
 class Command(enum.Enum):
     """What the adapter asks for."""
@@ -244,6 +248,8 @@ class Command(enum.Enum):
     STARTTLS = "starttls"
     TRANSACTION = "transaction"
     QUIT = "quit"
+
+    __hash__ = object.__hash__  # as State's
 
 
 # In a state (outer key), a command (inner key) may be given and moves the machine to the inner
@@ -289,6 +295,8 @@ class _Step(enum.Enum):
     DATA = "DATA"
     MESSAGE = "end of data"
     QUIT = "QUIT"
+
+    __hash__ = object.__hash__  # as State's
 
 
 # The reply class that counts as positive for each step; a reply of the other positive class
