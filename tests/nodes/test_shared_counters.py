@@ -9,7 +9,10 @@ import dataclasses
 import ipaddress
 import logging
 import random
+import shutil
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -20,9 +23,11 @@ from mailgate.config import RateLimitsConfig
 from mailgate.errors import Rejected
 from mailgate.limits import AuthDecision, AuthGuard, Limits
 from mailgate.limits.counters import FRESH, Counters
-from mailgate.limits.shared import SharedState
+from mailgate.limits.shared import SharedState, StateUnavailable
 from tests.support.databases import REDIS, redis_prefix
-from tests.support.ports import free_port
+from tests.support.ports import accepts, free_port
+from tests.support.testca import TestCA
+from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 IP = "192.0.2.7"
@@ -478,3 +483,55 @@ def test_three_processes_on_redis_decide_as_one_per_process_counter(prefix: str,
                 await n.close()
 
     assert run(go)[0] == per_process(events)
+
+
+# --- the connection: TLS, a password, a database ------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server of this test's own speaking TLS only (a certificate for localhost from a
+    test CA) and asking for a password; (its port, the CA file). Stopped by its PID."""
+    ca = TestCA(tmp_path / "ca")
+    issued = ca.issue("localhost")
+    port = free_port()
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = subprocess.Popen(
+        [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(issued.cert), "--tls-key-file", str(issued.key),
+         "--tls-ca-cert-file", str(ca.cert_path), "--tls-auth-clients", "no",
+         "--requirepass", "s3cret", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: accepts(port), timeout=10, what="redis-server on its TLS port")
+        yield port, ca.cert_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rediss_with_a_password_and_a_database(tls_redis: tuple[int, Path]) -> None:
+    port, ca = tls_redis
+
+    async def go() -> None:
+        good = SharedState(f"rediss://:s3cret@localhost:{port}/2?ssl_ca_certs={ca}", "t:")
+        untrusted = SharedState(f"rediss://:s3cret@localhost:{port}/2", "t:")  # system CAs
+        wrong = SharedState(f"rediss://:nope@localhost:{port}/2?ssl_ca_certs={ca}", "t:")
+        try:
+            assert await good.rate("-", ["n"], [3], window=3600.0, buckets=60) == ("", [3])
+            with pytest.raises(StateUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.check()
+            with pytest.raises(StateUnavailable, match="WRONGPASS"):
+                await wrong.check()
+        finally:
+            for state in (good, untrusted, wrong):
+                await state.close()
+
+    run(go)
+    client = redis.Redis(host="localhost", port=port, db=2, password="s3cret", ssl=True,
+                         ssl_ca_certs=str(ca))  # fmt: skip
+    try:  # the count is in database 2, where the URL said
+        assert client.exists("t:rate:n") == 1
+    finally:
+        client.close()
