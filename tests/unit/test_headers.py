@@ -10,6 +10,8 @@ import io
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailgate import replies
 from mailgate.errors import Rejected
@@ -262,3 +264,24 @@ def test_a_foreign_sender_or_resent_field_gets_our_stamp_and_no_signature(policy
     own = headers.parse(b"From: bursar@college.example.org\r\nSender: alice@example.org\r\n\r\n")
     decision = policy.check_identity(ALICE, read_authors(own))
     assert (decision.sender_header, decision.sign_domain) == (None, "college.example.org")
+
+
+def test_the_ascii_atext_run_is_exactly_the_atext_set() -> None:
+    # The atom reader takes ASCII runs with a regular expression (issue #19): same set.
+    from mailgate.message import authors
+
+    for code in range(128):
+        ch = chr(code)
+        matched = authors._ASCII_ATEXT_RUN.fullmatch(ch) is not None
+        assert matched == (ch in authors._ATEXT_ASCII), repr(ch)
+
+
+@given(st.text(alphabet=st.sampled_from('ab.-_+é中 \t<>@"(),;:\u00a0\u2028\x7f'), max_size=20))
+def test_the_atom_reader_stops_where_the_per_character_rule_does(text: str) -> None:
+    from mailgate.message import authors
+
+    parser = authors._Parser(text)
+    end = 0
+    while end < len(text) and authors._is_atext(text[end]):
+        end += 1
+    assert parser.atom() == text[:end] and parser.i == end

@@ -51,6 +51,8 @@ AUTHOR_FIELDS: dict[str, tuple[str, bool, bool]] = {
 _ATEXT_ASCII = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
 )
+# The same ASCII set as a run (the atom reader's fast path); the test checks they agree.
+_ASCII_ATEXT_RUN = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
 # Something in a display name or comment that a reader takes for an address. Deliberately wide
 # (every character but the delimiters), so that look-alike characters stay in the match.
 _SHOWN_ADDRESS = re.compile(r"""([^\s<>()\[\],;:"'@]+)@([^\s<>()\[\],;:"'@]+)""")
@@ -215,9 +217,13 @@ class _Parser:
 
     def atom(self) -> str:
         start = self.i
-        while not self.at_end() and _is_atext(self.s[self.i]):
-            self.i += 1
-        return self.s[start : self.i]
+        while True:  # bounded: every pass moves on at least one character, or returns
+            run = _ASCII_ATEXT_RUN.match(self.s, self.i)  # the usual ASCII run, in C
+            if run is not None:
+                self.i = run.end()
+            if self.at_end() or ord(self.s[self.i]) < 128 or not _is_atext(self.s[self.i]):
+                return self.s[start : self.i]
+            self.i += 1  # one UTF8-non-ascii atext character (RFC 6532 §3.2)
 
     def dot_atom(self, what: str) -> str:
         """RFC 5322 §3.2.3 dot-atom-text, no white space or comments inside."""
