@@ -5,8 +5,9 @@ Starts a real `mailgate serve` (tests/support/gateway.py) with one worker, a rea
 domain that signs mail from 127.0.0.0/8 on the smart host (so every message is scanned by the
 MIME walk and clamd, stamped and DKIM-signed), sends one small message to warm up, then sends
 --count messages of --size bytes on concurrent smart-host connections while another
-connection to the same worker sends NOOP after NOOP. It samples the RSS of the worker(s)
-(summed) and of the supervisor (delivery) from /proc every 20 ms.
+connection to the same worker sends NOOP after NOOP. It samples the RSS of the worker(s) and
+their child processes (the MIME walk of a large message runs in one, scan/walker.py), summed,
+and of the supervisor (delivery) from /proc every 20 ms.
 
 Prints one JSON object: the RSS raise over the warmed-up baseline (peak minus baseline) of the
 workers and of the supervisor, the NOOP latencies (max, p99, count) while the messages were
@@ -157,11 +158,33 @@ def _read_reply(reader: BinaryIO) -> None:
             return
 
 
+def with_descendants(pids: list[int]) -> list[int]:
+    """`pids` and every process below them (a worker's MIME-walk child, scan/walker.py)."""
+    found: list[int] = []
+    todo = list(pids)
+    while todo and len(found) < 1000:  # bounded: a process tree of this server is small
+        pid = todo.pop()
+        found.append(pid)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return found
+
+
 async def sample(pids: list[int], sup: int, stop: asyncio.Event,
                  peaks: dict[str, int], limit: float) -> None:  # fmt: skip
     deadline = time.monotonic() + limit
     while not stop.is_set() and time.monotonic() < deadline:
-        peaks["workers"] = max(peaks["workers"], sum(rss_kb(p) for p in pids))
+        tree = with_descendants(pids)
+        peaks["worker_processes"] = max(peaks["worker_processes"], len(tree))
+        peaks["workers"] = max(peaks["workers"], sum(rss_kb(p) for p in tree))
         peaks["supervisor"] = max(peaks["supervisor"], rss_kb(sup))
         await asyncio.sleep(0.02)
 
@@ -169,7 +192,7 @@ async def sample(pids: list[int], sup: int, stop: asyncio.Event,
 async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
               max_seconds: float) -> dict[str, object]:  # fmt: skip
     stop = asyncio.Event()
-    peaks = {"workers": 0, "supervisor": 0}
+    peaks = {"workers": 0, "supervisor": 0, "worker_processes": 0}
     sampler = asyncio.create_task(sample(pids, sup, stop, peaks, max_seconds))
     ctx = multiprocessing.get_context("fork")
     stop_pinger = ctx.Event()
@@ -238,7 +261,10 @@ def main() -> None:
                 pids = sorted(gw.pids() - {sup})
                 warm = asyncio.run(send_one(port, dot_stuff(make_message(20_000, a.shape, 0)), 60))
                 time.sleep(2)  # let the warm-up delivery finish and the heap settle
-                base = {"workers": sum(rss_kb(p) for p in pids), "supervisor": rss_kb(sup)}
+                base = {
+                    "workers": sum(rss_kb(p) for p in with_descendants(pids)),
+                    "supervisor": rss_kb(sup),
+                }
                 wires = [dot_stuff(make_message(a.size, a.shape, i + 1)) for i in range(a.count)]
                 result = asyncio.run(run(port, pids, sup, wires, a.max_seconds))
                 peaks = result.pop("peak_kb")
@@ -250,6 +276,8 @@ def main() -> None:
                     "count": a.count,
                     "size": a.size,
                     "workers": len(pids),
+                    # the workers and their children (the MIME-walk process) at most at once
+                    "worker_processes_max": peaks.pop("worker_processes"),
                     "warmup_reply": warm,
                     **result,
                     "baseline_rss_mb": {k: round(v / 1024, 1) for k, v in base.items()},

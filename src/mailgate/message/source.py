@@ -12,7 +12,7 @@ is one chunk per reader and the header section, never the message (issue #18).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 CHUNK = 256 * 1024
 
@@ -26,6 +26,16 @@ class MessageSource(Protocol):
     def chunks(self, start: int = 0, size: int = CHUNK) -> Iterator[bytes]:
         """The message from offset `start` on, about `size` bytes at a time. May read a
         file: a caller on the event loop runs it in a thread for a large message."""
+        ...
+
+
+@runtime_checkable
+class FileBacked(Protocol):
+    """A MessageSource that may be read by another process (scan/walker.py) by its path."""
+
+    def file_span(self) -> tuple[str, bytes, int] | None:
+        """(path, head, offset): the message is `head` followed by the file at `path` from
+        `offset` on; None when it is not in a file (held in memory)."""
         ...
 
 

@@ -44,9 +44,10 @@ from mailgate import metrics, replies
 from mailgate.config import ScannerConfig
 from mailgate.errors import Rejected, ScannerUnavailable
 from mailgate.message.headers import HeaderSection
-from mailgate.message.source import MessageSource, as_source
-from mailgate.scan.attachments import find_blocked
+from mailgate.message.source import FileBacked, MessageSource, as_source
+from mailgate.scan.attachments import Blocked, find_blocked
 from mailgate.scan.clamd import ClamdAddress, ClamdClient
+from mailgate.scan.walker import FileSource, Walker, WalkerFailed
 
 __all__ = ["Scanner", "Verdict"]
 
@@ -132,8 +133,11 @@ class Scanner:
                 )
             else:
                 found = await asyncio.get_running_loop().run_in_executor(
-                    _large_walks(), partial(find_blocked, source, self._blocked, section=section)
+                    _large_walks(), partial(_walk_large, source, self._blocked, section)
                 )
+        except WalkerFailed as e:
+            record("unavailable", detail=str(e))
+            raise ScannerUnavailable(str(e)) from None
         except Rejected as e:  # BAD_MIME is the only refusal find_blocked raises
             record("badmime", detail=e.reason)
             if e.__cause__ is not None:  # the email package raised: keep the traceback
@@ -186,12 +190,31 @@ class Scanner:
 
 @cache
 def _large_walks() -> ThreadPoolExecutor:
-    """The one thread of this process that parses large MIME messages, one at a time: the
-    stdlib parser holds a part's lines while it reads them (about three times the part's
+    """The one thread of this process that has large MIME messages walked, one at a time:
+    the stdlib parser holds a part's lines while it reads them (about three times the part's
     size), so ten concurrent 25 MB attachments would take ten times that (issue #18); and a
     walk of seconds must not hold one of the threads that asyncio.to_thread shares with short
     hops (reading the next chunk for clamd, commits). Made on first use, after the fork."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mime-walk")
+
+
+@cache
+def _walker() -> Walker:
+    """This process's walk child (scan/walker.py), started by its first walk."""
+    return Walker()
+
+
+def _walk_large(
+    source: MessageSource, blocked: frozenset[str], section: HeaderSection | None
+) -> Blocked | None:
+    """On the walk thread: a spooled message is walked by the child process, which reads
+    the file (the parse then neither holds this process's GIL nor its memory); a message held
+    in memory (tests, tools) is walked here."""
+    span = source.file_span() if isinstance(source, FileBacked) else None
+    if span is None:
+        return find_blocked(source, blocked, section=section)
+    path, head, offset = span
+    return _walker().walk(FileSource(path, head, offset, source.length), blocked, section)
 
 
 async def _read_off_loop(source: MessageSource) -> AsyncIterator[bytes]:

@@ -104,6 +104,13 @@ class Incoming:
         """The message's length: the head and the received bytes after the cut."""
         return len(self.head) + self.size - self.cut
 
+    def file_span(self) -> tuple[str, bytes, int] | None:
+        """(path, head, offset): the message is `head` followed by the spilled file from
+        `offset` on, for a reader in another process (the MIME walk of a large message);
+        None while it is held in memory."""
+        self._check_usable()
+        return (str(self.spill_path), self.head, self.cut) if self.is_spilled else None
+
     def chunks(self, start: int = 0, size: int = READ_CHUNK) -> Iterator[bytes]:
         """The message from offset `start` on, `size` bytes at a time (the head may come in
         one piece). Reads a spilled file: call it from a worker thread for a large message."""
