@@ -108,7 +108,10 @@ async def reply(reader: asyncio.StreamReader, limit: float) -> str:
     return lines[-1]
 
 
-async def send_one(port: int, wire: bytes, limit: float) -> str:
+async def send_one(
+    port: int, wire: bytes, limit: float, marks: list[tuple[float, float]] | None = None
+) -> str:
+    """Send one message; `marks` gets (when its last byte was sent, when its reply came)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await reply(reader, limit)
@@ -122,7 +125,10 @@ async def send_one(port: int, wire: bytes, limit: float) -> str:
         for start in range(0, len(view), 256 * 1024):
             writer.write(view[start : start + 256 * 1024])
             await writer.drain()
+        sent_at = time.monotonic()
         answer = await reply(reader, limit)
+        if marks is not None:
+            marks.append((sent_at, time.monotonic()))
         writer.write(b"QUIT\r\n")
         await writer.drain()
         return answer
@@ -192,6 +198,7 @@ async def sample(pids: list[int], sup: int, stop: asyncio.Event,
 async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
               max_seconds: float) -> dict[str, object]:  # fmt: skip
     stop = asyncio.Event()
+    marks: list[tuple[float, float]] = []
     peaks = {"workers": 0, "supervisor": 0, "worker_processes": 0}
     sampler = asyncio.create_task(sample(pids, sup, stop, peaks, max_seconds))
     ctx = multiprocessing.get_context("fork")
@@ -203,9 +210,10 @@ async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
     await asyncio.sleep(IDLE_SECONDS)
     started = time.monotonic()
     answers = await asyncio.gather(
-        *(send_one(port, w, max_seconds) for w in wires), return_exceptions=True
+        *(send_one(port, w, max_seconds, marks) for w in wires), return_exceptions=True
     )
     elapsed = time.monotonic() - started
+    all_sent = max((s for s, _ in marks), default=started)
     stop.set()
     stop_pinger.set()
     await sampler
@@ -214,6 +222,10 @@ async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
     idle = sorted(t for at, t in timed if at < started - 0.2)  # the session was still opening
     lat = sorted(t for at, t in timed if at >= started)
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+    # The worst NOOP while messages were still arriving, and once every message was in (the
+    # scans, signing and commits; the MIME walks start as each message's data ends).
+    receiving = [t for at, t in timed if started <= at < all_sent]
+    accepting = [t for at, t in timed if at >= all_sent]
     return {
         "replies": [a if isinstance(a, str) else repr(a) for a in answers],
         "seconds": round(elapsed, 2),
@@ -221,6 +233,13 @@ async def run(port: int, pids: list[int], sup: int, wires: list[bytes],
         "noop_max_ms": round(lat[-1] * 1000, 1) if lat else None,
         "noop_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
         "noop_median_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+        "noop_max_ms_receiving": round(max(receiving) * 1000, 1) if receiving else None,
+        "noop_max_ms_after_all_data": round(max(accepting) * 1000, 1) if accepting else None,
+        "slow_noops": [  # (seconds after the start, ms) of every NOOP over 50 ms
+            (round(at - started, 2), round(t * 1000, 1)) for at, t in timed if t > 0.05
+        ],
+        "data_sent_s": sorted(round(s - started, 2) for s, _ in marks),
+        "replied_s": sorted(round(r - started, 2) for _, r in marks),
         "idle_noop_count": len(idle),
         "idle_noop_max_ms": round(idle[-1] * 1000, 1) if idle else None,
         "idle_noop_p99_ms": round(idle[min(len(idle) - 1, int(len(idle) * 0.99))] * 1000, 1)

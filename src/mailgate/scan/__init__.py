@@ -53,8 +53,9 @@ __all__ = ["Scanner", "Verdict"]
 
 log = logging.getLogger(__name__)
 
-# Messages above this size are parsed in a worker thread so that a 50 MB parse does not stall
-# every other session on the event loop; below it, the thread hop costs more than the parse.
+# Messages above this size are walked off the event loop so that a 50 MB parse does not stall
+# every other session (a spooled message with MIME fields by the walk process, scan/walker.py;
+# one without, a chunk at a time in a thread); below it, the hop costs more than the parse.
 # Such a message is also read from the spool in a thread, a chunk at a time, for clamd.
 _THREAD_PARSE_SIZE = 256 * 1024
 

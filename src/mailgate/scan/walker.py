@@ -29,6 +29,7 @@ big-endian length then the bytes. The child exits when its stdin ends (the worke
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pickle
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -220,9 +221,20 @@ def _answer(request: bytes) -> dict[str, Any]:
     return {"found": None if found is None else [found.name, found.reason]}
 
 
+def _trimmer() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or nothing elsewhere: the parse of a 25 MB part frees about
+    70 MB that glibc would otherwise keep for this process (it idles until the next one)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 def main() -> None:
     """The child: answer requests until stdin ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the parent's to handle
+    trim = _trimmer()
     requests = os.fdopen(os.dup(0), "rb")
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever else writes to stdout goes to the log, not into the protocol
@@ -235,6 +247,7 @@ def main() -> None:
             _send(answers, json.dumps(_answer(request)).encode("utf-8"))
         except BrokenPipeError:  # the parent is gone
             return
+        trim()
 
 
 if __name__ == "__main__":
