@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import cProfile
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,10 +73,9 @@ async def deliver(cfg: Config, store: SpoolStore, count: int, max_seconds: float
     engine = Engine(cfg, store)
     started = time.perf_counter()
     task = asyncio.get_running_loop().create_task(engine.run())
-    env_dir = cfg.spool.path / "env"
     deadline = started + max_seconds
     while time.perf_counter() < deadline:  # bounded by --max-seconds
-        if not any(n.endswith(".json") for n in os.listdir(env_dir)):
+        if not engine._envelopes and not store.ids():  # everything delivered and removed
             break
         await asyncio.sleep(0.02)
     seconds = time.perf_counter() - started

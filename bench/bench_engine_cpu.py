@@ -47,6 +47,7 @@ from tests.support.ports import free_port  # noqa: E402
 
 SMTPLOAD = ROOT.parent.parent / "shared" / "bench" / "smtpload.py"
 TICK = os.sysconf("SC_CLK_TCK")
+PYSPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -113,7 +114,7 @@ def one_run(args: argparse.Namespace, n: int) -> dict[str, object]:
             spy = None
             if args.pyspy:
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "-r", "200", "--nonblocking", "-f", "raw",
+                    [PYSPY, "record", "-r", "200", "--nonblocking", "-f", "raw",
                      "-o", args.pyspy, "-p", str(serve.pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
