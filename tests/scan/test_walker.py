@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -199,6 +200,26 @@ def test_a_dead_child_fails_the_walk_and_the_next_walk_starts_another(
         walker.walk(source, ["exe"], section)
     assert walker.walk(source, ["exe"], section) == Blocked("run.exe", "extension .exe")
     assert walker.pid not in (None, dead)
+
+
+def test_a_child_that_does_not_answer_in_time_is_killed_and_replaced(
+    tmp_path: Path, walker: Walker
+) -> None:
+    source, section = on_file(tmp_path, CORPUS["blocked name"])
+    assert walker.walk(source, ["exe"], section, timeout=60) is not None
+    stuck = walker.pid
+    assert stuck is not None
+    os.kill(stuck, signal.SIGSTOP)  # a parse that never ends, as far as the parent can tell
+    try:
+        with pytest.raises(WalkerFailed, match=r"no answer within 0\.5 s"):
+            walker.walk(source, ["exe"], section, timeout=0.5)
+        assert walker.pid != stuck
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(stuck, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGKILL)
+    assert walker.walk(source, ["exe"], section, timeout=60) == Blocked("run.exe", "extension .exe")
 
 
 def test_the_child_ends_when_its_parent_closes_the_pipe(tmp_path: Path) -> None:

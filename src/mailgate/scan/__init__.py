@@ -134,7 +134,8 @@ class Scanner:
                 )
             else:
                 found = await asyncio.get_running_loop().run_in_executor(
-                    _large_walks(), partial(_walk_large, source, self._blocked, section)
+                    _large_walks(),
+                    partial(_walk_large, source, self._blocked, section, self._cfg.timeout),
                 )
         except WalkerFailed as e:
             record("unavailable", detail=str(e))
@@ -206,16 +207,21 @@ def _walker() -> Walker:
 
 
 def _walk_large(
-    source: MessageSource, blocked: frozenset[str], section: HeaderSection | None
+    source: MessageSource,
+    blocked: frozenset[str],
+    section: HeaderSection | None,
+    timeout: float,
 ) -> Blocked | None:
     """On the walk thread: a spooled message is walked by the child process, which reads
-    the file (the parse then neither holds this process's GIL nor its memory); a message held
-    in memory (tests, tools) is walked here."""
+    the file (the parse then neither holds this process's GIL nor its memory) and has
+    `timeout` seconds (scanner.timeout, as clamd has) to answer; a message held in memory
+    (tests, tools) is walked here."""
     span = source.file_span() if isinstance(source, FileBacked) else None
     if span is None:
         return find_blocked(source, blocked, section=section)
     path, head, offset = span
-    return _walker().walk(FileSource(path, head, offset, source.length), blocked, section)
+    source = FileSource(path, head, offset, source.length)
+    return _walker().walk(source, blocked, section, timeout=timeout)
 
 
 async def _read_off_loop(source: MessageSource) -> AsyncIterator[bytes]:

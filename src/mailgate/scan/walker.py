@@ -33,6 +33,7 @@ import ctypes
 import json
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -115,18 +116,25 @@ class Walker:
         source: FileSource,
         blocked_extensions: Collection[str],
         section: HeaderSection | None = None,
+        timeout: float | None = None,
     ) -> Blocked | None:
         """`find_blocked(source, blocked_extensions, section=section)`, run by the child.
 
         Returns and raises what find_blocked does (Rejected with BAD_MIME, its reason, and
         a WalkError with the child's traceback as the cause when the walk raised), and
-        WalkerFailed when the child cannot answer; the next call starts a new child."""
+        WalkerFailed when the child cannot answer, or has not answered after `timeout`
+        seconds (it is killed: a parse that never ends must not stop every later walk of
+        this worker); the next call starts a new child."""
         request = pickle.dumps((source, sorted(blocked_extensions), section))
         with self._lock:
             child = self._running()
             try:
                 assert child.stdin is not None and child.stdout is not None
                 _send(child.stdin, request)
+                # Nothing is buffered from an earlier answer (each is read exactly), so the
+                # pipe itself says when this one starts.
+                if not select.select([child.stdout], [], [], timeout)[0]:
+                    raise WalkerFailed(f"no answer within {timeout:g} s")
                 answer = _receive(child.stdout)
             except (OSError, ValueError, WalkerFailed) as e:
                 self._stop(child)
