@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import socket
 import statistics
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import redis
 import uvloop
+from procstat import cpu_seconds
 
 import mailgate
 from mailgate.config import RateLimitsConfig
@@ -81,12 +80,6 @@ async def one_message(counters: Counters, rcpts: int) -> None:
         counters.close_connection_soon(IP)
     else:  # before: receive/serve.py made a task per close
         await counters.close_connection(IP)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Redis's, here)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def round_(url: str, prefix: str, messages: int, sessions: int, rcpts: int,

@@ -41,31 +41,14 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from mailgate_instance import make_instance  # noqa: E402
+from procstat import child_pids, cpu_seconds  # noqa: E402
 
 from mailgate.spool.journal import JournalStore  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
-SMTPLOAD = ROOT.parent.parent / "shared" / "bench" / "smtpload.py"
-TICK = os.sysconf("SC_CLK_TCK")
+# The reference harness (read-only), as bench/run-peers.sh finds it.
+SMTPLOAD = Path(os.environ.get("SHARED_BENCH", "/work/shared/bench")) / "smtpload.py"
 PYSPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            continue
-    return out
 
 
 def greets(port: int) -> bool:
@@ -107,7 +90,7 @@ def one_run(args: argparse.Namespace, n: int) -> dict[str, object]:
         serve = subprocess.Popen(serve_cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until("the smart host's greeting", lambda: greets(smarthost), 60)
-            workers = children(serve.pid)
+            workers = child_pids(serve.pid)
             store = JournalStore(folder / "spool")
             sup0 = cpu_seconds(serve.pid)
             work0 = sum(cpu_seconds(w) for w in workers)

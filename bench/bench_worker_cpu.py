@@ -46,27 +46,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from procstat import child_pids, cpu_seconds
+
 from tests.support.gateway import toml_dumps
 
 ROOT = Path(__file__).resolve().parents[1]
-SMTPLOAD = ROOT.parent.parent / "shared" / "bench" / "smtpload.py"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (and its reaped children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14-17.
-    return sum(int(x) for x in fields[11:15]) / TICK
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
+# The reference harness (read-only), as bench/run-peers.sh finds it.
+SMTPLOAD = Path(os.environ.get("SHARED_BENCH", "/work/shared/bench")) / "smtpload.py"
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -115,8 +101,8 @@ def one_run(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     time.sleep(0.3)  # let the sink bind before the first delivery (it only retries otherwise)
-    workers = children(supervisor)
-    before = {pid: cpu_seconds(pid) for pid in [supervisor, *workers]}
+    workers = child_pids(supervisor)
+    before = {pid: cpu_seconds(pid, reaped=True) for pid in [supervisor, *workers]}
     started = time.monotonic()
     load = subprocess.run(
         [sys.executable, str(SMTPLOAD), "127.0.0.1", *extra, "--concurrency", "20",
@@ -133,7 +119,7 @@ def one_run(
         sink.wait()
         delivered = False
     elapsed = time.monotonic() - started
-    after = {pid: cpu_seconds(pid) for pid in before}
+    after = {pid: cpu_seconds(pid, reaped=True) for pid in before}
     sent = max(result["sent"], 1)
     worker_s = sum(after[p] - before[p] for p in workers)
     supervisor_s = after[supervisor] - before[supervisor]
