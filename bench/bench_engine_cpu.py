@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from mailgate_instance import make_instance  # noqa: E402
-from procstat import child_pids, cpu_seconds  # noqa: E402
+from procstat import child_pids, cpu_seconds, stop  # noqa: E402
 
 from mailgate.spool.journal import JournalStore  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -118,12 +118,7 @@ def one_run(args: argparse.Namespace, n: int) -> dict[str, object]:
                 spy.wait(timeout=60)
             store.close()
         finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            stop(serve)
             sink.terminate()
             sink.wait()
             log.close()

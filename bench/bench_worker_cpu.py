@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstat import child_pids, cpu_seconds
+from procstat import child_pids, cpu_seconds, stop
 
 from tests.support.gateway import toml_dumps
 
@@ -146,15 +145,6 @@ def serve(config: Path, python: str, *, profile: Path | None = None) -> subproce
     cmd += ["-m", "mailgate", "-c", str(config), "serve"]
     log = open(config.parent / "serve.log", "wb")  # noqa: SIM115 # lives as long as the server
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=config.parent)
-
-
-def stop(server: subprocess.Popen[bytes]) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def measure(a: argparse.Namespace, folder: Path) -> None:

@@ -8,6 +8,8 @@ child_pids(pid)                   # its live children (every thread's)
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -35,3 +37,13 @@ def child_pids(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return out
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server the benchmark started: SIGTERM (a graceful stop), SIGKILL after 60 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
