@@ -240,18 +240,6 @@ class Counters:
         self.shared.auth_end(self.guard.client_key(ip), login_key(login), decision.attempt,
                              outcome, self.guard.cfg.auth_trust_period)  # fmt: skip
 
-    async def is_client_refused(self, ip: str) -> bool:
-        """AuthGuard.is_client_refused over the shared counts."""
-        if self.shared is None or self.guard.is_exempt(ip):
-            return self.guard.is_client_refused(ip)
-        try:
-            n = await self.shared.auth_client_failures(
-                self.guard.client_key(ip), self.guard.cfg.auth_window
-            )
-        except StateUnavailable:
-            return self.guard.is_client_refused(ip)
-        return self.guard.is_client_refused_at(n)
-
     # --- connections per client address ------------------------------------------------
 
     async def admit(self, ip: str, maximum: int, *, lockout: bool) -> tuple[Admission, bool]:

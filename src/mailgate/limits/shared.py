@@ -6,10 +6,11 @@ by Redis, so a burst of connections spread over many workers and nodes is counte
 - rate counters (`rate`): an hourly window cut into buckets, one hash per counter (a field per
   bucket); adding 0 reads. The breaker's trip is one key per login set with SET NX, so only one
   process in the cluster wins it (and suspends the account and raises the ALERT).
-- AUTH failures (`auth_begin`, `auth_end`, `auth_client`): a sorted set per client and per login
-  (member "OTHER-SIDE|ATTEMPT-ID", score the time), trimmed to the depth that can matter; the
-  trusted (login, client) pairs as keys with an expiry; attempts in flight as sorted sets whose
-  scores are expiry times, so a worker that dies mid-attempt does not leave them raised.
+- AUTH failures (`auth_begin`, `auth_end`; read at connect by `admit`): a sorted set per
+  client and per login (member "OTHER-SIDE|ATTEMPT-ID", score the time), trimmed to the depth
+  that can matter; the trusted (login, client) pairs as keys with an expiry; attempts in flight
+  as sorted sets whose scores are expiry times, so a worker that dies mid-attempt does not
+  leave them raised.
 - connections per client address (`admit`, `conn_close`): a hash per address with a field per
   process, counted only while that process's heartbeat key lives (a dead process stops counting
   within `HEARTBEAT_TTL` seconds). `admit` also reads the client's AUTH failures, so a
@@ -156,14 +157,6 @@ end
 return 1
 """
 
-# KEYS[1]: client failures. ARGV: window. Returns the count in the window.
-_AUTH_CLIENT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-return redis.call('ZCARD', KEYS[1])
-"""
-
 # KEYS[1]: the address's hash; KEYS[2]: the client's AUTH failures. ARGV: heartbeat key prefix,
 # this process, maximum, ttl, heartbeat ttl, AUTH window (0: KEYS[2] is not read).
 # Returns {1 (counted) or 0 (the address has `maximum` connections open in the cluster), the
@@ -206,7 +199,6 @@ _SCRIPTS = {
     "rate": _RATE,
     "auth_begin": _AUTH_BEGIN,
     "auth_end": _AUTH_END,
-    "auth_client": _AUTH_CLIENT,
     "admit": _ADMIT,
     "conn_close": _CONN_CLOSE,
 }
@@ -578,9 +570,6 @@ class SharedState:
         args: list[Any] = [attempt, client, login, outcome, trust_period]
         self._send("auth_end", self._auth_keys(client, login), args, on_error=lambda: None)
 
-    async def auth_client_failures(self, client: str, window: float) -> int:
-        return int(await self._script("auth_client", [self.key("authc", client)], [window]))
-
     # --- connections per client address ------------------------------------------------
 
     async def heartbeat(self) -> None:
@@ -598,10 +587,6 @@ class SharedState:
                            HEARTBEAT_TTL, window if client else 0]  # fmt: skip
         counted, failures = await self._script("admit", keys, args)
         return bool(counted), int(failures)
-
-    async def conn_open(self, address: str, maximum: int) -> bool:
-        """Count a connection from `address` unless it has `maximum` open in the cluster."""
-        return (await self.admit(address, maximum))[0]
 
     async def conn_close(self, address: str, count: int = 1) -> None:
         await self._script("conn_close", [self.key("conn", address)], [self.process, count])
